@@ -1,0 +1,84 @@
+"""The one interface between the interactive engine and whatever runs the network.
+
+The engine speaks numpy only: a backend turns a normalised 128^3 region into an opaque embedding once,
+and each click (points + previous low-res logits) into new low-res logits. ``LocalBackend`` runs our
+torch model on CPU/CUDA/MPS; tests use stubs; a remote backend can implement the same two calls.
+
+Axis convention for every array crossing this interface: the region's own (a, b, c) axes, i.e. the
+RAS-canonical (i, j, k) order the reference pipeline feeds the network; points are continuous voxel
+indices in that order (voxel centres are integers).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Backend(Protocol):
+    #: Short human-readable description, e.g. "SAM-Med3D turbo on cpu (float32)".
+    name: str
+    #: Side of the cubic model input (128 for SAM-Med3D).
+    image_size: int
+    #: Side of the low-res logits (32 for SAM-Med3D).
+    low_res_size: int
+
+    def encode(self, image: np.ndarray) -> Any:
+        """``image``: float32 (S, S, S), already normalised. Returns an opaque embedding handle."""
+
+    def decode(self, embedding: Any, points: np.ndarray, labels: np.ndarray,
+               mask_logits: Optional[np.ndarray]) -> np.ndarray:
+        """``points`` (N, 3) float, ``labels`` (N,) in {0, 1}; ``mask_logits`` (s, s, s) or None (zeros).
+
+        Returns float32 low-res logits (s, s, s).
+        """
+
+
+class LocalBackend:
+    """Runs a :class:`~SAM3DSegmentLib.models.sam3d.SamMed3D` in this process (CPU, CUDA or MPS)."""
+
+    def __init__(self, model, device: str = "cpu", dtype: str = "float32", name: Optional[str] = None):
+        import torch
+
+        from .models.device import resolve_dtype
+
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.image_size = int(model.config.image_size)
+        self.low_res_size = int(model.config.image_size // 4)
+        label = name or getattr(model, "description", "SAM-Med3D-family model")
+        self.name = f"{label} on {self.device.type} ({str(self.dtype).replace('torch.', '')})"
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def encode(self, image: np.ndarray):
+        import torch
+
+        x = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32), device=self.device)
+        with torch.inference_mode(), self._autocast():
+            emb = self.model.image_encoder(x[None, None])
+        return emb.float()
+
+    def decode(self, embedding, points, labels, mask_logits):
+        import torch
+
+        s = self.low_res_size
+        pts = torch.as_tensor(np.asarray(points, dtype=np.float32).reshape(1, -1, 3), device=self.device)
+        lab = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(1, -1), device=self.device)
+        if mask_logits is None:
+            m = torch.zeros((1, 1, s, s, s), device=self.device)
+        else:
+            m = torch.as_tensor(np.asarray(mask_logits, dtype=np.float32).reshape(1, 1, s, s, s),
+                                device=self.device)
+        with torch.inference_mode(), self._autocast():
+            logits = self.model.predict_low_res(embedding, pts, lab, m)
+        return logits[0, 0].float().cpu().numpy()
