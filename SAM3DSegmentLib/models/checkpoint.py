@@ -1,0 +1,202 @@
+"""Loading and saving checkpoints the way real users hit them.
+
+* Published SAM-Med3D files: a dict with the weights under ``model_state_dict`` (plus ``args``, an
+  ``argparse.Namespace``, optimiser state, ...), saved with CUDA tensors. Loaded with ``map_location`` and
+  ``weights_only=True`` with the needed allow-list.
+* Bare state dicts, ``state_dict``/``model`` wrappers, and ``module.`` / ``_orig_mod.`` prefixes from
+  DDP or ``torch.compile`` wrappers.
+* Our own files (``FORMAT``) also store the model ``config`` so smaller or adapter models rebuild exactly.
+
+Never loads silently with random weights left in: any missing, unexpected or mis-shaped key is an error
+that lists them. Files that need arbitrary pickled objects load only when the caller says the file is
+trusted, and that fallback is logged.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .config import SamMed3DConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sam3dsegment-checkpoint/1"
+#: Python objects the published checkpoints carry besides tensors (needed with weights_only=True).
+SAFE_GLOBALS = (argparse.Namespace, collections.Counter, collections.OrderedDict)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _sniff(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path}. Pass an existing .pth/.pt file "
+                              "(--checkpoint PATH) or a registered model name (--model NAME).")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or copy failed; fetch it again")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                zf.namelist()
+        except zipfile.BadZipFile as exc:
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or corrupt ({exc}; {size} bytes on disk). "
+                "Download it again (an interrupted download leaves a partial file).") from None
+        return
+    if head[:1] == b"\x80":  # a legacy (pre-zip) torch.save stream is a pickle
+        return
+    preview = head.decode("latin-1").strip()
+    hint = " It looks like an HTML page (a failed download?)." if preview.lower().startswith(("<!doc", "<html")) else ""
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {preview!r}).{hint} "
+                          "Pass the .pth file of a SAM-Med3D model.")
+
+
+def read_checkpoint(path, map_location: Any = "cpu", trusted: bool = False) -> Any:
+    """``torch.load`` with the published files' allow-list, on any device (CUDA tensors land on CPU)."""
+    import torch
+
+    path = Path(path)
+    _sniff(path)
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trusted:
+            raise CheckpointError(
+                f"checkpoint {path} contains Python objects that safe loading does not allow "
+                f"({str(exc).splitlines()[0][:200]}). If you trust where the file comes from, load it with "
+                "--trust-checkpoint (CLI) / trusted=True (API); untrusted pickles can run code.") from None
+        log.warning("Loading %s with weights_only=False because the caller marked it trusted", path)
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        msg = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({msg}). Download it again.") from None
+
+
+def extract_state_dict(obj: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The weights inside a loaded checkpoint object, with wrapper prefixes stripped; plus the rest."""
+    import torch
+
+    meta: Dict[str, Any] = {}
+    sd = obj
+    if isinstance(obj, Mapping):
+        for key in _STATE_DICT_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(torch.is_tensor(v) for v in inner.values()):
+                sd = inner
+                meta = {k: v for k, v in obj.items() if k != key}
+                break
+    if not isinstance(sd, Mapping) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        top = list(obj.keys())[:10] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"no model weights found in the checkpoint (top-level: {top}); expected a state dict "
+                              f"or one under {list(_STATE_DICT_KEYS)}")
+    sd = dict(sd)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                meta.setdefault("stripped_prefixes", []).append(prefix)
+                stripped = True
+    return sd, meta
+
+
+def check_state_dict(model, state_dict: Mapping[str, Any]) -> None:
+    """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys (nothing is loaded)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    misshaped = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or misshaped):
+        return
+
+    def show(items):
+        return ", ".join(items[:8]) + (f", ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys [{show(missing)}]")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys [{show(unexpected)}]")
+    if misshaped:
+        parts.append(f"{len(misshaped)} keys with the wrong shape [{show(misshaped)}]")
+    name = getattr(getattr(model, "config", None), "name", "?")
+    raise CheckpointError(
+        f"the checkpoint does not match the {name} SAM-Med3D architecture: " + "; ".join(parts) +
+        ". Is it a SAM-Med3D (vit_b_ori) checkpoint, or one of ours saved with its config? A 2D SAM or another "
+        "network cannot be used.")
+
+
+def load_checkpoint(path, config: Optional[SamMed3DConfig] = None, map_location: Any = "cpu",
+                    trusted: bool = False, attention_impl: Optional[str] = None):
+    """Build the model a checkpoint describes and load it with ``strict=True``.
+
+    The config comes from ``config``, else from the file (our format), else the published ``vit_b_ori``.
+    """
+    from .sam3d import build_sam_med3d
+
+    obj = read_checkpoint(path, map_location=map_location, trusted=trusted)
+    sd, meta = extract_state_dict(obj)
+    if config is None:
+        cfg_dict = meta.get("config") if isinstance(meta.get("config"), Mapping) else None
+        config = SamMed3DConfig.from_dict(dict(cfg_dict)) if cfg_dict else SamMed3DConfig.vit_b_ori()
+    if attention_impl:
+        config.attention_impl = attention_impl
+    model = build_sam_med3d(config)
+    check_state_dict(model, sd)
+    model.load_state_dict(sd, strict=True)
+    model.checkpoint_info = {
+        "path": str(path), "format": meta.get("format", "sam-med3d" if "args" in meta else "state_dict"),
+        "epoch": meta.get("epoch"), "stripped_prefixes": meta.get("stripped_prefixes", []),
+    }
+    label = meta.get("name") or Path(path).name
+    model.description = f"{label} ({config.name})"
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def atomic_torch_save(obj: Any, path) -> None:
+    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_checkpoint(model, path, extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Save weights + config in our format (atomic). ``extra`` adds top-level entries (epoch, name, ...)."""
+    payload = {"format": FORMAT, "config": model.config.to_dict(), "model_state_dict": model.state_dict()}
+    payload.update(extra or {})
+    atomic_torch_save(payload, path)
+    return Path(path)

@@ -1,0 +1,501 @@
+"""Named weights, cache directory and the resumable download, against an HTTP server on 127.0.0.1."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import random
+import re
+import socket
+import threading
+import urllib.error
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from SAM3DSegmentLib import weights as W
+
+SIZE = 3 * 1024 * 1024 + 12345  # a few MB, not a multiple of the chunk size
+
+
+def _payload(size: int = SIZE, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves ``server.files[path]``; honours ``bytes=N-`` ranges unless ``server.ignore_range``.
+
+    ``server.cut_first``: the first GET of a file announces the full length, sends that many bytes and
+    closes the connection. ``server.delay``: seconds to wait before the body.
+    """
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        entry = {"path": self.path, "range": self.headers.get("Range"),
+                 "if_range": self.headers.get("If-Range"), "status": None, "sent": 0}
+        with srv.lock:
+            srv.requests.append(entry)
+            first = sum(1 for r in srv.requests if r["path"] == self.path) == 1
+        data = srv.files.get(self.path)
+        if data is None:
+            entry["status"] = 404
+            self.send_error(404, "Not Found")
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and not srv.ignore_range:
+            m = re.fullmatch(r"bytes=(\d+)-", rng.strip())
+            assert m, rng
+            start = int(m.group(1))
+            if start >= len(data):
+                entry["status"] = 416
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            entry["status"] = 206
+        else:
+            self.send_response(200)
+            entry["status"] = 200
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"' + hashlib.md5(data).hexdigest() + '"')
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if srv.delay:
+            threading.Event().wait(srv.delay)
+        if first and srv.cut_first is not None:
+            body = body[: srv.cut_first]
+        view = memoryview(body)
+        for i in range(0, len(body), 256 * 1024):
+            self.wfile.write(view[i:i + 256 * 1024])
+            entry["sent"] += len(view[i:i + 256 * 1024])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+class LoopbackServer:
+    def __init__(self, files, *, cut_first=None, ignore_range=False, delay=0.0):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.files = {"/" + k: v for k, v in files.items()}
+        self.httpd.requests = []
+        self.httpd.lock = threading.Lock()
+        self.httpd.cut_first = cut_first
+        self.httpd.ignore_range = ignore_range
+        self.httpd.delay = delay
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    @property
+    def requests(self):
+        return self.httpd.requests
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SAM3D_WEIGHTS_BASE_URL", raising=False)
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _leftovers(dest: Path):
+    return sorted(p.name for p in dest.parent.iterdir() if p.name != dest.name)
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+def test_registry_entries():
+    turbo = W.get_weights("sam-med3d-turbo")
+    base = W.get_weights("SAM-Med3D")  # case-insensitive
+    for entry, fname in ((turbo, "sam_med3d_turbo.pth"), (base, "sam_med3d.pth")):
+        assert entry.filename == fname
+        assert entry.url == f"https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/{fname}"
+        assert entry.architecture == "vit_b_ori"
+        assert "Apache-2.0" in entry.license and entry.description
+        assert entry.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
+        assert not entry.bundled and not entry.clinical_use
+    assert turbo.checksum_source and "huggingface.co" in turbo.checksum_source
+    demo = W.get_weights("demo")
+    assert demo.bundled and demo.url is None and demo.download_url() is None
+    assert demo.bundled_path() == Path(W.__file__).resolve().parent / "resources" / "demo_model.pt"
+    assert "not for clinical use" in demo.description.lower() and not demo.clinical_use
+    assert W.DEFAULT_MODEL in W.known_names()
+    with pytest.raises(W.WeightsError, match="sam-med3d-turbo"):
+        W.get_weights("no-such-model")
+
+
+def test_mirror_base_url_override(monkeypatch):
+    entry = W.get_weights("sam-med3d-turbo")
+    assert entry.download_url() == entry.url
+    monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", "http://mirror.example/weights/")
+    assert entry.download_url() == "http://mirror.example/weights/sam_med3d_turbo.pth"
+
+
+# ------------------------------------------------------------------------------------------ cache dir
+
+def test_cache_dir_from_sam3d_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "custom"))
+    assert W.cache_dir() == tmp_path / "custom"
+    assert W.checkpoint_dir() == tmp_path / "custom" / "checkpoints"
+    assert W.cached_path("sam-med3d") == tmp_path / "custom" / "checkpoints" / "sam_med3d.pth"
+    assert not (tmp_path / "custom").exists()  # not created by merely asking
+
+
+def test_cache_dir_platform_defaults(monkeypatch, tmp_path):
+    monkeypatch.delenv("SAM3D_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(W.Path, "home", classmethod(lambda cls: tmp_path))
+    monkeypatch.setattr(W.sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert W.cache_dir() == tmp_path / "xdg" / "sam3dsegment"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert W.cache_dir() == tmp_path / ".cache" / "sam3dsegment"
+    monkeypatch.setattr(W.sys, "platform", "darwin")
+    assert W.cache_dir() == tmp_path / "Library" / "Caches" / "sam3dsegment"
+    monkeypatch.setattr(W.sys, "platform", "win32")
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "Local"))
+    assert W.cache_dir() == tmp_path / "Local" / "sam3dsegment" / "Cache"
+
+
+# ------------------------------------------------------------------------------------------ download
+
+def test_full_download_with_progress(tmp_path):
+    data = _payload()
+    dest = tmp_path / "dl" / "model.pth"
+    calls = []
+    with LoopbackServer({"model.pth": data}) as srv:
+        res = W.download(srv.url("model.pth"), dest, expected_size=len(data),
+                         sha256=hashlib.sha256(data).hexdigest(), progress=lambda d, t: calls.append((d, t)))
+    assert dest.read_bytes() == data
+    assert res.sha256 == hashlib.sha256(data).hexdigest() and res.size == len(data)
+    assert res.resumed_from == [] and res.restarts == 0 and not res.already_present
+    assert calls[0] == (0, len(data)) and calls[-1] == (len(data), len(data))
+    assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
+    assert _leftovers(dest) == []  # no .part, .part.json or .lock left behind
+    assert len(srv.requests) == 1 and srv.requests[0]["range"] is None
+
+
+def test_resume_after_interruption_within_one_call(tmp_path):
+    data = _payload()
+    cut = 1_000_000
+    dest = tmp_path / "model.pth"
+    with LoopbackServer({"model.pth": data}, cut_first=cut) as srv:
+        res = W.download(srv.url("model.pth"), dest, sha256=hashlib.sha256(data).hexdigest(), retries=2)
+    assert dest.read_bytes() == data
+    assert len(srv.requests) == 2
+    first, second = srv.requests
+    assert first["range"] is None and first["sent"] == cut
+    assert second["range"] == f"bytes={cut}-" and second["status"] == 206
+    assert second["if_range"] == '"' + hashlib.md5(data).hexdigest() + '"'
+    assert second["sent"] == len(data) - cut  # only the remainder crossed the wire
+    assert res.resumed_from == [cut]
+    assert _leftovers(dest) == []
+
+
+def test_resume_across_calls_keeps_partial_file(tmp_path):
+    data = _payload()
+    cut = 700_000
+    dest = tmp_path / "model.pth"
+    part = tmp_path / "model.pth.part"
+    with LoopbackServer({"model.pth": data}, cut_first=cut) as srv:
+        with pytest.raises(W.WeightsError, match="again to resume"):
+            W.download(srv.url("model.pth"), dest, retries=0)
+        assert not dest.exists()
+        assert part.read_bytes() == data[:cut]
+        res = W.download(srv.url("model.pth"), dest, retries=0)
+    assert dest.read_bytes() == data
+    assert srv.requests[1]["range"] == f"bytes={cut}-"
+    assert srv.requests[1]["sent"] == len(data) - cut
+    assert res.resumed_from == [cut] and res.sha256 == hashlib.sha256(data).hexdigest()
+    assert not part.exists()
+
+
+def test_server_ignoring_range_restarts_cleanly(tmp_path):
+    data = _payload()
+    cut = 500_000
+    dest = tmp_path / "model.pth"
+    with LoopbackServer({"model.pth": data}, cut_first=cut, ignore_range=True) as srv:
+        res = W.download(srv.url("model.pth"), dest, sha256=hashlib.sha256(data).hexdigest(), retries=1)
+    assert dest.read_bytes() == data  # not the first 500 kB followed by the whole file again
+    assert srv.requests[1]["range"] == f"bytes={cut}-" and srv.requests[1]["status"] == 200
+    assert res.restarts == 1 and res.resumed_from == []
+    assert _leftovers(dest) == []
+
+
+def test_partial_file_without_metadata_is_not_trusted(tmp_path):
+    data = _payload()
+    dest = tmp_path / "model.pth"
+    (tmp_path / "model.pth.part").write_bytes(b"garbage from somewhere else" * 100)
+    with LoopbackServer({"model.pth": data}) as srv:
+        W.download(srv.url("model.pth"), dest)
+    assert dest.read_bytes() == data
+    assert srv.requests[0]["range"] is None
+
+
+def test_checksum_mismatch_deletes_part_and_names_hashes(tmp_path):
+    data = _payload()
+    wrong = "0" * 64
+    dest = tmp_path / "model.pth"
+    with LoopbackServer({"model.pth": data}) as srv:
+        with pytest.raises(W.ChecksumError) as info:
+            W.download(srv.url("model.pth"), dest, sha256=wrong)
+    msg = str(info.value)
+    assert wrong in msg and hashlib.sha256(data).hexdigest() in msg
+    assert info.value.expected == wrong and info.value.actual == hashlib.sha256(data).hexdigest()
+    assert not dest.exists() and _leftovers(dest) == []
+
+
+def test_size_mismatch(tmp_path):
+    data = _payload()
+    dest = tmp_path / "model.pth"
+    with LoopbackServer({"model.pth": data}) as srv:
+        with pytest.raises(W.ChecksumError, match=str(len(data) + 1)):
+            W.download(srv.url("model.pth"), dest, expected_size=len(data) + 1)
+    assert not dest.exists() and _leftovers(dest) == []
+
+
+def test_http_404_gives_local_file_instructions(tmp_path):
+    dest = tmp_path / "model.pth"
+    with LoopbackServer({}) as srv:
+        with pytest.raises(W.WeightsError) as info:
+            W.download(srv.url("model.pth"), dest)
+    msg = str(info.value)
+    assert "404" in msg and "--checkpoint" in msg and srv.url("model.pth") in msg
+    assert "Checkpoint file" in msg and str(dest) in msg
+    assert not dest.exists() and _leftovers(dest) == []
+
+
+def test_connection_refused_mentions_checkpoint_option(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}/sam_med3d_turbo.pth"
+    dest = tmp_path / "sam_med3d_turbo.pth"
+    with pytest.raises(W.WeightsError) as info:
+        W.download(url, dest, timeout=5)
+    msg = str(info.value)
+    assert "refused" in msg and "--checkpoint" in msg and '"Checkpoint file"' in msg
+    assert url in msg and str(dest) in msg
+    assert not dest.exists()
+
+
+def test_dns_failure_is_explained(tmp_path, monkeypatch):
+    def fail(request, timeout):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(W, "_urlopen", fail)
+    with pytest.raises(W.WeightsError, match="resolved") as info:
+        W.download("http://weights.invalid/x.pth", tmp_path / "x.pth")
+    assert "--checkpoint" in str(info.value)
+
+
+def test_concurrent_downloads_of_the_same_file(tmp_path):
+    data = _payload()
+    dest = tmp_path / "model.pth"
+    results, errors = [], []
+    with LoopbackServer({"model.pth": data}, delay=0.3) as srv:
+        def worker():
+            try:
+                results.append(W.download(srv.url("model.pth"), dest, sha256=hashlib.sha256(data).hexdigest(),
+                                          lock_timeout=30))
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert dest.read_bytes() == data
+    assert len(srv.requests) == 1  # the second thread waited and reused the finished file
+    assert sorted(r.already_present for r in results) == [False, True]
+    assert _leftovers(dest) == []
+
+
+def test_lock_wait_times_out(tmp_path):
+    lock_path = tmp_path / "model.pth.lock"
+    with W.DownloadLock(lock_path):
+        with pytest.raises(W.WeightsError, match="waiting for another download"):
+            W.DownloadLock(lock_path, timeout=0.3).acquire()
+    with W.DownloadLock(lock_path, timeout=1):  # released: can be taken again
+        pass
+    assert not lock_path.exists()
+
+
+def test_text_progress_without_tqdm():
+    out = io.StringIO()
+    bar = W.TextProgress("Downloading x", stream=out, min_interval=0)
+    bar._have_tqdm = False
+    for done in (0, 50, 100):
+        bar(done, 100)
+    bar.close()
+    text = out.getvalue()
+    assert "Downloading x" in text and "100.0%" in text and text.endswith("\n")
+
+
+# ------------------------------------------------------------------------------------------ resolve
+
+def test_resolve_local_path(tmp_path):
+    ckpt = tmp_path / "my model.pth"
+    ckpt.write_bytes(b"weights")
+    assert W.resolve_checkpoint(ckpt) == ckpt
+    assert W.resolve_checkpoint(str(ckpt)) == ckpt
+    with pytest.raises(W.WeightsError, match="not found") as info:
+        W.resolve_checkpoint(tmp_path / "missing.pth")
+    assert "sam-med3d-turbo" in str(info.value)
+    with pytest.raises(W.WeightsError, match="directory"):
+        W.resolve_checkpoint(tmp_path)
+    with pytest.raises(W.WeightsError, match="not found"):
+        W.resolve_checkpoint("not-a-model-name")
+
+
+def test_resolve_name_downloads_once_and_trusts_on_first_use(tmp_path, monkeypatch, caplog):
+    data = _payload(1_500_000, seed=1)
+    digest = hashlib.sha256(data).hexdigest()
+    with LoopbackServer({"sam_med3d.pth": data}) as srv:
+        monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", srv.base + "/")
+        with caplog.at_level(logging.WARNING, logger=W.__name__):
+            path = W.resolve_checkpoint("sam-med3d", progress=None)
+        assert path == tmp_path / "home" / "checkpoints" / "sam_med3d.pth"
+        assert path.read_bytes() == data
+        record = json.loads(W.sidecar_path(path).read_text())
+        assert record["sha256"] == digest and record["verified"] == "trust-on-first-use"
+        assert record["size"] == len(data)
+        assert "trust on first use" in caplog.text and digest in caplog.text
+        assert "first use" in W.checksum_status(path, W.get_weights("sam-med3d"))
+        # Second resolve: served from the cache and checked against the record, no new request.
+        assert W.resolve_checkpoint("sam-med3d", progress=None) == path
+        assert len(srv.requests) == 1
+    # A changed cached file is refused, left in place, and the message explains what to do.
+    path.write_bytes(data[:-1] + b"\x00")
+    with pytest.raises(W.ChecksumError) as info:
+        W.resolve_checkpoint("sam-med3d")
+    assert digest in str(info.value) and "--checkpoint" in str(info.value)
+    assert path.exists()
+
+
+def test_resolve_enforces_published_checksum(tmp_path, monkeypatch):
+    fake = _payload(200_000, seed=2)
+    entry = W.get_weights("sam-med3d-turbo")
+    assert entry.sha256  # published on the Hugging Face file page
+    with LoopbackServer({"sam_med3d_turbo.pth": fake}) as srv:
+        monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", srv.base)
+        with pytest.raises(W.ChecksumError) as info:
+            W.resolve_checkpoint("sam-med3d-turbo", progress=None)
+    assert entry.sha256 in str(info.value) and hashlib.sha256(fake).hexdigest() in str(info.value)
+    folder = tmp_path / "home" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_resolve_manually_copied_file_is_picked_up(tmp_path, caplog):
+    target = W.cached_path("sam-med3d")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"copied by hand")
+    with caplog.at_level(logging.WARNING, logger=W.__name__):
+        assert W.resolve_checkpoint("sam-med3d", download=False) == target
+    assert "trust on first use" in caplog.text
+    rows = W.list_cache()
+    assert [(r["name"], r["size"]) for r in rows] == [("sam-med3d", len(b"copied by hand"))]
+
+
+def test_resolve_without_download_explains_offline_options(tmp_path):
+    with pytest.raises(W.WeightsError) as info:
+        W.resolve_checkpoint("sam-med3d-turbo", download=False)
+    msg = str(info.value)
+    assert "--checkpoint" in msg and "Checkpoint file" in msg
+    assert str(tmp_path / "home" / "checkpoints" / "sam_med3d_turbo.pth") in msg
+    assert "https://huggingface.co/blueyo0/SAM-Med3D/resolve/main/sam_med3d_turbo.pth" in msg
+
+
+def test_resolve_bundled_model_missing_is_clear():
+    entry = W.register_weights(W.ModelWeights(
+        name="test-bundled-missing", filename="no_such_file_for_tests.pt", url=None, size=None, sha256=None,
+        architecture="tiny", license="Apache-2.0", description="test", bundled=True))
+    try:
+        with pytest.raises(W.WeightsError, match="not included"):
+            W.resolve_checkpoint(entry.name)
+    finally:
+        W.REGISTRY.pop(entry.name)
+
+
+def test_lock_of_a_killed_process_is_not_stale(tmp_path):
+    """A process that dies while holding the lock does not block later downloads (the OS drops it)."""
+    import subprocess
+    import sys
+
+    lock_path = tmp_path / "model.pth.lock"
+    code = ("import sys; from SAM3DSegmentLib.weights import DownloadLock\n"
+            f"l = DownloadLock({str(lock_path)!r}).acquire()\n"
+            "print('locked', flush=True); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=str(Path(W.__file__).resolve().parents[1]))
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(W.WeightsError):
+            W.DownloadLock(lock_path, timeout=0.2).acquire()
+        proc.kill()  # dies without releasing: no cleanup code runs
+        proc.wait(timeout=10)
+        with W.DownloadLock(lock_path, timeout=5):
+            pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_default_text_progress_bar_on_stderr(tmp_path, capsys):
+    data = _payload(400_000, seed=3)
+    with LoopbackServer({"m.pth": data}) as srv:
+        W.download(srv.url("m.pth"), tmp_path / "m.pth", progress=True)
+    err = capsys.readouterr().err
+    assert "Downloading m.pth" in err
+
+
+def test_read_only_cache_record_failure_is_not_fatal(tmp_path, monkeypatch, caplog):
+    target = W.cached_path("sam-med3d")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"shared copy")
+
+    def refuse(path, data):
+        raise PermissionError(13, "Read-only file system", str(path))
+
+    monkeypatch.setattr(W, "_write_json_atomic", refuse)
+    with caplog.at_level(logging.WARNING, logger=W.__name__):
+        assert W.resolve_checkpoint("sam-med3d", download=False) == target
+    assert "Could not record" in caplog.text and not W.sidecar_path(target).exists()
