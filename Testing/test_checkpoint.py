@@ -161,6 +161,7 @@ def test_published_file_without_config_builds_vit_b_ori(tmp_path):
 def test_device_and_precision_choices():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_dtype("float32", "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="only supported on a GPU"):
         resolve_dtype("float16", "cpu")
     with pytest.raises(ValueError, match="unknown precision"):

@@ -53,3 +53,33 @@ class MLP(nn.Module):
             if i < last:
                 x = F.relu(x)
         return x
+
+
+def patchwise_conv(x_cl: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """A Conv3d whose kernel equals its stride (non-overlapping patches), channels-last in and out.
+
+    x_cl (B, X, Y, Z, Cin) -> (B, X/k, Y/k, Z/k, Cout): the same maths as ``conv`` as one matmul.
+    """
+    k = conv.kernel_size[0]
+    b, x, y, z, c = x_cl.shape
+    patches = x_cl.reshape(b, x // k, k, y // k, k, z // k, k, c).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    patches = patches.reshape(b, x // k, y // k, z // k, c * k ** 3)
+    weight = conv.weight.reshape(conv.out_channels, c * k ** 3)
+    return F.linear(patches, weight, conv.bias)
+
+
+def patchwise_conv_transpose(x_cl: torch.Tensor, conv: nn.ConvTranspose3d) -> torch.Tensor:
+    """A ConvTranspose3d with kernel == stride, channels-last in; returns (B, X, Y, Z, Cout, k, k, k)
+    (each input voxel's k³ output block), still to be interleaved by :func:`interleave_blocks`."""
+    cin, cout, k = conv.in_channels, conv.out_channels, conv.kernel_size[0]
+    out = x_cl @ conv.weight.reshape(cin, cout * k ** 3)
+    out = out.reshape(*x_cl.shape[:-1], cout, k, k, k)
+    if conv.bias is not None:
+        out = out + conv.bias[:, None, None, None]
+    return out
+
+
+def interleave_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """(B, X, Y, Z, C, k, k, k) -> channels-last (B, kX, kY, kZ, C)."""
+    b, x, y, z, c, k = blocks.shape[:6]
+    return blocks.permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(b, x * k, y * k, z * k, c)

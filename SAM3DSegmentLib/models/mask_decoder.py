@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm3d, MLPBlock
+from .common import MLP, LayerNorm3d, MLPBlock, interleave_blocks, patchwise_conv_transpose
 from .config import SamMed3DConfig
 
 
@@ -118,10 +118,23 @@ class MaskDecoder3D(nn.Module):
         _, c, x, y, z = src.shape
         hs, keys = self.transformer(src, pos, tokens)
         mask_tokens_out = hs[:, 1:1 + num_masks, :]
-        upscaled = self.output_upscaling(keys.transpose(1, 2).reshape(b, c, x, y, z))
         hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :])
-                                for i in range(num_masks)], dim=1)
-        bu, cu = upscaled.shape[:2]
-        masks = (hyper_in @ upscaled.reshape(bu, cu, -1)).reshape(bu, num_masks, *upscaled.shape[2:])
+                                for i in range(num_masks)], dim=1)               # (B, M, C/8)
+        masks = self._upscale_and_project(keys.reshape(b, x, y, z, c), hyper_in)
         iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, :num_masks]
         return masks, iou_pred
+
+    def _upscale_and_project(self, keys_cl: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+        """``hyper_in · output_upscaling(keys)`` computed channels-last.
+
+        Both transposed convolutions have kernel == stride, so each is one matmul per voxel; the
+        hypernetwork projection is applied before the 2x2x2 blocks of the last layer are interleaved, so
+        only the (B, M, 4X, 4Y, 4Z) result is ever rearranged. Same maths as the nn.Sequential.
+        """
+        up1, ln, act1, up2, act2 = self.output_upscaling
+        h = interleave_blocks(patchwise_conv_transpose(keys_cl, up1))          # (B, 2X, 2Y, 2Z, C/4)
+        h = act1(F.layer_norm(h, (h.shape[-1],), ln.weight, ln.bias, ln.eps))
+        blocks = act2(patchwise_conv_transpose(h, up2))                          # (B, 2X, 2Y, 2Z, C/8, 2, 2, 2)
+        b, x2, y2, z2, c8 = blocks.shape[:5]
+        proj = torch.einsum("bxyzcpqr,bmc->bmxyzpqr", blocks, hyper_in)
+        return proj.permute(0, 1, 2, 5, 3, 6, 4, 7).reshape(b, hyper_in.shape[1], 2 * x2, 2 * y2, 2 * z2)

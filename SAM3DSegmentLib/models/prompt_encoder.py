@@ -12,7 +12,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .common import LayerNorm3d
+import torch.nn.functional as F
+
+from .common import LayerNorm3d, patchwise_conv
 from .config import SamMed3DConfig
 
 
@@ -87,6 +89,19 @@ class PromptEncoder3D(nn.Module):
         pe = pe + (lab == 1) * self.point_embeddings[1].weight
         return pe
 
+    def embed_mask(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """``mask_downscaling`` computed channels-last with patch matmuls (its convs have kernel == stride).
+
+        (B, 1, S/4, S/4, S/4) logits -> (B, C, g, g, g). Same maths as the nn.Sequential.
+        """
+        conv1, ln1, act1, conv2, ln2, act2, conv3 = self.mask_downscaling
+        h = patchwise_conv(mask_logits.permute(0, 2, 3, 4, 1), conv1)
+        h = act1(F.layer_norm(h, (h.shape[-1],), ln1.weight, ln1.bias, ln1.eps))
+        h = patchwise_conv(h, conv2)
+        h = act2(F.layer_norm(h, (h.shape[-1],), ln2.weight, ln2.bias, ln2.eps))
+        h = F.linear(h, conv3.weight.reshape(conv3.out_channels, -1), conv3.bias)
+        return h.permute(0, 4, 1, 2, 3)
+
     def forward(self, points: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                 mask_logits: Optional[torch.Tensor], batch_size: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns sparse (B, N+1 or 0, C) and dense (B, C, g, g, g) embeddings.
@@ -102,7 +117,7 @@ class PromptEncoder3D(nn.Module):
                 batch_size = mask_logits.shape[0]
             sparse = self.no_mask_embed.weight.new_zeros((batch_size, 0, self.embed_dim))
         if mask_logits is not None:
-            dense = self.mask_downscaling(mask_logits)
+            dense = self.embed_mask(mask_logits)
         else:
             g = self.image_embedding_size
             dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1, 1).expand(batch_size, -1, *g)
