@@ -1,0 +1,409 @@
+"""SAM3DSegment: interactive click-based 3D segmentation of CT (Slicer glue: UI, observers, worker pump).
+The work lives in SAM3DSegmentLib (slicer_bridge: MRML; worker: model thread); torch is imported lazily."""
+import logging
+import os
+import sys
+import time
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_root, "SAM3DSegmentLib")) and _root not in sys.path:
+    sys.path.append(_root)  # running from a checkout ("Additional module paths" = SAM3DSegment/)
+
+try:
+    from slicer.parameterNodeWrapper import parameterNodeWrapper
+except ImportError:  # Slicer < 5.2
+    parameterNodeWrapper = None
+
+if parameterNodeWrapper is not None:
+    @parameterNodeWrapper
+    class SAM3DSegmentParameterNode:
+        volume: slicer.vtkMRMLScalarVolumeNode
+        segmentation: slicer.vtkMRMLSegmentationNode
+        positivePoints: slicer.vtkMRMLMarkupsFiducialNode
+        negativePoints: slicer.vtkMRMLMarkupsFiducialNode
+
+
+class SAM3DSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        parent.title = "SAM3D Segment"
+        parent.categories = ["Segmentation"]
+        parent.dependencies = ["Markups", "Segmentations"]
+        parent.contributors = ["SAM3DSegment developers"]
+        parent.helpText = ("Click inside an object (Include) and where the mask leaks (Exclude); a SAM-Med3D-class "
+                           "model segments it in 3D. Undo/Redo, Next object, Export. Research use only.")
+        parent.acknowledgementText = "Models: SAM-Med3D (uni-medical, Apache-2.0)."
+
+
+class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
+    """Owns the worker thread and the engine (model + session); only the GUI thread calls these methods."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        from SAM3DSegmentLib.worker import Engine, Worker
+        self.worker, self.engine = Worker(), Engine()
+        self.modelName = None
+        self.volumeToken = None
+        self.download = None  # (bytes done, total) while a checkpoint downloads
+
+    def getParameterNode(self):
+        return SAM3DSegmentParameterNode(super().getParameterNode()) if parameterNodeWrapper else super().getParameterNode()
+
+    def loadModel(self, nameOrPath, device):
+        from SAM3DSegmentLib.diagnose import recommended_device
+        device = recommended_device() if device == "auto" else device
+        self.volumeToken = None  # a new session forgets the volume
+        return self.worker.submit(self.engine.load, nameOrPath, str(device), progress=self._onDownload,
+                                  context={"kind": "load", "name": nameOrPath, "device": device})
+
+    def _onDownload(self, done, total):  # worker thread: only stores numbers for the GUI pump
+        self.download = (done, total)
+
+    def syncClicks(self, volumeNode, segmentationNode, segmentId, clicks):
+        """Queue: (re)send the volume if it changed, then bring the segment's object to ``clicks``."""
+        from SAM3DSegmentLib import slicer_bridge as sb
+        parent = volumeNode.GetParentTransformNode()
+        token = (volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), parent.GetTransformToWorldMTime() if parent else 0)
+        if token != self.volumeToken:
+            self.worker.submit(self.engine.set_volume, sb.volume_from_node(volumeNode), context={"kind": "volume"})
+            self.volumeToken = token
+        return self.worker.submit(self.engine.sync_clicks, segmentId, clicks, pass_job=True, tag="clicks", supersede=True,
+                                  context={"kind": "clicks", "segmentation": segmentationNode, "segment": segmentId,
+                                           "volume": volumeNode})
+
+    def edit(self, kind, segmentationNode, segmentId, volumeNode):
+        """Queue undo/redo/reset of a segment's object; the result is (update, clicks, changed)."""
+        return self.worker.submit(self.engine.edit, kind, segmentId, context={
+            "kind": kind, "segmentation": segmentationNode, "segment": segmentId, "volume": volumeNode})
+
+    def writeUpdate(self, update, segmentationNode, segmentId, volumeNode, history):
+        """Write a MaskUpdate into the segment (one undo state per engine edit, honouring Segment Editor settings)."""
+        from SAM3DSegmentLib import slicer_bridge as sb
+        if update is None or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+            return None
+        if history is not None:
+            history.save()
+        settings = sb.editor_settings(slicer.mrmlScene, segmentationNode)
+        return sb.write_mask_to_segment(segmentationNode, segmentId, update.mask_box, update.box, volumeNode, **settings)
+
+    def waitIdle(self, pump, timeout=600.0):
+        """Process events until the worker is idle, then deliver the results (tests, scripts)."""
+        t0 = time.time()
+        while self.worker.busy and time.time() - t0 < timeout:
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        pump()
+
+    def shutdown(self):
+        self.worker.shutdown(wait=False)
+
+
+class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = self._parameterNode = self._markupsObserver = self.history = self._progress = self._segmentId = None
+        self._shortcuts = []
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SAM3DSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SAM3DSegmentLogic()
+        from SAM3DSegmentLib import weights
+        names = list(getattr(weights, "MODELS", {}) or weights.known_names())
+        ui.modelComboBox.addItems(names)
+        ui.modelComboBox.setCurrentText(weights.DEFAULT_MODEL if weights.DEFAULT_MODEL in names else names[0])
+        self.timer = qt.QTimer()
+        self.timer.setInterval(30)
+        self.timer.connect("timeout()", self.pump)
+        ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
+        ui.volumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda n: self.updateButtons())
+        ui.includeButton.connect("toggled(bool)", lambda on: self.onPlace(True, on))
+        ui.excludeButton.connect("toggled(bool)", lambda on: self.onPlace(False, on))
+        ui.deviceComboBox.connect("currentTextChanged(QString)", lambda d: self.showDeviceWarning(None if d == "auto" else d))
+        for button, slot in ((ui.newSegmentButton, self.onNextObject), (ui.nextObjectButton, self.onNextObject),
+                             (ui.undoButton, lambda: self.onEdit("undo")), (ui.redoButton, lambda: self.onEdit("redo")),
+                             (ui.resetButton, lambda: self.onEdit("reset")), (ui.loadModelButton, self.onLoadModel),
+                             (ui.installDependenciesButton, self.onInstallDependencies), (ui.diagnoseButton, self.onDiagnose),
+                             (ui.exportSegNrrdButton, lambda: self.onExport("seg.nrrd")),
+                             (ui.exportNiftiButton, lambda: self.onExport("nifti")),
+                             (ui.exportDicomSegButton, lambda: self.onExport("dicom"))):
+            button.connect("clicked()", slot)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent,
+                         lambda caller, event: self.parent.isEntered and self.initializeParameterNode())
+        self.initializeParameterNode()
+        self.updateButtons()
+
+    def cleanup(self):
+        self.exit()
+        self.removeObservers()
+        self.timer.stop()
+        self._setMarkupsObserver(None)
+        if self.logic:
+            self.logic.shutdown()
+
+    def enter(self):
+        self.initializeParameterNode()
+        for key, slot in (("A", lambda: self.ui.includeButton.setChecked(True)),
+                          ("S", lambda: self.ui.excludeButton.setChecked(True)), ("N", self.onNextObject),
+                          ("Ctrl+Alt+Z", lambda: self.onEdit("undo")), ("Ctrl+Alt+Y", lambda: self.onEdit("redo"))):
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
+            shortcut.connect("activated()", slot)
+            self._shortcuts.append(shortcut)
+
+    def exit(self):
+        for shortcut in self._shortcuts:
+            shortcut.enabled = False
+            shortcut.deleteLater()
+        self._shortcuts = []
+        self.ui.includeButton.setChecked(False)
+        self.ui.excludeButton.setChecked(False)
+
+    def onSceneStartClose(self, caller, event):
+        self.logic.worker.cancel_all()
+        self._setMarkupsObserver(None)
+        if self._parameterNode is not None and parameterNodeWrapper is not None:
+            self._parameterNode.disconnectGui(self._guiTag)
+        self._parameterNode, self.history, self.logic.volumeToken, self._segmentId = None, None, None, None
+
+    def initializeParameterNode(self):
+        from SAM3DSegmentLib import slicer_bridge as sb
+        if self._parameterNode is not None and parameterNodeWrapper is not None:
+            self._parameterNode.disconnectGui(self._guiTag)
+        p = self._parameterNode = self.logic.getParameterNode()
+        if parameterNodeWrapper is not None:
+            self._guiTag = p.connectGui(self.ui)
+            if p.volume is None:
+                p.volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        holder = p if parameterNodeWrapper else self
+        self.positivePoints, self.negativePoints = sb.prompt_nodes(
+            slicer.mrmlScene, getattr(holder, "positivePoints", None), getattr(holder, "negativePoints", None))
+        if parameterNodeWrapper:
+            p.positivePoints, p.negativePoints = self.positivePoints, self.negativePoints
+        self._setMarkupsObserver(self.onPointsChanged)
+
+    def _setMarkupsObserver(self, callback):
+        from SAM3DSegmentLib import slicer_bridge as sb
+        if self._markupsObserver is not None:
+            self._markupsObserver.remove()
+        self._markupsObserver = sb.MarkupsObserver([self.positivePoints, self.negativePoints], callback) if callback else None
+
+    def currentNodes(self):
+        seg = self.ui.segmentationSelector.currentNode()
+        return self.ui.volumeSelector.currentNode(), seg, self.ui.segmentSelector.currentSegmentID() if seg else None
+
+    def updateButtons(self):
+        volume, seg, segId = self.currentNodes()
+        self.ui.includeButton.enabled = self.ui.excludeButton.enabled = volume is not None
+        self.ui.exportSegNrrdButton.enabled = self.ui.exportNiftiButton.enabled = bool(seg and volume)
+        self.ui.exportDicomSegButton.enabled = bool(volume and seg and volume.GetAttribute("DICOM.instanceUIDs"))
+
+    def ensureSegment(self, newSegment=False):
+        """Segmentation (under the volume's transform, on its grid) and a target segment, created when missing."""
+        from SAM3DSegmentLib import slicer_bridge as sb
+        volume, seg, segId = self.currentNodes()
+        seg, segId = sb.prepare_target(slicer.mrmlScene, volume, seg, None if newSegment else segId)
+        if not newSegment:
+            self._segmentId = segId  # selecting the same id below keeps the points just placed
+        self.ui.segmentationSelector.setCurrentNode(seg)
+        self.ui.segmentSelector.setCurrentSegmentID(segId)
+        if self.history is None or self.history.node is not seg:
+            self.history = sb.SegmentHistory(seg)
+        return volume, seg, segId
+
+    def onPlace(self, positive, on):
+        other = self.ui.excludeButton if positive else self.ui.includeButton
+        if not on:
+            if not other.checked:
+                slicer.app.applicationLogic().GetInteractionNode().SwitchToViewTransformMode()
+            return
+        wasBlocked = other.blockSignals(True)
+        other.setChecked(False)
+        other.blockSignals(wasBlocked)
+        markupsLogic = slicer.modules.markups.logic()
+        markupsLogic.SetActiveList(self.positivePoints if positive else self.negativePoints)
+        markupsLogic.StartPlaceMode(True)
+
+    def onPointsChanged(self, reason, node, index):
+        """A point was placed, moved or removed (never on hover previews): re-run the model."""
+        if self.ui.volumeSelector.currentNode() is None:
+            self.ui.statusLabel.text = "Select a volume first."
+            return
+        with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not use the click", waitCursor=False):
+            from SAM3DSegmentLib import slicer_bridge as sb
+            if self.logic.engine.session is None and not self.logic.worker.busy:
+                self.onLoadModel()
+            volume, seg, segId = self.ensureSegment()
+            clicks = sb.clicks_from_markups(self.positivePoints, self.negativePoints, volume)
+            self.logic.syncClicks(volume, seg, segId, clicks)
+            self.ui.statusLabel.text = f"{len(clicks)} click(s) on {seg.GetSegmentation().GetSegment(segId).GetName()}"
+            self.timer.start()
+
+    def rewritePoints(self, clicks):
+        from SAM3DSegmentLib import slicer_bridge as sb
+        sb.show_clicks(self.positivePoints, self.negativePoints, clicks, self._markupsObserver)
+
+    def onEdit(self, kind):
+        volume, seg, segId = self.currentNodes()
+        if volume is not None and seg is not None and segId:
+            self.logic.edit(kind, seg, segId, volume)
+            self.timer.start()
+
+    def onNextObject(self):
+        if self.ui.volumeSelector.currentNode() is not None:
+            self.ensureSegment(newSegment=True)  # the selection change clears the points
+
+    def onSegmentationChanged(self, node):
+        self.ui.segmentSelector.setCurrentNode(node)
+        self.history = None
+        self.updateButtons()
+
+    def onSegmentChanged(self, segId):
+        """Another target segment: show its clicks (if the engine knows it); the voxel undo history restarts."""
+        if self.history is not None:
+            self.history.clear()
+        if self._markupsObserver is None or segId == self._segmentId:
+            return
+        self._segmentId, eng = segId, self.logic.engine
+        self.rewritePoints([])
+        if segId and eng.session is not None and eng.volume_key is not None:
+            self.logic.worker.submit(eng.clicks, segId, context={"kind": "points", "segment": segId})
+            self.timer.start()
+
+    def pump(self):
+        for job in self.logic.worker.poll():
+            try:
+                self.onJobFinished(job)
+            except Exception:  # already shown to the user (tryWithErrorDisplay re-raises); keep pumping
+                logging.exception("SAM3DSegment: handling a finished job failed")
+        job = self.logic.worker.current
+        if job is not None and self._progress is None and time.perf_counter() - (job.started or time.perf_counter()) > 0.4:
+            text = {"load": "Loading the model...", "clicks": "Computing the image embedding (first click of a region)..."}
+            self._progress = slicer.util.createProgressDialog(labelText=text.get(job.context["kind"], "Working..."), maximum=0)
+            self._progress.connect("canceled()", self.logic.worker.cancel_all)
+        if self._progress is not None and self.logic.download:
+            done, total = self.logic.download
+            self._progress.labelText = f"Downloading the checkpoint: {done / 1e6:.0f} / {(total or 0) / 1e6:.0f} MB"
+        if not self.logic.worker.busy:
+            self.timer.stop()
+            if self._progress is not None:
+                self._progress.close()
+            self._progress = self.logic.download = None
+
+    def onJobFinished(self, job):
+        ctx, kind = job.context or {}, (job.context or {}).get("kind")
+        if job.state == "failed":
+            logging.error(job.traceback)
+            self.ui.statusLabel.text = f"Failed: {job.error}"
+            slicer.util.errorDisplay(f"SAM3DSegment: {job.error}", detailedText=job.traceback)
+        elif job.state != "done":
+            self.ui.statusLabel.text = "Cancelled: the segment is unchanged."
+        elif kind == "load":
+            self.logic.modelName = job.result
+            self.ui.modelStatusLabel.text = f"Loaded: {job.result}"
+            self.showDeviceWarning(ctx["device"])
+        elif kind == "points" and ctx["segment"] == self._segmentId:
+            self.rewritePoints(job.result)
+        elif kind in ("clicks", "reset", "undo", "redo"):
+            update, clicks, changed = (job.result, None, True) if kind == "clicks" else job.result
+            history = self.history if self.history is not None and self.history.node is ctx["segmentation"] else None
+            if kind in ("undo", "redo") and changed and history is not None and getattr(history, kind)():
+                pass  # exact restoration of every segment (also those this object took voxels from)
+            elif changed:
+                with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not write the segment", waitCursor=False):
+                    self.logic.writeUpdate(update, ctx["segmentation"], ctx["segment"], ctx["volume"], history)
+            if clicks is not None and ctx["segment"] == self._segmentId:
+                self.rewritePoints(clicks)
+            if update is not None and kind == "clicks":
+                from SAM3DSegmentLib.worker import describe_update
+                self.ui.latencyLabel.text = describe_update(update, job.wall_s)
+
+    def onLoadModel(self):
+        path = self.ui.checkpointPathLineEdit.currentPath.strip()
+        self.logic.loadModel(path or self.ui.modelComboBox.currentText, self.ui.deviceComboBox.currentText)
+        self.ui.modelStatusLabel.text = "Loading..."
+        self.timer.start()
+
+    def showDeviceWarning(self, device):
+        from SAM3DSegmentLib import diagnose
+        warning = getattr(device, "warning", None) or (diagnose.CPU_WARNING if device == "cpu" else None)
+        self.ui.deviceWarningLabel.text = warning or ""
+        self.ui.deviceWarningLabel.visible = bool(warning)
+
+    def onInstallDependencies(self):
+        with slicer.util.tryWithErrorDisplay("Installing dependencies failed.", waitCursor=True):
+            from SAM3DSegmentLib import slicer_bridge as sb
+            sb.ensure_dependencies()
+            self.ui.modelStatusLabel.text = "Dependencies are installed."
+
+    def onDiagnose(self):
+        from SAM3DSegmentLib.diagnose import diagnose_report
+        text = diagnose_report({"loaded model": self.logic.modelName or "none", "module": __file__})
+        slicer.util.infoDisplay("SAM3DSegment diagnostics (details: copy into bug reports).", detailedText=text)
+
+    def onExport(self, kind):
+        from SAM3DSegmentLib import slicer_bridge as sb
+        volume, seg, segId = self.currentNodes()
+        if kind == "dicom":
+            path = qt.QFileDialog.getExistingDirectory(None, "DICOM SEG output folder")
+        else:
+            pattern = "Segmentation (*.seg.nrrd)" if kind == "seg.nrrd" else "NIfTI labelmap (*.nii.gz)"
+            path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", seg.GetName(), pattern)
+        if path:
+            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+                self.ui.statusLabel.text = f"Exported {sb.export_segmentation(kind, seg, volume, path)}"
+
+
+class SAM3DSegmentTest(ScriptedLoadableModuleTest):
+    """Whole click loop in Slicer on a synthetic volume with the small bundled "demo" model (CPU)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ClickLoop()
+
+    def test_ClickLoop(self):
+        import numpy as np
+        from SAM3DSegmentLib import slicer_bridge as sb
+        k, j, i = np.indices((40, 64, 64))
+        ijkToRas = np.diag([0.9, 0.9, 2.0, 1.0])
+        phantom = np.where((k - 20) ** 2 / 4 + (j - 32) ** 2 + (i - 30) ** 2 < 144, 300, -100).astype(np.int16)
+        volume = slicer.util.addVolumeFromArray(phantom, ijkToRAS=ijkToRas, name="phantom")
+        slicer.util.selectModule("SAM3DSegment")
+        widget = slicer.modules.sam3dsegment.widgetRepresentation().self()
+        widget.ui.volumeSelector.setCurrentNode(volume)
+        widget.ui.deviceComboBox.setCurrentText("cpu")
+        widget.ui.modelComboBox.setCurrentText("demo")
+
+        def step(action, *args):
+            action(*args)
+            widget.logic.waitIdle(widget.pump)
+        step(widget.onLoadModel)
+        self.assertIsNotNone(widget.logic.engine.session, widget.ui.modelStatusLabel.text)
+        # the new point fires PointPositionDefined -> one decode on the worker -> write-back on the GUI thread
+        step(widget.positivePoints.AddControlPointWorld, vtk.vtkVector3d(*(ijkToRas @ [30, 32, 20, 1])[:3]))
+        _, seg, segId = widget.currentNodes()
+        engineMask = np.array(widget.logic.engine.mask(segId))
+        self.assertEqual(len(widget.logic.engine.clicks(segId)), 1)
+        self.assertTrue(np.array_equal(sb.read_segment(seg, segId, volume), engineMask))
+        step(widget.onEdit, "undo")
+        self.assertFalse(sb.read_segment(seg, segId, volume).any())
+        self.assertEqual(widget.positivePoints.GetNumberOfControlPoints(), 0)
+        step(widget.onEdit, "redo")
+        self.assertTrue(np.array_equal(sb.read_segment(seg, segId, volume), engineMask))
+        self.assertEqual(widget.positivePoints.GetNumberOfControlPoints(), 1)
+        self.delayDisplay("SAM3DSegment click loop passed")

@@ -1,0 +1,910 @@
+"""The one place where SAM3DSegmentLib touches MRML (3D Slicer's scene).
+
+Everything here runs on Slicer's main (GUI) thread: MRML and VTK objects are not thread-safe. Nothing
+else in the library imports this module, and ``slicer`` / ``vtk`` are imported inside the functions, so
+``import SAM3DSegmentLib`` stays Slicer-free. The same code runs in Slicer and, for tests and benchmarks,
+on the Qt-free PyPI wheel ``slicer-core`` (pass your own ``vtkMRMLScene``).
+
+Coordinate frames (see ``geometry``):
+
+* Voxel arrays are ``[k, j, i]`` (``slicer.util.arrayFromVolume`` order); boxes are ``(k, j, i)`` slices.
+* A node's ``IJKToRAS`` is LOCAL: it ignores parent transforms. Markups control points are read in WORLD
+  coordinates. :func:`volume_from_node` folds a linear parent transform into ``ijk_to_ras`` (``frame="world"``,
+  the default) and :func:`clicks_from_markups` returns WORLD points by default, so a click maps to the voxel
+  the user saw under the mouse. ``frame="volume"`` gives both in the volume's local frame instead. Use the
+  same frame for both.
+* Segment voxels are written on the volume's voxel lattice; the segmentation must sit under the same parent
+  transform as the volume (the module creates it so).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .geometry import GeometryError, Volume
+
+#: Segment tag marking a segment as locked (never modified, never overwritten by SAM3DSegment).
+#: slicer-core 5.13's MRML/segmentation libraries have no segment-lock API (no "lock" in their symbols); this tag is
+#: our convention, set with :func:`set_segment_locked` (Python console) until the module gets a lock toggle.
+LOCK_TAG = "SAM3DSegment.Locked"
+#: Node attribute (on each markups node) holding the placement order of its points: "pointID:seq;..."
+ORDER_ATTRIBUTE = "SAM3DSegment.ClickOrder"
+#: Scene-wide counter of placements (attribute on the positive node; merged with the negative node's).
+_SEQ_ATTRIBUTE = "SAM3DSegment.ClickSeq"
+
+OVERWRITE_MODES = ("all", "visible", "none")
+MASK_MODES = ("everywhere", "inside_all", "inside_visible", "outside_all", "outside_visible",
+              "inside_segment", "outside_segment")
+
+_SEGMENTATIONS_LOGIC = None
+
+
+def segmentations_logic(scene=None):
+    """The process-wide ``vtkSlicerSegmentationsModuleLogic``.
+
+    Inside Slicer: ``slicer.modules.segmentations.logic()``. On slicer-core one logic must be created and given a
+    scene once per process, or ``AddEmptySegment`` returns "" (no converter rules are registered).
+    """
+    global _SEGMENTATIONS_LOGIC
+    import slicer
+
+    modules = getattr(slicer, "modules", None)
+    if modules is not None and hasattr(modules, "segmentations"):
+        return modules.segmentations.logic()
+    if _SEGMENTATIONS_LOGIC is None:
+        _SEGMENTATIONS_LOGIC = slicer.vtkSlicerSegmentationsModuleLogic()
+        if scene is not None:
+            _SEGMENTATIONS_LOGIC.SetMRMLScene(scene)
+    elif scene is not None and _SEGMENTATIONS_LOGIC.GetMRMLScene() is None:
+        _SEGMENTATIONS_LOGIC.SetMRMLScene(scene)
+    return _SEGMENTATIONS_LOGIC
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _vtk_matrix_to_numpy(m) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
+
+
+def _numpy_to_vtk_matrix(a: np.ndarray):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    return m
+
+
+def _scalars_view(image) -> np.ndarray:
+    """Writable [k, j, i] numpy view of a vtkImageData's scalars (memory owned by VTK: never reallocate)."""
+    from vtk.util import numpy_support
+
+    dims = image.GetDimensions()
+    scalars = image.GetPointData().GetScalars()
+    if scalars is None or min(dims) <= 0:
+        return np.zeros((0, 0, 0), dtype=np.uint8)
+    return numpy_support.vtk_to_numpy(scalars).reshape(tuple(reversed(dims)))
+
+
+def _parent_to_world(node) -> np.ndarray:
+    """4x4 local->world matrix of a transformable node; GeometryError for non-linear parent transforms."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        raise GeometryError(
+            f"'{node.GetName()}' is under a non-linear (warping) transform '{parent.GetName()}'. "
+            "Harden the transform first (Data module: right-click the volume -> 'Harden transform'), "
+            "or remove it")
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(m)
+    return _vtk_matrix_to_numpy(m)
+
+
+def _check_frame(frame: str) -> None:
+    if frame not in ("world", "volume"):
+        raise ValueError(f"frame must be 'world' or 'volume', got {frame!r}")
+
+
+# --------------------------------------------------------------------------------------------- volume
+def volume_from_node(volume_node, frame: str = "world") -> Volume:
+    """A copy of a scalar volume node as a ``geometry.Volume``.
+
+    ``array`` is a copy ([k, j, i]), safe to hand to a worker thread. ``ijk_to_ras`` is the node's IJKToRAS,
+    preceded (``frame="world"``) by its linear parent transform. ``meta``: ``node_id``, ``mtime`` (image data
+    MTime: with node id and ``ijk_to_ras`` the embedding-cache key), ``frame``, ``name``, and
+    ``dicom_series_uid`` / ``dicom_instance_uids`` when the volume was loaded from DICOM.
+    """
+    _check_frame(frame)
+    if volume_node is None:
+        raise ValueError("no volume selected: choose the CT volume to segment")
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise GeometryError(f"'{volume_node.GetName()}' is a {volume_node.GetClassName()}, not a scalar (CT) "
+                            "volume; select a grey-level volume")
+    image = volume_node.GetImageData()
+    if image is None or image.GetPointData().GetScalars() is None:
+        raise GeometryError(f"volume '{volume_node.GetName()}' has no voxels loaded")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise GeometryError(f"volume '{volume_node.GetName()}' has {image.GetNumberOfScalarComponents()} "
+                            "components per voxel; convert it to a scalar volume (Vector to Scalar Volume module)")
+    array = np.array(_scalars_view(image))  # copy
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    ijk_to_ras = _vtk_matrix_to_numpy(m)
+    if frame == "world":
+        ijk_to_ras = _parent_to_world(volume_node) @ ijk_to_ras
+    meta = {"node_id": volume_node.GetID(), "name": volume_node.GetName(), "mtime": int(image.GetMTime()),
+            "frame": frame}
+    uids = volume_node.GetAttribute("DICOM.instanceUIDs")
+    if uids:
+        meta["dicom_instance_uids"] = uids.split()
+        series = _dicom_series_uid(volume_node)
+        if series:
+            meta["dicom_series_uid"] = series
+    return Volume(array, ijk_to_ras, meta)
+
+
+def _dicom_series_uid(volume_node) -> Optional[str]:
+    """Series instance UID from the subject hierarchy (Slicer GUI) or a node attribute; None if unknown."""
+    uid = volume_node.GetAttribute("DICOM.SeriesInstanceUID")
+    if uid:
+        return uid
+    try:
+        import slicer
+
+        sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volume_node.GetScene())
+        item = sh.GetItemByDataNode(volume_node)
+        return sh.GetItemUID(item, "DICOM") or None
+    except Exception:  # noqa: BLE001 - subject hierarchy absent (slicer-core) or no DICOM UID
+        return None
+
+
+# --------------------------------------------------------------------------------------------- markups
+def _read_order(node) -> Dict[str, int]:
+    text = node.GetAttribute(ORDER_ATTRIBUTE) or ""
+    order = {}
+    for part in text.split(";"):
+        if ":" in part:
+            pid, seq = part.rsplit(":", 1)
+            try:
+                order[pid] = int(seq)
+            except ValueError:
+                continue
+    return order
+
+
+def record_placement(node, index: int, counter_node=None) -> int:
+    """Give control point ``index`` of ``node`` the next placement number (kept in node attributes).
+
+    The counter lives on ``counter_node`` (the positive list) so that the positive and negative lists share
+    one sequence. Attributes, not point descriptions, so no PointModified event re-enters the observer.
+    """
+    counter_node = counter_node or node
+    seq = int(counter_node.GetAttribute(_SEQ_ATTRIBUTE) or 0) + 1
+    counter_node.SetAttribute(_SEQ_ATTRIBUTE, str(seq))
+    order = _read_order(node)
+    order[node.GetNthControlPointID(index)] = seq
+    live = {node.GetNthControlPointID(i) for i in range(node.GetNumberOfControlPoints())}
+    node.SetAttribute(ORDER_ATTRIBUTE, ";".join(f"{p}:{s}" for p, s in order.items() if p in live))
+    return seq
+
+
+def clicks_from_markups(positive_node, negative_node, volume_node,
+                        frame: str = "world") -> List[Tuple[np.ndarray, bool]]:
+    """Defined control points of the two lists as ``[(ras (3,), positive), ...]`` in placement order.
+
+    Points are read in WORLD coordinates; ``frame="volume"`` maps them into the volume's local frame through
+    the volume's parent transform (world -> parent), ready for the LOCAL IJKToRAS. Preview points (hovering in
+    place mode) and points whose position is undefined are skipped. Order: the placement number recorded by
+    :func:`record_placement` (set by :class:`MarkupsObserver` when a point is defined); points without one
+    (loaded from a scene, added by a script) come after, positive list first, each list in index order.
+    """
+    _check_frame(frame)
+    import slicer
+    import vtk
+
+    to_volume = None
+    if frame == "volume" and volume_node is not None and volume_node.GetParentTransformNode() is not None:
+        to_volume = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, volume_node.GetParentTransformNode(), to_volume)
+    entries = []
+    for list_rank, (node, positive) in enumerate(((positive_node, True), (negative_node, False))):
+        if node is None:
+            continue
+        order = _read_order(node)
+        for i in range(node.GetNumberOfControlPoints()):
+            if node.GetNthControlPointPositionStatus(i) != slicer.vtkMRMLMarkupsNode.PositionDefined:
+                continue
+            p = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(i, p)
+            if to_volume is not None:
+                p = to_volume.TransformPoint(p)
+            seq = order.get(node.GetNthControlPointID(i))
+            key = (0, seq, 0, 0) if seq is not None else (1, 0, list_rank, i)
+            entries.append((key, np.asarray(p, dtype=np.float64), positive))
+    entries.sort(key=lambda e: e[0])
+    return [(p, pos) for _, p, pos in entries]
+
+
+class MarkupsObserver:
+    """Calls ``callback(reason, node, index)`` when the prompt points really change.
+
+    Reasons: ``"defined"`` (a click placed a point: PointPositionDefinedEvent), ``"moved"`` (a drag ended:
+    PointEndInteractionEvent), ``"removed"`` (PointRemovedEvent). Preview points while hovering in place
+    mode fire only PointAdded/PointModified: they are ignored, so no inference runs on mouse moves. One VTK
+    callback per event id (the event name arrives as 'NoEvent' for markups events); ``index`` is None when
+    the event came from inside StartModify/EndModify. On "defined" the point gets its placement number
+    (:func:`record_placement`) before the callback runs.
+    """
+
+    def __init__(self, nodes: Sequence, callback: Callable[[str, object, Optional[int]], None]):
+        self.callback = callback
+        self.nodes = [n for n in nodes if n is not None]
+        self._tags: List[Tuple[object, int]] = []
+        self.enabled = True
+        self._observe()
+
+    def _observe(self) -> None:
+        import slicer
+
+        M = slicer.vtkMRMLMarkupsNode
+        for node in self.nodes:
+            for event, reason in ((M.PointPositionDefinedEvent, "defined"),
+                                  (M.PointEndInteractionEvent, "moved"),
+                                  (M.PointRemovedEvent, "removed")):
+                handler = self._make_handler(reason)
+                self._tags.append((node, node.AddObserver(event, handler)))
+
+    def _make_handler(self, reason: str):
+        import vtk
+
+        @vtk.calldata_type(vtk.VTK_INT)
+        def handler(caller, _event, index=None):
+            self._dispatch(reason, caller, index)
+
+        return handler
+
+    def _dispatch(self, reason: str, node, index: Optional[int]) -> None:
+        if not self.enabled:
+            return
+        if reason == "defined" and index is not None and 0 <= index < node.GetNumberOfControlPoints():
+            record_placement(node, index, counter_node=self.nodes[0])
+        self.callback(reason, node, index)
+
+    def remove(self) -> None:
+        for node, tag in self._tags:
+            node.RemoveObserver(tag)
+        self._tags = []
+
+
+def prompt_nodes(scene, positive=None, negative=None):
+    """The include (green) and exclude (red) markups lists; existing ones are reused, missing ones created."""
+    out = []
+    for node, name, color in ((positive, "SAM3D include", (0.1, 0.85, 0.2)),
+                              (negative, "SAM3D exclude", (0.9, 0.15, 0.15))):
+        if node is None or node.GetScene() is None:
+            node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            display.SetSelectedColor(*color)
+            display.SetColor(*color)
+            display.SetPointLabelsVisibility(False)
+            node.SetMarkupLabelFormat("")
+        out.append(node)
+    return tuple(out)
+
+
+def show_clicks(positive_node, negative_node, clicks, observer: Optional["MarkupsObserver"] = None) -> None:
+    """Replace the points of both lists by ``clicks`` [(world ras, positive)], in order, without firing the
+    observer (used after undo/redo and when another segment is selected)."""
+    import vtk
+
+    was = observer.enabled if observer is not None else None
+    if observer is not None:
+        observer.enabled = False
+    try:
+        for node in (positive_node, negative_node):
+            node.RemoveAllControlPoints()
+        for ras, positive in clicks:
+            node = positive_node if positive else negative_node
+            record_placement(node, node.AddControlPointWorld(vtk.vtkVector3d(*[float(v) for v in ras])), positive_node)
+    finally:
+        if observer is not None:
+            observer.enabled = was
+
+
+# --------------------------------------------------------------------------------------------- segments
+def is_segment_locked(segment) -> bool:
+    """True when the segment carries :data:`LOCK_TAG` with a true value ("1", "true", "yes", "on")."""
+    import vtk
+
+    if not segment.HasTag(LOCK_TAG):
+        return False
+    value = vtk.reference("")
+    segment.GetTag(LOCK_TAG, value)
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_segment_locked(segmentation_node, segment_id: str, locked: bool = True) -> None:
+    segmentation_node.GetSegmentation().GetSegment(segment_id).SetTag(LOCK_TAG, "1" if locked else "0")
+
+
+def ensure_segment(segmentation_node, segment_id: Optional[str] = None, name: Optional[str] = None,
+                   color: Optional[Sequence[float]] = None) -> str:
+    """Return ``segment_id`` if it exists, else add an empty segment (returns its id)."""
+    seg = segmentation_node.GetSegmentation()
+    if segment_id and seg.GetSegment(segment_id) is not None:
+        return segment_id
+    segmentations_logic(segmentation_node.GetScene())
+    args = [segment_id or "", name or segment_id or ""]
+    if color is not None:
+        args.append(list(color))
+    new_id = seg.AddEmptySegment(*args)
+    if not new_id:
+        raise RuntimeError("could not add a segment: the segmentations module logic is not set up "
+                           "(outside Slicer call slicer_bridge.segmentations_logic(scene) first)")
+    return new_id
+
+
+def editor_settings(scene, segmentation_node=None) -> Dict[str, object]:
+    """The Segment Editor's "Modify other segments" and "Editable area/intensity range" choices as keyword
+    arguments for :func:`write_mask_to_segment` (defaults when the scene has no segment editor node).
+
+    Prefers the editor node editing ``segmentation_node``; else the first one in the scene."""
+    import slicer
+
+    out: Dict[str, object] = {"overwrite": "all", "mask_mode": "everywhere", "mask_segment_id": None,
+                              "intensity_range": None}
+    nodes = [scene.GetNthNodeByClass(n, "vtkMRMLSegmentEditorNode")
+             for n in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentEditorNode"))]
+    if not nodes:
+        return out
+    editor = next((n for n in nodes if segmentation_node is not None
+                   and n.GetSegmentationNode() is segmentation_node), nodes[0])
+    E, S = slicer.vtkMRMLSegmentEditorNode, slicer.vtkMRMLSegmentationNode
+    out["overwrite"] = {E.OverwriteAllSegments: "all", E.OverwriteVisibleSegments: "visible",
+                        E.OverwriteNone: "none"}.get(editor.GetOverwriteMode(), "all")
+    out["mask_mode"] = {S.EditAllowedEverywhere: "everywhere", S.EditAllowedInsideAllSegments: "inside_all",
+                        S.EditAllowedInsideVisibleSegments: "inside_visible",
+                        S.EditAllowedOutsideAllSegments: "outside_all",
+                        S.EditAllowedOutsideVisibleSegments: "outside_visible",
+                        S.EditAllowedInsideSingleSegment: "inside_segment"}.get(editor.GetMaskMode(), "everywhere")
+    if out["mask_mode"] == "inside_segment":
+        out["mask_segment_id"] = editor.GetMaskSegmentID()
+        if not out["mask_segment_id"]:
+            out["mask_mode"] = "everywhere"
+    if editor.GetSourceVolumeIntensityMask():
+        out["intensity_range"] = tuple(editor.GetSourceVolumeIntensityMaskRange())
+    return out
+
+
+def prepare_target(scene, volume_node, segmentation_node=None, segment_id: Optional[str] = None):
+    """Make sure there is a segmentation for ``volume_node`` (created if None; put under the volume's transform,
+    its reference geometry set from the volume when it has none) and a target segment. Returns (node, id)."""
+    if segmentation_node is None:
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} segmentation")
+        segmentation_node.CreateDefaultDisplayNodes()
+    role = segmentation_node.GetReferenceImageGeometryReferenceRole()
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0 or not segmentation_node.GetNodeReference(role):
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    if segmentation_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
+        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    if not segment_id or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        n = segmentation_node.GetSegmentation().GetNumberOfSegments() + 1
+        segment_id = ensure_segment(segmentation_node, name=f"Segment_{n}")
+    return segmentation_node, segment_id
+
+
+def _visible_ids(segmentation_node, ids: Iterable[str]) -> List[str]:
+    display = segmentation_node.GetDisplayNode()
+    if display is None:
+        return list(ids)
+    return [s for s in ids if display.GetSegmentVisibility(s)]
+
+
+class _Layer:
+    """One (possibly shared) binary labelmap seen on the volume's voxel lattice.
+
+    The labelmap may index the same lattice with another origin (a whole-voxel shift ``offset``: volume ijk =
+    labelmap ijk + offset); any other geometry (spacing, axes, sub-voxel shift) is refused with a clear error.
+    """
+
+    def __init__(self, image, lattice: np.ndarray, what: str):
+        self.image, self.lattice, self.what = image, lattice, what
+        self._offset: Optional[np.ndarray] = None
+
+    @property
+    def empty(self) -> bool:
+        e = self.image.GetExtent()
+        return e[0] > e[1] or e[2] > e[3] or e[4] > e[5] or self.image.GetPointData().GetScalars() is None
+
+    def offset(self) -> np.ndarray:
+        if self._offset is None:
+            import vtk
+
+            m = vtk.vtkMatrix4x4()
+            self.image.GetImageToWorldMatrix(m)
+            rel = np.linalg.inv(self.lattice) @ _vtk_matrix_to_numpy(m)
+            t = rel[:3, 3]
+            if not (np.allclose(rel[:3, :3], np.eye(3), atol=1e-4) and np.allclose(t, np.round(t), atol=1e-3)):
+                raise GeometryError(
+                    f"{self.what} is stored on a different voxel grid than the volume. In the Segment Editor "
+                    "choose 'Specify geometry' -> the volume (or start a new segmentation for this volume)")
+            self._offset = np.round(t).astype(int)
+        return self._offset
+
+    def view(self) -> np.ndarray:
+        return _scalars_view(self.image)
+
+    def box_slices(self, box_ijk: Tuple[Tuple[int, int], ...]):
+        """Slices of this layer's [k, j, i] array for a volume box ((i0, i1), (j0, j1), (k0, k1)) (half-open) and
+        the matching slices of the box: the overlap only; ``(None, None)`` when they do not overlap."""
+        if self.empty:
+            return None, None
+        e, t = self.image.GetExtent(), self.offset()
+        arr_sl, box_sl = [], []
+        for axis in (2, 1, 0):  # k, j, i
+            lo, hi = box_ijk[axis]
+            elo, ehi = e[2 * axis] + t[axis], e[2 * axis + 1] + 1 + t[axis]
+            a, b = max(lo, elo), min(hi, ehi)
+            if a >= b:
+                return None, None
+            arr_sl.append(slice(a - elo, b - elo))
+            box_sl.append(slice(a - lo, b - lo))
+        return tuple(arr_sl), tuple(box_sl)
+
+    def read_box(self, box_ijk, label: int) -> np.ndarray:
+        shape = tuple(box_ijk[a][1] - box_ijk[a][0] for a in (2, 1, 0))
+        out = np.zeros(shape, dtype=bool)
+        arr_sl, box_sl = self.box_slices(box_ijk)
+        if arr_sl is not None:
+            out[box_sl] = self.view()[arr_sl] == label
+        return out
+
+    def grow_to_contain(self, box_ijk) -> None:
+        """Extend the labelmap IN PLACE (the same object: segments sharing the layer keep pointing at it) so
+        that its extent holds the box; an empty labelmap takes the volume's lattice."""
+        import vtk
+        import slicer
+
+        if self.empty:
+            matrix, t, old, scalar_type = self.lattice, np.zeros(3, int), None, vtk.VTK_UNSIGNED_CHAR
+            want = [v for a in range(3) for v in (box_ijk[a][0], box_ijk[a][1] - 1)]
+        else:
+            t, e = self.offset(), list(self.image.GetExtent())
+            want = [v for a in range(3) for v in (min(box_ijk[a][0] - t[a], e[2 * a]),
+                                                   max(box_ijk[a][1] - 1 - t[a], e[2 * a + 1]))]
+            if want == e:
+                return
+            m = vtk.vtkMatrix4x4()
+            self.image.GetImageToWorldMatrix(m)
+            matrix = _vtk_matrix_to_numpy(m)
+            old, scalar_type = np.array(self.view()), self.image.GetPointData().GetScalars().GetDataType()
+        grown = slicer.vtkOrientedImageData()
+        grown.SetExtent(want)
+        grown.SetImageToWorldMatrix(_numpy_to_vtk_matrix(matrix))
+        grown.AllocateScalars(scalar_type, 1)
+        arr = _scalars_view(grown)
+        arr[...] = 0
+        if old is not None and old.size:
+            arr[e[4] - want[4]:e[5] - want[4] + 1, e[2] - want[2]:e[3] - want[2] + 1,
+                e[0] - want[0]:e[1] - want[0] + 1] = old
+        self.image.ShallowCopy(grown)
+        self.image.SetImageToWorldMatrix(_numpy_to_vtk_matrix(matrix))
+        self._offset = t
+
+
+def write_mask_to_segment(segmentation_node, segment_id: str, mask_box: np.ndarray, box: Sequence[slice],
+                          volume_node, overwrite: str = "all", mask_mode: str = "everywhere",
+                          mask_segment_id: Optional[str] = None,
+                          intensity_range: Optional[Tuple[float, float]] = None,
+                          history: Optional["SegmentHistory"] = None) -> Dict[str, object]:
+    """Set segment ``segment_id`` to ``mask_box`` inside ``box`` of the volume grid; nothing outside the box changes.
+
+    ``mask_box``: uint8/bool (k, j, i) array of the box shape; ``box``: (k, j, i) slices of the volume grid
+    (a ``MaskUpdate``'s fields). Semantics follow the Segment Editor's "set" modification:
+
+    * Editable area (``mask_mode``, like the editor's "Editable area"; ``mask_segment_id`` for the
+      ``*_segment`` modes; ``intensity_range`` like "Editable intensity range"): outside it the segment keeps
+      its previous voxels.
+    * ``overwrite`` ("all" | "visible" | "none", like "Modify other segments"): voxels the segment holds in the
+      editable part of the box are removed from the other (all / visible) segments; "none" allows overlap.
+    * Locked segments (tag :data:`LOCK_TAG`) are never changed: their voxels are outside the editable area when
+      overwriting, and writing into a locked segment raises ``PermissionError``.
+
+    Writes in place into the segment's internal labelmap (label value = ``segment.GetLabelValue()`` on a shared
+    layer), growing its extent when the box lies outside it. When overlap must be kept with a segment of the same
+    layer, the segment is first moved to its own layer. ``history.save()`` is called before anything changes.
+    Returns ``{"changed_voxels": int (of this segment), "taken_voxels": {id: n}, "modified_segments": [ids]}``.
+    """
+    import slicer
+
+    if overwrite not in OVERWRITE_MODES:
+        raise ValueError(f"overwrite must be one of {OVERWRITE_MODES}, got {overwrite!r}")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    segmentation = segmentation_node.GetSegmentation()
+    segment = segmentation.GetSegment(segment_id)
+    if segment is None:
+        raise KeyError(f"segment '{segment_id}' is not in segmentation '{segmentation_node.GetName()}'")
+    if is_segment_locked(segment):
+        raise PermissionError(f"segment '{segment.GetName()}' is locked; unlock it or choose another segment")
+    if segmentation.GetSourceRepresentationName() != slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
+        raise GeometryError("the segmentation's source representation is not a binary labelmap; in the "
+                            "Segmentations module set the source representation to 'Binary labelmap'")
+    if volume_node.GetParentTransformNode() is not segmentation_node.GetParentTransformNode():
+        raise GeometryError("the segmentation and the volume are under different transforms; move the "
+                            "segmentation under the volume's transform (Data module)")
+    dims = volume_node.GetImageData().GetDimensions()  # i, j, k
+    box = tuple(box)
+    if len(box) != 3:
+        raise ValueError("box must be three (k, j, i) slices")
+    box_ijk = []
+    for axis, sl in zip((2, 1, 0), box):
+        start, stop, step = sl.indices(dims[axis])
+        if step != 1 or stop <= start:
+            raise ValueError(f"box slice {sl} along axis {'kji'[2 - axis]} is empty or strided")
+        box_ijk.append((axis, (start, stop)))
+    box_ijk = tuple(dict(box_ijk)[a] for a in range(3))  # ((i0,i1),(j0,j1),(k0,k1))
+    shape = tuple(box_ijk[a][1] - box_ijk[a][0] for a in (2, 1, 0))
+    new = np.asarray(mask_box)
+    if new.shape != shape:
+        raise ValueError(f"mask_box shape {new.shape} does not match the box {shape} (k, j, i)")
+    new = new > 0
+
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    lattice = _vtk_matrix_to_numpy(m)
+
+    all_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    others = [s for s in all_ids if s != segment_id]
+
+    def layer_of(sid) -> _Layer:
+        return _Layer(segmentation_node.GetBinaryLabelmapInternalRepresentation(sid), lattice,
+                      f"segment '{segmentation.GetSegment(sid).GetName()}'")
+
+    def voxels_of(sid) -> np.ndarray:
+        return layer_of(sid).read_box(box_ijk, segmentation.GetSegment(sid).GetLabelValue())
+
+    # ---- editable area
+    editable = np.ones(shape, dtype=bool)
+    visible = set(_visible_ids(segmentation_node, others))
+    if mask_mode in ("inside_all", "outside_all", "inside_visible", "outside_visible"):
+        pool = others if mask_mode.endswith("_all") else [s for s in others if s in visible]
+        union = np.zeros(shape, dtype=bool)
+        for sid in pool:
+            union |= voxels_of(sid)
+        editable &= union if mask_mode.startswith("inside") else ~union
+    elif mask_mode in ("inside_segment", "outside_segment"):
+        if not mask_segment_id or segmentation.GetSegment(mask_segment_id) is None:
+            raise ValueError(f"mask_mode {mask_mode!r} needs mask_segment_id naming an existing segment")
+        inside = voxels_of(mask_segment_id)
+        editable &= inside if mask_mode == "inside_segment" else ~inside
+    if intensity_range is not None:
+        lo, hi = float(intensity_range[0]), float(intensity_range[1])
+        vox = _scalars_view(volume_node.GetImageData())[box]
+        editable &= (vox >= lo) & (vox <= hi)
+    overwritten = []
+    if overwrite == "all":
+        overwritten = list(others)
+    elif overwrite == "visible":
+        overwritten = [s for s in others if s in visible]
+    locked = [s for s in others if is_segment_locked(segmentation.GetSegment(s))]
+    overwritten = [s for s in overwritten if s not in locked]
+    if overwrite != "none":
+        for sid in locked:
+            editable &= ~voxels_of(sid)
+
+    old = voxels_of(segment_id)
+    result = np.where(editable, new, old)
+    gained, lost = result & ~old, old & ~result
+    claim = result & editable  # voxels this write sets: overwritable segments lose them (editor's "set")
+    taken = {sid: n for sid, n in ((sid, int((voxels_of(sid) & claim).sum())) for sid in overwritten) if n}
+    report = {"changed_voxels": int(gained.sum() + lost.sum()), "taken_voxels": taken, "modified_segments": []}
+    if not report["changed_voxels"] and not taken:
+        return report
+    if history is not None:
+        history.save()
+
+    # ---- same-layer segments that must keep their voxels where we gain: move our segment to its own layer
+    layer = layer_of(segment_id)
+    shared = [s for s in others if segmentation_node.GetBinaryLabelmapInternalRepresentation(s) is layer.image
+              or segmentation_node.GetBinaryLabelmapInternalRepresentation(s) == layer.image]
+    keep = [s for s in shared if s not in overwritten]
+    if any((voxels_of(s) & gained).any() for s in keep):
+        segmentation.SeparateSegmentLabelmap(segment_id)
+        layer = layer_of(segment_id)
+        shared = []
+    label = segment.GetLabelValue()
+    layer.grow_to_contain(box_ijk)
+    arr_sl, box_sl = layer.box_slices(box_ijk)
+    view = layer.view()[arr_sl]
+    view[lost[box_sl] & (view == label)] = 0
+    view[gained[box_sl]] = label  # same-layer segments here are overwritable (checked above)
+    touched = {segment_id} | {s for s in shared if s in overwritten}
+    # ---- other layers: remove the gained voxels from overwritable segments
+    for sid in overwritten:
+        other = layer_of(sid)
+        if other.image is layer.image or other.image == layer.image:
+            continue
+        o_sl, ob_sl = other.box_slices(box_ijk)
+        if o_sl is None:
+            continue
+        ov = other.view()[o_sl]
+        hit = claim[ob_sl] & (ov == segmentation.GetSegment(sid).GetLabelValue())
+        if hit.any():
+            ov[hit] = 0
+            _mark_modified(other.image)
+            touched.add(sid)
+    _mark_modified(layer.image)
+    for sid in touched:
+        segmentation.GetSegment(sid).Modified()
+    report["modified_segments"] = sorted(touched)
+    return report
+
+
+def _mark_modified(image) -> None:
+    scalars = image.GetPointData().GetScalars()
+    if scalars is not None:
+        scalars.Modified()
+    image.Modified()
+
+
+def read_segment(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """Segment voxels (uint8 0/1, [k, j, i]) on the full volume grid, via the exporter (any geometry)."""
+    import slicer
+    import vtk
+
+    scene = segmentation_node.GetScene()
+    logic = segmentations_logic(scene)
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__sam3d_tmp__")
+    try:
+        if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node):
+            raise RuntimeError(f"exporting segment '{segment_id}' failed")
+        return (np.array(_scalars_view(labelmap.GetImageData())) > 0).astype(np.uint8)
+    finally:
+        _remove_node(scene, labelmap)
+
+
+def _remove_node(scene, node) -> None:
+    """Remove a temporary labelmap and the colour table the exporter may have made for it."""
+    display = node.GetDisplayNode()
+    color = display.GetColorNode() if display is not None else None
+    scene.RemoveNode(node)
+    if color is not None and color.GetName() and node.GetName() in color.GetName():
+        scene.RemoveNode(color)
+
+
+# --------------------------------------------------------------------------------------------- undo
+class SegmentHistory:
+    """Undo/redo of a segmentation's content (``slicer.vtkSegmentationHistory``); call :meth:`save` BEFORE each
+    change. Restores exact previous voxel states of all segments."""
+
+    def __init__(self, segmentation_node, max_states: int = 30):
+        import slicer
+
+        self.node = segmentation_node
+        self.history = slicer.vtkSegmentationHistory()
+        self.history.SetMaximumNumberOfStates(max_states)
+        self.history.SetSegmentation(segmentation_node.GetSegmentation())
+
+    def save(self) -> None:
+        self.history.SaveState()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self.history.IsRestorePreviousStateAvailable())
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self.history.IsRestoreNextStateAvailable())
+
+    def undo(self) -> bool:
+        if not self.can_undo:
+            return False
+        ok = bool(self.history.RestorePreviousState())
+        self.node.Modified()
+        return ok
+
+    def redo(self) -> bool:
+        if not self.can_redo:
+            return False
+        ok = bool(self.history.RestoreNextState())
+        self.node.Modified()
+        return ok
+
+    def clear(self) -> None:
+        self.history.RemoveAllStates()
+
+
+# --------------------------------------------------------------------------------------------- dependencies
+def ensure_dependencies(torch_requirement: str = ">=2.1") -> None:
+    """Inside Slicer, on the user's request only: torch through the PyTorch extension (picks the CUDA build that
+    matches the driver; never pip-installed directly), other packages through ``slicer.pydeps.pip_ensure``
+    (Slicer >= 5.11) or ``slicer.util.pip_install``. numpy/SimpleITK/vtk come with Slicer and are never installed."""
+    import importlib
+
+    import slicer
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise RuntimeError("Install the 'PyTorch' extension (View > Extensions Manager), restart Slicer, then "
+                               "press 'Install dependencies' again") from None
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
+                                                         torchVersionRequirement=torch_requirement) is None:
+            raise RuntimeError("PyTorch was not installed; SAM3DSegment needs it to run the model")
+    try:
+        import slicerio  # noqa: F401
+    except ImportError:
+        pydeps = None
+        for name in ("slicer.pydeps", "slicer.packaging"):
+            try:
+                pydeps = importlib.import_module(name)
+                break
+            except ImportError:
+                continue
+        if pydeps is not None and hasattr(pydeps, "pip_ensure"):
+            from packaging.requirements import Requirement
+
+            pydeps.pip_ensure([Requirement("slicerio>=1.0")], requester="SAM3DSegment")
+        else:
+            slicer.util.pip_install("slicerio>=1.0")
+
+
+# --------------------------------------------------------------------------------------------- export
+def _atomic_target(path: str, suffix: str) -> Tuple[str, str]:
+    path = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder {folder} does not exist; create it or choose another location")
+    fd, tmp = tempfile.mkstemp(prefix=".sam3d-", suffix=suffix, dir=folder)
+    os.close(fd)
+    return path, tmp
+
+
+def export_seg_nrrd(segmentation_node, path: str, reference_volume=None) -> str:
+    """Write the segmentation as a ``.seg.nrrd`` (LPS, Slicer's format; readable with ``slicerio``), atomically.
+
+    With ``reference_volume`` the file holds the volume's full grid (not cropped to the segments)."""
+    import slicer
+
+    path = os.fspath(path)
+    if not path.endswith(".seg.nrrd"):
+        raise ValueError(f"{path}: the file name must end with .seg.nrrd")
+    segmentation = segmentation_node.GetSegmentation()
+    parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    role = segmentation_node.GetReferenceImageGeometryReferenceRole()
+    saved = (segmentation.GetConversionParameter(parameter), segmentation_node.GetNodeReferenceID(role))
+    path, tmp = _atomic_target(path, ".seg.nrrd")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetCropToMinimumExtent(reference_volume is None)
+    storage.SetFileName(tmp)
+    storage.SetUseCompression(1)
+    try:
+        if reference_volume is not None:  # the file holds the volume's whole grid; restored below
+            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+        if not storage.WriteData(segmentation_node):
+            raise OSError(f"writing {path} failed (is the folder writable and is there free disk space?)")
+        os.replace(tmp, path)
+    finally:
+        if reference_volume is not None:
+            segmentation.SetConversionParameter(parameter, saved[0] or "")
+            segmentation_node.SetNodeReferenceID(role, saved[1])
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def export_nifti(segmentation_node, path: str, reference_volume, segment_ids: Optional[Sequence[str]] = None):
+    """Write segments as NIfTI on the reference volume's full grid (LPS on disk, like the source CT), atomically.
+
+    ``path`` ending in ``.nii`` / ``.nii.gz``: one labelmap, label n = n-th segment of ``segment_ids`` (all by
+    default; later segments win where they overlap). ``path`` a folder: one binary file per segment, named after
+    the segment. Returns ``{label_value_or_file: segment_name}``.
+    """
+    import SimpleITK as sitk
+
+    if reference_volume is None:
+        raise ValueError("NIfTI export needs the reference volume (its grid defines the output)")
+    segmentation = segmentation_node.GetSegmentation()
+    ids = list(segment_ids) if segment_ids is not None else \
+        [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    if not ids:
+        raise ValueError("there are no segments to export")
+    ref = volume_from_node(reference_volume, frame="volume")
+    path = os.fspath(path)
+    out = {}
+    if path.endswith((".nii", ".nii.gz")):
+        labels = np.zeros(ref.array.shape, dtype=np.uint16 if len(ids) > 255 else np.uint8)
+        for n, sid in enumerate(ids, start=1):
+            labels[read_segment(segmentation_node, sid, reference_volume) > 0] = n
+            out[n] = segmentation.GetSegment(sid).GetName()
+        _write_sitk_atomic(ref.to_sitk(labels), path, sitk)
+        return out
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is neither a .nii/.nii.gz file name nor an existing folder")
+    for sid in ids:
+        name = segmentation.GetSegment(sid).GetName() or sid
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or sid
+        target = os.path.join(path, safe + ".nii.gz")
+        _write_sitk_atomic(ref.to_sitk(read_segment(segmentation_node, sid, reference_volume)), target, sitk)
+        out[target] = name
+    return out
+
+
+def _write_sitk_atomic(image, path: str, sitk) -> None:
+    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+    path, tmp = _atomic_target(path, suffix)
+    try:
+        sitk.WriteImage(image, tmp, True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export_segmentation(kind: str, segmentation_node, volume_node, path: str):
+    """The module's Export buttons: ``kind`` "seg.nrrd" | "nifti" | "dicom" (``path`` a file, or the folder for
+    DICOM); the file extension is added when the user left it out. Returns the path(s) written."""
+    if kind == "seg.nrrd":
+        return export_seg_nrrd(segmentation_node, path if path.endswith(".seg.nrrd") else path + ".seg.nrrd",
+                               volume_node)
+    if kind == "nifti":
+        target = path if path.endswith((".nii", ".nii.gz")) else path + ".nii.gz"
+        export_nifti(segmentation_node, target, volume_node)
+        return target
+    if kind == "dicom":
+        return export_dicom_seg(segmentation_node, path, volume_node)
+    raise ValueError(f"unknown export kind {kind!r}: use 'seg.nrrd', 'nifti' or 'dicom'")
+
+
+def export_dicom_seg(segmentation_node, folder: str, reference_volume) -> List[str]:
+    """Export a DICOM SEG object with Slicer's DICOMSegmentationPlugin (only inside Slicer with the DICOM module).
+
+    The reference volume must have been loaded from DICOM. Returns the files the exporter wrote."""
+    if reference_volume is None or not reference_volume.GetAttribute("DICOM.instanceUIDs"):
+        raise ValueError("DICOM SEG export needs a reference volume loaded from DICOM (DICOM module); "
+                         "this volume was not, export .seg.nrrd or NIfTI instead")
+    import slicer
+
+    if getattr(slicer, "app", None) is None or not hasattr(getattr(slicer, "modules", None), "dicom"):
+        raise RuntimeError("DICOM SEG export runs only inside 3D Slicer with the DICOM module")
+    try:
+        from DICOMSegmentationPlugin import DICOMSegmentationPluginClass
+    except ImportError as exc:
+        raise RuntimeError("Slicer's DICOMSegmentationPlugin is not available (Slicer >= 5.12 ships it; on "
+                           "older versions install the QuantitativeReporting extension)") from exc
+    os.makedirs(folder, exist_ok=True)
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+    # The exporter takes the segmentation's study from the subject hierarchy: put it next to the volume.
+    vol_item = sh.GetItemByDataNode(reference_volume)
+    seg_item = sh.GetItemByDataNode(segmentation_node)
+    sh.SetItemParent(seg_item, sh.GetItemParent(vol_item))
+    segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(),
+                                         reference_volume.GetID())
+    before = set(os.listdir(folder))
+    exporter = DICOMSegmentationPluginClass()
+    exportables = exporter.examineForExport(seg_item)
+    if not exportables:
+        raise RuntimeError("the DICOM SEG exporter found nothing to export for this segmentation")
+    for exportable in exportables:
+        exportable.directory = folder
+    message = exporter.export(exportables)
+    if message:
+        raise RuntimeError(f"DICOM SEG export failed: {message}")
+    return sorted(os.path.join(folder, f) for f in set(os.listdir(folder)) - before)

@@ -1,0 +1,335 @@
+"""One persistent worker thread for the model, and the engine it drives (pure Python: threading + queue).
+
+Slicer's GUI thread submits jobs and pumps finished ones with :meth:`Worker.poll` (a ``qt.QTimer``); it is the
+only thread that touches MRML or Qt. The worker thread owns the model, the backend and the
+:class:`~SAM3DSegmentLib.session.Session` (a fresh thread per click would pay the warm-up again).
+
+* Errors never escape the thread: a failed job carries ``error`` (the exception) and ``traceback`` (text).
+* Cancellation: a pending job is dropped before it runs; a running job sees ``job.cancel_requested`` and
+  the engine undoes its session change, so a cancelled click leaves the segment as it was.
+* ``submit(..., tag="clicks", supersede=True)`` drops older pending jobs of the same tag: rapid clicks
+  coalesce into one decode with the latest click list.
+
+Nothing here imports torch, Slicer or Qt at module level.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import traceback as _traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
+
+
+class Cancelled(Exception):
+    """Raised inside a job that noticed ``job.cancel_requested``."""
+
+
+class Job:
+    """A unit of work for the worker thread. Read its fields on the GUI thread after :meth:`Worker.poll`."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, tag: Optional[str], pass_job: bool,
+                 context: Any = None):
+        self.id = next(Job._ids)
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.tag = tag
+        self.pass_job = pass_job
+        #: Anything the GUI wants back with the result (e.g. the segment id the job was computed for).
+        self.context = context
+        self.state = PENDING
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.traceback: str = ""
+        self.submitted = time.perf_counter()
+        self.started: Optional[float] = None
+        self.finished: Optional[float] = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled()
+
+    def cancel(self) -> None:
+        """Ask the job to stop: a pending job never runs; a running one is told via ``cancel_requested``."""
+        self._cancel.set()
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.state == DONE
+
+    @property
+    def wall_s(self) -> Optional[float]:
+        return None if self.finished is None else self.finished - self.submitted
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self._done.wait(timeout)
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.tag or getattr(self.fn, '__name__', '?')} {self.state}>"
+
+
+class Worker:
+    """A single daemon thread running submitted jobs in order."""
+
+    def __init__(self, name: str = "SAM3DSegment-worker"):
+        self.name = name
+        self._queue: "queue.Queue[Optional[Job]]" = queue.Queue()
+        self._finished: "queue.Queue[Job]" = queue.Queue()
+        self._pending: List[Job] = []
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self.current: Optional[Job] = None
+
+    # -------------------------------------------------------------------------- GUI-thread side
+    def submit(self, fn: Callable, *args, tag: Optional[str] = None, supersede: bool = False,
+               pass_job: bool = False, context: Any = None, **kwargs) -> Job:
+        """Queue ``fn(*args, **kwargs)`` (``fn(job, *args, **kwargs)`` with ``pass_job``). Returns the Job."""
+        if self._stopping:
+            raise RuntimeError("the worker has been shut down")
+        job = Job(fn, args, kwargs, tag, pass_job, context)
+        with self._lock:
+            if supersede and tag is not None:
+                for old in self._pending:
+                    if old.tag == tag:
+                        old.cancel()
+            self._pending.append(job)
+        self._ensure_thread()
+        self._queue.put(job)
+        return job
+
+    def poll(self) -> List[Job]:
+        """Jobs finished (done, failed or cancelled) since the last poll, in completion order."""
+        out = []
+        while True:
+            try:
+                out.append(self._finished.get_nowait())
+            except queue.Empty:
+                return out
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._pending) or self.current is not None
+
+    def pending(self) -> List[Job]:
+        with self._lock:
+            return list(self._pending)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            jobs = list(self._pending) + ([self.current] if self.current is not None else [])
+        for job in jobs:
+            job.cancel()
+
+    def shutdown(self, wait: bool = True, timeout: float = 10.0) -> None:
+        """Cancel what is queued and stop the thread (after the running job finishes)."""
+        self._stopping = True
+        self.cancel_all()
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            if wait:
+                self._thread.join(timeout)
+
+    # -------------------------------------------------------------------------- worker-thread side
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                if job in self._pending:
+                    self._pending.remove(job)
+                if job.cancel_requested:
+                    job.state = CANCELLED
+                else:
+                    job.state = RUNNING
+                    self.current = job
+            if job.state == RUNNING:
+                job.started = time.perf_counter()
+                try:
+                    result = job.fn(job, *job.args, **job.kwargs) if job.pass_job else job.fn(*job.args, **job.kwargs)
+                    job.result = result
+                    job.state = CANCELLED if job.cancel_requested else DONE
+                except Cancelled:
+                    job.state = CANCELLED
+                except BaseException as exc:  # noqa: BLE001 - returned to the GUI thread, never raised here
+                    job.error = exc
+                    job.traceback = _traceback.format_exc()
+                    job.state = FAILED
+                finally:
+                    with self._lock:
+                        self.current = None
+            job.finished = time.perf_counter()
+            job._done.set()
+            self._finished.put(job)
+
+
+# ------------------------------------------------------------------------------------------- clicks
+def plan_click_update(old: Sequence[Tuple[Sequence[float], bool]], new: Sequence[Tuple[Sequence[float], bool]],
+                      atol: float = 1e-4):
+    """How to bring a session from clicks ``old`` to ``new`` (lists of ``(ras, positive)``):
+    ``("none",)``; ``("add", (ras, positive))`` when ``new`` is ``old`` plus one click at the end (one decode);
+    else ``("set", new)`` (replay: a point was moved or removed)."""
+    def same(a, b):
+        return bool(a[1]) == bool(b[1]) and np.allclose(np.asarray(a[0], float), np.asarray(b[0], float), atol=atol)
+
+    if len(new) == len(old) and all(same(a, b) for a, b in zip(old, new)):
+        return ("none",)
+    if len(new) == len(old) + 1 and all(same(a, b) for a, b in zip(old, new)):
+        return ("add", tuple(new[-1]))
+    return ("set", list(new))
+
+
+def describe_update(update, wall_s: Optional[float]) -> str:
+    """One line for the per-click latency label."""
+    t = getattr(update, "timings", {}) or {}
+    total = f"{wall_s * 1000:.0f} ms" if wall_s is not None else "-"
+    return (f"Last click: {total} (encode {t.get('encode_s', 0.0):.2f} s, decode {t.get('decode_s', 0.0):.2f} s, "
+            f"{getattr(update, 'encoded_regions', 0)} new region(s))")
+
+
+class Engine:
+    """Model + session, used ONLY from the worker thread (every method is a job body).
+
+    Objects are keyed by the caller's key (the Slicer segment id), mapped to session object ids.
+    """
+
+    def __init__(self, session_options=None):
+        self.session_options = session_options
+        self.session = None
+        self.backend = None
+        self.volume_key: Optional[str] = None
+        self._objects: Dict[str, str] = {}
+
+    # ------------------------------------------------------------------ model
+    def load(self, checkpoint: str, device: str = "cpu", dtype: str = "float32",
+             progress: Optional[Callable[[int, Optional[int]], None]] = None) -> str:
+        """Resolve (download if needed) and load a checkpoint on ``device``; returns the backend's name."""
+        try:
+            import torch  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("torch is not installed: in 3D Slicer press 'Install dependencies' (it installs the "
+                               "PyTorch extension's torch); elsewhere pip install torch") from exc
+        from .backends import LocalBackend
+        from .models import load_checkpoint
+        from .weights import resolve_checkpoint
+
+        path = resolve_checkpoint(checkpoint, progress=progress if progress is not None else "auto")
+        model = load_checkpoint(str(path), map_location="cpu")
+        return self.set_backend(LocalBackend(model, device=device, dtype=dtype))
+
+    def set_backend(self, backend) -> str:
+        from .session import Session, SessionOptions
+
+        options = self.session_options or SessionOptions(region_size=int(getattr(backend, "image_size", 128)))
+        self.backend = backend
+        self.session = Session(backend, options)
+        self.volume_key = None
+        self._objects = {}
+        return str(getattr(backend, "name", type(backend).__name__))
+
+    # ------------------------------------------------------------------ volume and objects
+    def set_volume(self, volume) -> str:
+        self._require_session()
+        self.volume_key = self.session.set_volume(volume)
+        self._objects = {}
+        return self.volume_key
+
+    def _object(self, key: str) -> str:
+        oid = self._objects.get(key)
+        if oid is None or oid not in self.session.object_ids():
+            oid = self.session.new_object(name=key)
+            self._objects[key] = oid
+        self.session.select_object(oid)
+        return oid
+
+    def forget_object(self, key: str) -> None:
+        oid = self._objects.pop(key, None)
+        if oid is not None and self.session is not None and oid in self.session.object_ids():
+            self.session.remove_object(oid)
+
+    def clicks(self, key: str) -> List[Tuple[Tuple[float, float, float], bool]]:
+        self._require_session()
+        return [(tuple(c.ras), bool(c.positive)) for c in self.session.clicks(self._object(key))]
+
+    # ------------------------------------------------------------------ edits (job bodies)
+    def sync_clicks(self, job: Optional[Job], key: str, clicks: Sequence[Tuple[Sequence[float], bool]]):
+        """Bring object ``key`` to exactly ``clicks``; returns a MaskUpdate or None when nothing changed.
+
+        If the job is cancelled while it runs, the session change is undone and ``Cancelled`` raised."""
+        from .session import Click
+
+        self._require_volume()
+        oid = self._object(key)
+        old = [(c.ras, c.positive) for c in self.session.clicks(oid)]
+        plan = plan_click_update(old, clicks)
+        if job is not None:
+            job.check_cancelled()
+        if plan[0] == "none":
+            return None
+        if plan[0] == "add":
+            ras, positive = plan[1]
+            update = self.session.add_click(ras=tuple(float(v) for v in ras), positive=bool(positive))
+        else:
+            update = self.session.set_clicks([Click(ras=tuple(float(v) for v in r), positive=bool(p))
+                                              for r, p in plan[1]])
+        if job is not None and job.cancel_requested:
+            self.session.undo(oid)
+            raise Cancelled()
+        return update
+
+    def edit(self, kind: str, key: str):
+        """``kind`` in undo / redo / reset. Returns ``(MaskUpdate or None, clicks after, changed)``;
+        ``changed`` is False (and the update None) when there was nothing to undo/redo or no session yet."""
+        if kind not in ("undo", "redo", "reset"):
+            raise ValueError(f"unknown edit {kind!r}")
+        if self.session is None or self.volume_key is None:
+            return None, [], False
+        oid = self._object(key)
+        possible = {"undo": self.session.can_undo, "redo": self.session.can_redo}.get(kind, lambda o: True)(oid)
+        update = getattr(self, kind)(key) if possible else None
+        return update, self.clicks(key), bool(possible)
+
+    def mask(self, key: str) -> np.ndarray:
+        """The object's mask (uint8 [k, j, i], full volume grid)."""
+        self._require_volume()
+        return self.session.mask(self._object(key))
+
+    def undo(self, key: str):
+        self._require_volume()
+        return self.session.undo(self._object(key))
+
+    def redo(self, key: str):
+        self._require_volume()
+        return self.session.redo(self._object(key))
+
+    def reset(self, key: str):
+        self._require_volume()
+        return self.session.reset(self._object(key))
+
+    def _require_session(self) -> None:
+        if self.session is None:
+            raise RuntimeError("no model loaded: choose a model and press 'Load model'")
+
+    def _require_volume(self) -> None:
+        self._require_session()
+        if self.volume_key is None:
+            raise RuntimeError("no volume: select the CT volume to segment")
