@@ -955,3 +955,29 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike], download: bool = T
 def iter_registry() -> Iterator[ModelWeights]:
     for key in known_names():
         yield REGISTRY[key]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``sam3d download [NAME ...] [--list]``: fetch and verify registered checkpoints into the cache."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="sam3d download", description=main.__doc__)
+    ap.add_argument("names", nargs="*", help=f"model names (default: {DEFAULT_MODEL}); see --list")
+    ap.add_argument("--list", action="store_true", help="list the registered models and the cache state")
+    ap.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    args = ap.parse_args(argv)
+    if args.list:
+        print(f"cache: {checkpoint_dir()}")
+        for entry in iter_registry():
+            where = entry.bundled_path() if entry.bundled else checkpoint_dir() / entry.filename
+            state = "present" if where is not None and Path(where).is_file() else "absent"
+            print(f"{entry.name:18s} {entry.architecture:10s} {state:8s} {entry.description}")
+        return 0
+    try:
+        for name in args.names or [DEFAULT_MODEL]:
+            path = resolve_checkpoint(name, progress="auto", timeout=args.timeout)
+            print(f"{name}: {path} ({checksum_status(path, get_weights(name))})")
+    except WeightsError as exc:
+        print(f"sam3d download: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
