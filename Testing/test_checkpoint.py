@@ -139,6 +139,21 @@ def test_no_weights_inside(tmp_path):
         load_checkpoint(tmp_path / "meta_only.pth")
 
 
+def test_adapter_only_and_encoder_only_files_say_how_to_get_a_model(tiny, tmp_path):
+    trained = {k: v for k, v in tiny.state_dict().items() if k.startswith("image_encoder.neck")}
+    torch.save({"format": "sam3dsegment-partial/1", "config": tiny.config.to_dict(), "mode": "adapter3d",
+                "base": {"path": "/data/sam_med3d_turbo.pth"}, "trainable_state_dict": trained},
+               tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match=r"sam3d train merge .*best\.pt -o MERGED\.pt") as err:
+        load_checkpoint(tmp_path / "best.pt")
+    assert "adapter3d" in str(err.value) and "sam_med3d_turbo.pth" in str(err.value)
+    enc = {k[len("image_encoder."):]: v for k, v in tiny.state_dict().items() if k.startswith("image_encoder.")}
+    torch.save({"format": "sam3dsegment-image-encoder/1", "config": tiny.config.to_dict(),
+                "image_encoder_state_dict": enc}, tmp_path / "enc.pt")
+    with pytest.raises(CheckpointError, match="image encoder alone"):
+        load_checkpoint(tmp_path / "enc.pt")
+
+
 def test_untrusted_pickle_is_refused_then_loaded_when_trusted(tiny, tmp_path, caplog):
     torch.save({"model_state_dict": tiny.state_dict(), "extra": NotAllowed()}, tmp_path / "custom.pth")
     with pytest.raises(CheckpointError, match="--trust-checkpoint"):

@@ -145,6 +145,21 @@ def check_state_dict(model, state_dict: Mapping[str, Any]) -> None:
         "network cannot be used.")
 
 
+def _refuse_training_artifacts(path, obj: Any) -> None:
+    """Adapter-only and encoder-only files from ``sam3d train`` are not models: say how to get one."""
+    fmt = obj.get("format") if isinstance(obj, Mapping) else None
+    if fmt == "sam3dsegment-partial/1":
+        base = obj.get("base") if isinstance(obj.get("base"), Mapping) else {}
+        raise CheckpointError(
+            f"{path} holds only the trained tensors of a {obj.get('mode', 'parameter-efficient')} fine-tune "
+            f"(base: {base.get('path', 'unknown')}), not a whole model. Merge it with its base first: "
+            f"`sam3d train merge {path} -o MERGED.pt`, then load MERGED.pt.")
+    if fmt == "sam3dsegment-image-encoder/1":
+        raise CheckpointError(
+            f"{path} is an exported image encoder alone (sam3d train export-encoder); the interactive model "
+            "also needs the prompt encoder and mask decoder. Load the full checkpoint it was exported from.")
+
+
 def load_checkpoint(path, config: Optional[SamMed3DConfig] = None, map_location: Any = "cpu",
                     trusted: bool = False, attention_impl: Optional[str] = None):
     """Build the model a checkpoint describes and load it with ``strict=True``.
@@ -154,6 +169,7 @@ def load_checkpoint(path, config: Optional[SamMed3DConfig] = None, map_location:
     from .sam3d import build_sam_med3d
 
     obj = read_checkpoint(path, map_location=map_location, trusted=trusted)
+    _refuse_training_artifacts(path, obj)
     sd, meta = extract_state_dict(obj)
     if config is None:
         cfg_dict = meta.get("config") if isinstance(meta.get("config"), Mapping) else None

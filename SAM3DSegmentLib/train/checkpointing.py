@@ -1,0 +1,275 @@
+"""Checkpoints of training runs: atomic writes, exact resume, small partial (adapter) files, merge, export.
+
+File kinds (all ``torch.save`` dicts loadable with ``weights_only=True``):
+
+* FULL (``format`` = ``sam3dsegment-checkpoint/1``, the models package format): ``config`` (the model
+  config dict, adapters included under ``config["adapter"]``) + ``model_state_dict``; training files add
+  ``training`` (optimiser, schedule, scaler, RNG states, epoch, step, ...). ``models.load_checkpoint``
+  loads them directly (it ignores the extra entries).
+* PARTIAL (``format`` = ``sam3dsegment-partial/1``): written when a non-``full`` mode starts from a base
+  checkpoint. ``trainable_state_dict`` holds only the trained tensors (adapters, norms, ...), plus
+  ``config`` and ``base`` = ``{path, sha256, size}`` identifying the base file. :func:`merge_checkpoint`
+  (``sam3d train merge``) loads base + partial and writes a FULL checkpoint that the Slicer module loads.
+* ENCODER (``format`` = ``sam3dsegment-image-encoder/1``): ``config`` + ``image_encoder_state_dict``.
+
+Writes go to a temporary file in the destination folder, are flushed and fsync'ed, then renamed over the
+target (``os.replace``) and the folder is fsync'ed: a crash or a full disk during the write leaves the
+previous file intact and the temporary removed.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import tempfile
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+__all__ = [
+    "CheckpointWriteError", "FULL_FORMAT", "PARTIAL_FORMAT", "ENCODER_FORMAT", "atomic_save",
+    "file_sha256", "rng_state", "set_rng_state", "save_training_checkpoint", "read_training_checkpoint",
+    "merge_checkpoint", "export_image_encoder", "strip_prefixes",
+]
+
+FULL_FORMAT = "sam3dsegment-checkpoint/1"
+PARTIAL_FORMAT = "sam3dsegment-partial/1"
+ENCODER_FORMAT = "sam3dsegment-image-encoder/1"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous file at that path is untouched."""
+
+
+def _serialize(obj: Any, f) -> None:
+    """Write ``obj`` into the open binary file ``f`` (a seam for tests that simulate a full disk)."""
+    import torch
+
+    torch.save(obj, f)
+
+
+def atomic_save(obj: Any, path: str) -> str:
+    """Atomically replace ``path`` with ``torch.save(obj)``; raises :class:`CheckpointWriteError`."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _serialize(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(err, OSError):
+            if err.errno == errno.ENOSPC:
+                raise CheckpointWriteError(
+                    errno.ENOSPC, f"disk full while writing the checkpoint {path}; the previous file there "
+                    "(if any) is intact. Free space on that disk (or set output_dir elsewhere) and resume with "
+                    "--set checkpoint.resume=auto") from err
+            raise CheckpointWriteError(err.errno, f"could not write the checkpoint {path}: {err}; the previous "
+                                       "file there (if any) is intact") from err
+        raise
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+    return path
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def strip_prefixes(sd: Dict[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for k, v in sd.items():
+        for p in ("module.", "_orig_mod."):
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------ RNG states
+def rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch (CPU + CUDA) global RNG states, as weights_only-safe values."""
+    import torch
+
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _to_lists(x):
+    if isinstance(x, tuple):
+        return [_to_lists(v) for v in x]
+    return x
+
+
+def _to_tuples(x):
+    if isinstance(x, list):
+        return tuple(_to_tuples(v) for v in x)
+    return x
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    import torch
+
+    if not state:
+        return
+    random.setstate(_to_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ training files
+def save_training_checkpoint(path: str, model, training: Optional[Dict[str, Any]], partial_base: Optional[Dict] = None,
+                             mode: str = "full", extra: Optional[Dict[str, Any]] = None) -> str:
+    """Full or partial checkpoint of ``model`` (unwrapped) plus the ``training`` state (None = model only,
+    e.g. ``best.pt``/``final.pt``: for partial files just the trained tensors, config and base identity)."""
+    cfg = model.config.to_dict()
+    if partial_base is not None:
+        sd = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        payload = {"format": PARTIAL_FORMAT, "config": cfg, "mode": mode, "base": dict(partial_base),
+                   "trainable_state_dict": sd}
+    else:
+        payload = {"format": FULL_FORMAT, "config": cfg, "mode": mode, "model_state_dict": model.state_dict()}
+    if training is not None:
+        payload["training"] = training
+    payload.update(extra or {})
+    return atomic_save(payload, path)
+
+
+def read_training_checkpoint(path: str) -> Dict[str, Any]:
+    import torch
+
+    from ..models.checkpoint import CheckpointError, _sniff
+    from pathlib import Path
+
+    _sniff(Path(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - report any unpickling/zip error the same way
+        raise CheckpointError(f"checkpoint {path} cannot be read ({str(err).splitlines()[0][:200]}); it is "
+                              "truncated or not a training checkpoint") from err
+
+
+def load_partial_into(model, payload: Dict[str, Any]) -> None:
+    """Copy a partial file's trained tensors into ``model`` (which already has the base weights)."""
+    import torch
+
+    from ..models.checkpoint import CheckpointError
+
+    sd = strip_prefixes(payload["trainable_state_dict"])
+    own = dict(model.named_parameters())
+    missing = [k for k in sd if k not in own]
+    bad = [k for k in sd if k in own and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if missing or bad:
+        raise CheckpointError(f"the partial checkpoint does not fit the model: unknown keys {missing[:5]}, "
+                              f"mis-shaped {bad[:5]}; was it trained with another architecture/adapter?")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v.to(own[k].device, own[k].dtype))
+
+
+def check_base(base: Dict[str, Any], base_path: str, force: bool = False) -> None:
+    from ..models.checkpoint import CheckpointError
+
+    if not os.path.isfile(base_path):
+        raise CheckpointError(f"base checkpoint {base_path} not found; pass --base PATH (the file the adapter "
+                              f"was trained on, sha256 {base.get('sha256', '?')[:16]}...)")
+    sha = file_sha256(base_path)
+    if base.get("sha256") and sha != base["sha256"] and not force:
+        raise CheckpointError(f"base checkpoint {base_path} (sha256 {sha[:16]}...) is not the file the partial "
+                              f"checkpoint was trained on (sha256 {base['sha256'][:16]}...); pass the right "
+                              "--base, or --force to merge anyway")
+
+
+def build_from_partial(payload: Dict[str, Any], base_path: Optional[str] = None, force: bool = False):
+    """Base checkpoint + partial file -> the fine-tuned model (adapters included)."""
+    from ..models import load_checkpoint
+    from ..models.adapters import apply_adapters
+
+    base = payload.get("base", {})
+    base_path = base_path or base.get("path")
+    check_base(base, base_path, force)
+    model = load_checkpoint(base_path, map_location="cpu")
+    adapter = payload["config"].get("adapter")
+    if adapter:
+        adapter = dict(adapter)
+        if model.config.adapter:
+            raise ValueError("the base checkpoint already has adapters; merge it first")
+        model.config.adapter = adapter
+        apply_adapters(model, adapter)
+    load_partial_into(model, payload)
+    return model
+
+
+def merge_checkpoint(partial_path: str, out_path: str, base_path: Optional[str] = None,
+                     force: bool = False) -> str:
+    """Write a FULL checkpoint (config with adapters + all weights) from a partial file and its base."""
+    from ..models import save_checkpoint
+
+    payload = read_training_checkpoint(partial_path)
+    if payload.get("format") == FULL_FORMAT:
+        raise ValueError(f"{partial_path} is already a full checkpoint; nothing to merge")
+    if payload.get("format") != PARTIAL_FORMAT:
+        raise ValueError(f"{partial_path} is not a partial (adapter) checkpoint of ours")
+    model = build_from_partial(payload, base_path, force)
+    tr = payload.get("training", {})
+    try:
+        save_checkpoint(model, out_path, extra={"name": os.path.basename(out_path),
+                                                "epoch": payload.get("epoch", tr.get("epoch")),
+                                                "merged_from": os.path.abspath(partial_path),
+                                                "base": payload.get("base")})
+    except OSError as err:
+        raise CheckpointWriteError(getattr(err, "errno", None) or errno.EIO,
+                                   f"could not write {out_path}: {err}") from err
+    return out_path
+
+
+def export_image_encoder(checkpoint_path: str, out_path: str, base_path: Optional[str] = None) -> str:
+    """The image encoder alone (e.g. to precompute embeddings elsewhere): config + its state dict."""
+    from ..models import load_checkpoint
+
+    payload = None
+    try:
+        payload = read_training_checkpoint(checkpoint_path)
+    except Exception:  # noqa: BLE001 - published files may need the models loader
+        payload = None
+    if payload is not None and payload.get("format") == PARTIAL_FORMAT:
+        model = build_from_partial(payload, base_path)
+    else:
+        model = load_checkpoint(checkpoint_path, map_location="cpu")
+    sd = model.image_encoder.state_dict()
+    return atomic_save({"format": ENCODER_FORMAT, "config": model.config.to_dict(),
+                        "image_encoder_state_dict": sd}, out_path)
