@@ -41,10 +41,12 @@ class LocalBackend:
     def __init__(self, model, device: str = "cpu", dtype: str = "float32", name: Optional[str] = None):
         import torch
 
-        from .models.device import resolve_dtype
+        from .models.device import resolve_dtype, tune_cpu_allocator
 
         self.model = model.eval().to(device)
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # ~10 % faster CPU encodes; SAM3D_NO_MALLOC_TUNING=1 opts out
         self.dtype = resolve_dtype(dtype, self.device)
         self.image_size = int(model.config.image_size)
         self.low_res_size = int(model.config.image_size // 4)

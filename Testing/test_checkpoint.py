@@ -198,3 +198,18 @@ def test_local_backend_round_trip(tiny):
         expected = tiny.predict_low_res(emb, torch.tensor([[[10.0, 64.0, 64.0]]]), torch.tensor([[0]]),
                                         torch.from_numpy(first)[None, None])
     np.testing.assert_allclose(second, expected[0, 0].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("opt_out, expected", [("", "True"), ("1", "False")])
+def test_cpu_allocator_tuning_is_applied_once_and_can_be_switched_off(opt_out, expected):
+    import subprocess
+    import sys
+
+    code = ("from SAM3DSegmentLib.models.device import tune_cpu_allocator as t; "
+            "import sys; print(t() if sys.platform.startswith('linux') else 'False', t())")
+    env = dict(__import__("os").environ, SAM3D_NO_MALLOC_TUNING=opt_out)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    first, second = out.stdout.split()
+    assert first == second  # cached: the process-wide setting is applied at most once
+    if sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc":
+        assert first == expected

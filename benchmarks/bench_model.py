@@ -24,6 +24,11 @@ import torch
 impl, threads, repeats, clicks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
+if sys.argv[5] == "1":  # the same allocator setting for every side (LocalBackend applies it for users)
+    from SAM3DSegmentLib.models.device import tune_cpu_allocator
+    tuned = tune_cpu_allocator()
+else:
+    tuned = False
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if impl == "oracle":
     import medim.models.sam_med3d as ref
@@ -54,16 +59,17 @@ with torch.inference_mode():
         t = time.perf_counter(); logits = decode(emb, p, l, logits); dt = time.perf_counter() - t
         if i >= 3: dec.append(dt)
 dec.sort()
-print(json.dumps({"encode_s": enc, "encode_best_s": min(enc), "decode_median_ms": 1000 * dec[len(dec) // 2],
+print(json.dumps({"allocator_tuned": tuned, "encode_s": enc, "encode_best_s": min(enc), "decode_median_ms": 1000 * dec[len(dec) // 2],
                   "decode_p90_ms": 1000 * dec[int(len(dec) * 0.9)],
                   "peak_rss_gb": rss_enc / 2**20, "rss_after_import_gb": rss0 / 2**20,
                   "rss_after_model_gb": rss_model / 2**20, "encode_transient_gb": (rss_enc - rss_model) / 2**20}))
 """
 
 
-def run(impl: str, threads: int, repeats: int, clicks: int) -> dict:
+def run(impl: str, threads: int, repeats: int, clicks: int, tune: bool) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-c", WORKER, impl, str(threads), str(repeats), str(clicks)],
+    out = subprocess.run([sys.executable, "-c", WORKER, impl, str(threads), str(repeats), str(clicks),
+                          "1" if tune else "0"],
                          capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
@@ -78,13 +84,16 @@ def main() -> None:
     ap.add_argument("--skip-oracle", action="store_true")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; each side keeps its best")
     ap.add_argument("--with-padded", action="store_true", help="also time our reference (padded) attention path")
+    ap.add_argument("--no-allocator-tuning", action="store_true",
+                    help="leave glibc malloc at its defaults for every side (see models.device.tune_cpu_allocator)")
     args = ap.parse_args()
     import torch
 
     t0 = time.time()
     result = {"benchmark": "model", "threads": args.threads, "input": [1, 1, 128, 128, 128],
               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-              "cpu_count": os.cpu_count(), "weights": "random (timing does not depend on values)"}
+              "cpu_count": os.cpu_count(), "weights": "random (timing does not depend on values)",
+              "allocator_tuning": not args.no_allocator_tuning}
     # Alternate ours / oracle over several rounds and keep each one's best round, so that a burst of
     # load from elsewhere on the machine cannot favour either side.
     impls = [("ours_fast", "fast")] + ([("ours_padded", "reference")] if args.with_padded else []) \
@@ -92,7 +101,7 @@ def main() -> None:
     rounds = {key: [] for key, _ in impls}
     for _ in range(args.rounds):
         for key, impl in impls:
-            rounds[key].append(run(impl, args.threads, args.repeats, args.clicks))
+            rounds[key].append(run(impl, args.threads, args.repeats, args.clicks, not args.no_allocator_tuning))
     for key, runs in rounds.items():
         ok = [r for r in runs if "error" not in r]
         result[key] = min(ok, key=lambda r: r["encode_best_s"]) if ok else runs[0]

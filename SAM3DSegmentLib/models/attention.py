@@ -87,6 +87,13 @@ def padded_key_log_mass(a_term: torch.Tensor, b_term: torch.Tensor, c_term: torc
     return torch.logsumexp(a_term + inner[:, :, :, None, :], dim=-1)
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Fused attention with an additive bias for (Z, N, hd) inputs. Passed as 4-D (1, Z, N, hd): PyTorch's
+    CPU flash kernel only takes 4-D inputs (3-D ones fall back to the unfused maths path, about 2.8x slower
+    for a 512-token block on 2 threads); on CUDA the memory-efficient kernel takes the bias either way."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None])[0]
+
+
 class EncoderAttention(nn.Module):
     """Attention of one encoder block; parameter names match the released checkpoints.
 
@@ -149,7 +156,7 @@ class EncoderAttention(nn.Module):
         rd, rh, rw = self._tables(g)
         a_t, b_t, c_t = _bias_terms(q.reshape(-1, g, g, g, self.head_dim), None, rd, rh, rw)
         bias = real_key_bias(a_t, b_t, c_t)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = _sdpa(q, k, v, bias)
         return self._merge_heads(out, b, (g, g, g))
 
     def _fast_padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +175,7 @@ class EncoderAttention(nn.Module):
         k_ext = torch.cat([k, k.new_zeros(k.shape[0], 1, hd)], dim=1)
         v_ext = torch.cat([v, bv[:, None, :]], dim=1)
         mask = torch.cat([bias, log_mass[..., None]], dim=-1)
-        out = F.scaled_dot_product_attention(q, k_ext, v_ext, attn_mask=mask)
+        out = _sdpa(q, k_ext, v_ext, mask)
         return self._merge_heads(out, b, (g, g, g))
 
     def _reference_windows(self, x: torch.Tensor) -> torch.Tensor:
