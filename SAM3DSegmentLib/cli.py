@@ -195,14 +195,9 @@ def _parse_clamp(text: Optional[str]):
 
 
 def write_json_atomic(path: str, data: dict) -> None:
-    from .io import atomic_write
+    from .atomic import write_json
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-
-    atomic_write(path, write)
+    write_json(path, data)
 
 
 def write_output_mask(path: str, mask_volume, reference, name: str = "Segment_1") -> str:

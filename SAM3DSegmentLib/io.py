@@ -15,7 +15,6 @@ Conventions:
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -226,41 +225,17 @@ def _read_dicom_series(folder: str) -> Volume:
 
 # -------------------------------------------------------------------------------- writing
 def atomic_write(path: str, write: Callable[[str], None]) -> str:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path`` (same extension), fsync, rename.
+    """:func:`SAM3DSegmentLib.atomic.atomic_write` (temporary beside ``path`` with the same extension, fsync,
+    rename) with the folder checks reported as :class:`VolumeWriteError`."""
+    from .atomic import atomic_write as _atomic_write
 
-    Returns ``path``. The temporary is removed if anything fails; an existing ``path`` is only ever
-    replaced by a complete file.
-    """
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         raise VolumeWriteError(f"{path}: the folder {folder} does not exist; create it first")
     if os.path.isdir(path):
         raise VolumeWriteError(f"{path} is a folder; give a file name")
-    ext = file_extension(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path)[:40] + ".", suffix=".tmp" + ext,
-                               dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable too (best effort; not available everywhere)
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+    return _atomic_write(path, write)
 
 
 def _check_write_ext(path: str) -> str:

@@ -19,11 +19,11 @@ Coordinate frames (see ``geometry``):
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .atomic import atomic_write
 from .geometry import GeometryError, Volume
 
 #: Segment tag marking a segment as locked (never modified, never overwritten by SAM3DSegment).
@@ -767,16 +767,6 @@ def ensure_dependencies(torch_requirement: str = ">=2.1") -> None:
 
 
 # --------------------------------------------------------------------------------------------- export
-def _atomic_target(path: str, suffix: str) -> Tuple[str, str]:
-    path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"folder {folder} does not exist; create it or choose another location")
-    fd, tmp = tempfile.mkstemp(prefix=".sam3d-", suffix=suffix, dir=folder)
-    os.close(fd)
-    return path, tmp
-
-
 def export_seg_nrrd(segmentation_node, path: str, reference_volume=None) -> str:
     """Write the segmentation as a ``.seg.nrrd`` (LPS, Slicer's format; readable with ``slicerio``), atomically.
 
@@ -790,24 +780,23 @@ def export_seg_nrrd(segmentation_node, path: str, reference_volume=None) -> str:
     parameter = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
     role = segmentation_node.GetReferenceImageGeometryReferenceRole()
     saved = (segmentation.GetConversionParameter(parameter), segmentation_node.GetNodeReferenceID(role))
-    path, tmp = _atomic_target(path, ".seg.nrrd")
     storage = slicer.vtkMRMLSegmentationStorageNode()
     storage.SetCropToMinimumExtent(reference_volume is None)
-    storage.SetFileName(tmp)
     storage.SetUseCompression(1)
+
+    def write(tmp: str) -> None:
+        storage.SetFileName(tmp)
+        if not storage.WriteData(segmentation_node):
+            raise OSError(f"writing {path} failed (is the folder writable and is there free disk space?)")
+
     try:
         if reference_volume is not None:  # the file holds the volume's whole grid; restored below
             segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
-        if not storage.WriteData(segmentation_node):
-            raise OSError(f"writing {path} failed (is the folder writable and is there free disk space?)")
-        os.replace(tmp, path)
+        return atomic_write(path, write)
     finally:
         if reference_volume is not None:
             segmentation.SetConversionParameter(parameter, saved[0] or "")
             segmentation_node.SetNodeReferenceID(role, saved[1])
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def export_nifti(segmentation_node, path: str, reference_volume, segment_ids: Optional[Sequence[str]] = None):
@@ -848,14 +837,7 @@ def export_nifti(segmentation_node, path: str, reference_volume, segment_ids: Op
 
 
 def _write_sitk_atomic(image, path: str, sitk) -> None:
-    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
-    path, tmp = _atomic_target(path, suffix)
-    try:
-        sitk.WriteImage(image, tmp, True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
 def export_segmentation(kind: str, segmentation_node, volume_node, path: str):

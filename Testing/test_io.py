@@ -5,6 +5,7 @@ Frames: ``Volume.array[k, j, i]`` in RAS; files are LPS (the flip happens in geo
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -291,3 +292,38 @@ def test_mhd_with_separate_raw_file(tmp_path):
     assert (tmp_path / "ct.raw").exists() or (tmp_path / "ct.zraw").exists()
     back = io.read_volume(str(tmp_path / "ct.mhd"))
     _assert_same(back, image, atol=1e-9)
+
+
+def test_atomic_write_permissions_extension_and_failure(tmp_path):
+    from SAM3DSegmentLib import atomic
+
+    assert [atomic.path_extension(p) for p in ("a/ct.nii.gz", "x.seg.nrrd", "best.pt", "README", ".hidden")] == \
+        [".nii.gz", ".seg.nrrd", ".pt", "", ""]
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        with open(tmp, "w") as f:
+            f.write("new")
+
+    target = tmp_path / "sub" / "mask.nii.gz"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        atomic.atomic_write(target, write)
+    atomic.atomic_write(target, write, make_dirs=True)
+    assert seen[-1].endswith(".nii.gz") and os.path.dirname(seen[-1]) == str(target.parent)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (os.stat(target).st_mode & 0o777) == 0o666 & ~umask  # not mkstemp's 0600
+    os.chmod(target, 0o640)  # an existing file keeps the mode its owner gave it
+    atomic.write_json(target, {"a": 1})
+    assert (os.stat(target).st_mode & 0o777) == 0o640 and json.loads(target.read_text()) == {"a": 1}
+
+    def fail(tmp):
+        open(tmp, "w").write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic.atomic_write(target, fail)
+    assert json.loads(target.read_text()) == {"a": 1} and os.listdir(target.parent) == ["mask.nii.gz"]
+    with pytest.raises(IsADirectoryError):
+        atomic.atomic_write(tmp_path, write)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -190,24 +188,12 @@ def load_checkpoint(path, config: Optional[SamMed3DConfig] = None, map_location:
 
 # ---------------------------------------------------------------------------------------------- writing
 def atomic_torch_save(obj: Any, path) -> None:
-    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``."""
+    """``torch.save`` through :func:`SAM3DSegmentLib.atomic.atomic_write` (parent folders created)."""
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from ..atomic import atomic_write
+
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), make_dirs=True)
 
 
 def save_checkpoint(model, path, extra: Optional[Dict[str, Any]] = None) -> Path:

@@ -22,7 +22,6 @@ import errno
 import hashlib
 import os
 import random
-import tempfile
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -51,42 +50,24 @@ def _serialize(obj: Any, f) -> None:
 
 def atomic_save(obj: Any, path: str) -> str:
     """Atomically replace ``path`` with ``torch.save(obj)``; raises :class:`CheckpointWriteError`."""
+    from ..atomic import atomic_write
+
     path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             _serialize(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            if err.errno == errno.ENOSPC:
-                raise CheckpointWriteError(
-                    errno.ENOSPC, f"disk full while writing the checkpoint {path}; the previous file there "
-                    "(if any) is intact. Free space on that disk (or set output_dir elsewhere) and resume with "
-                    "--set checkpoint.resume=auto") from err
-            raise CheckpointWriteError(err.errno, f"could not write the checkpoint {path}: {err}; the previous "
-                                       "file there (if any) is intact") from err
-        raise
+
     try:
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+        return atomic_write(path, write, make_dirs=True)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise CheckpointWriteError(
+                errno.ENOSPC, f"disk full while writing the checkpoint {path}; the previous file there "
+                "(if any) is intact. Free space on that disk (or set output_dir elsewhere) and resume with "
+                "--set checkpoint.resume=auto") from err
+        raise CheckpointWriteError(err.errno, f"could not write the checkpoint {path}: {err}; the previous "
+                                   "file there (if any) is intact") from err
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:

@@ -23,13 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..atomic import atomic_write, write_json
 from ..geometry import GeometryError, Volume, closest_canonical_axes
 
 __all__ = [
@@ -217,20 +217,7 @@ def cache_key(spec: CaseSpec, spacing: float, image_dtype: str) -> str:
 
 
 def _atomic_savez(path: str, **arrays) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def _read(path: str, what: str, case_id: str) -> Volume:
@@ -310,12 +297,7 @@ def preprocess_case(spec: CaseSpec, cache_dir: str, spacing: float = 1.5, image_
     meta = {"case_id": spec.case_id, "image": spec.image_path, "label": spec.label_path,
             "spacing": spacing, "shape_abc": list(img_abc.shape), "ijk_to_ras": image.ijk_to_ras.tolist(),
             "targets": {str(k): v for k, v in targets.items()}, "version": CACHE_VERSION}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cache_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(meta, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, meta_path)
+    write_json(meta_path, meta, indent=None)
     return CachedCase(spec.case_id, path, targets, tuple(img_abc.shape))
 
 

@@ -13,11 +13,12 @@ after ``make-demo-data`` reproduces the demo model's data exactly.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict
 
 import numpy as np
+
+from ..atomic import write_json
 
 __all__ = ["make_demo_dataset", "DEMO_VAL_CASES"]
 
@@ -73,8 +74,5 @@ def make_demo_dataset(out: str, n_phantoms: int = 8) -> str:
         n_cases += 1
     meta = {"name": "SAM3DSegmentDemo", "description": "slicerio chest CT + synthetic CT phantoms (demo only)",
             "channel_names": {"0": "CT"}, "labels": labels, "numTraining": n_cases, "file_ending": ".nii.gz"}
-    tmp = os.path.join(out, ".dataset.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out, "dataset.json"))
+    write_json(os.path.join(out, "dataset.json"), meta)
     return out
