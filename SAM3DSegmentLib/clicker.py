@@ -34,6 +34,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .geometry import mask_bounds, spacing_mm
+
 __all__ = ["SimulatedClick", "next_click", "next_click_index", "deepest_point", "error_regions",
            "random_error_click"]
 
@@ -52,27 +54,6 @@ def _as_bool(mask: np.ndarray, name: str) -> np.ndarray:
     return arr.astype(bool, copy=False)
 
 
-def _spacing(spacing: Optional[Sequence[float]]) -> np.ndarray:
-    if spacing is None:
-        return np.ones(3)
-    sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
-    if sp.shape != (3,) or np.any(~np.isfinite(sp)) or np.any(sp <= 0):
-        raise ValueError(f"spacing must be three positive numbers (one per array axis), got {spacing!r}")
-    return sp
-
-
-def _bbox(mask: np.ndarray) -> Optional[Tuple[slice, slice, slice]]:
-    """Tight bounding box of the True voxels as slices; None when empty."""
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        if hit.size == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)  # type: ignore[return-value]
-
-
 def deepest_point(mask: np.ndarray, spacing: Optional[Sequence[float]] = None
                   ) -> Tuple[Optional[Tuple[int, int, int]], float]:
     """The voxel of ``mask`` farthest from its border, and that distance in mm.
@@ -84,8 +65,8 @@ def deepest_point(mask: np.ndarray, spacing: Optional[Sequence[float]] = None
     from scipy import ndimage
 
     mask = _as_bool(mask, "mask")
-    sp = _spacing(spacing)
-    box = _bbox(mask)
+    sp = spacing_mm(spacing)
+    box = mask_bounds(mask)
     if box is None:
         return None, 0.0
     # Work in the bounding box padded by one background voxel: the same distances as on the whole

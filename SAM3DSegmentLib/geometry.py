@@ -174,6 +174,29 @@ class Volume:
         return image
 
 
+def mask_bounds(mask: np.ndarray, margin: int = 0) -> Optional[Tuple[slice, ...]]:
+    """Per array axis, the slice spanning the mask's non-zero voxels, widened by ``margin`` voxels each
+    side and clipped to the array; None for an empty mask."""
+    m = np.asarray(mask)
+    box = []
+    for axis in range(m.ndim):
+        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, m.shape[axis])))
+    return tuple(box)
+
+
+def spacing_mm(spacing: Optional[Sequence[float]]) -> np.ndarray:
+    """Three positive finite spacings (mm, one per array axis) as float64; ones for None."""
+    if spacing is None:
+        return np.ones(3)
+    sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
+    if sp.shape != (3,) or np.any(~np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing must be three positive numbers in mm (one per array axis), got {spacing!r}")
+    return sp
+
+
 def closest_canonical_axes(directions: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """For each RAS axis (R, A, S) the volume axis (i, j, k) closest to it and its sign.
 

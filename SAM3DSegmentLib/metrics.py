@@ -30,6 +30,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from .geometry import mask_bounds, spacing_mm
+
 __all__ = ["dice", "surface", "surface_distances", "normalized_surface_dice", "hd95",
            "SegmentationScores", "score"]
 
@@ -43,15 +45,6 @@ def _pair(pred: np.ndarray, gt: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"prediction shape {p.shape} differs from ground truth shape {g.shape}: "
                          "resample the prediction onto the ground-truth grid first")
     return p.astype(bool, copy=False), g.astype(bool, copy=False)
-
-
-def _spacing(spacing: Optional[Sequence[float]]) -> np.ndarray:
-    if spacing is None:
-        return np.ones(3)
-    sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
-    if sp.shape != (3,) or np.any(~np.isfinite(sp)) or np.any(sp <= 0):
-        raise ValueError(f"spacing must be three positive numbers in mm (one per array axis), got {spacing!r}")
-    return sp
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -86,19 +79,6 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return m & ~ndimage.binary_erosion(m, structure=_face_structure(), border_value=0)
 
 
-def _union_box(p: np.ndarray, g: np.ndarray) -> Optional[Tuple[slice, ...]]:
-    u = p | g
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(u.any(axis=other))
-        if hit.size == 0:
-            return None
-        # One extra voxel each side (clipped at the array edge, where the edge acts as background).
-        box.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, u.shape[axis])))
-    return tuple(box)
-
-
 def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] = None
                       ) -> Tuple[np.ndarray, np.ndarray]:
     """``(d_pred_to_gt, d_gt_to_pred)``: for each surface voxel of one mask, the distance (mm) to the
@@ -108,8 +88,9 @@ def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequen
     from scipy import ndimage
 
     p, g = _pair(pred, gt)
-    sp = _spacing(spacing)
-    box = _union_box(p, g)
+    sp = spacing_mm(spacing)
+    # One extra voxel each side (clipped at the array edge, where the edge acts as background).
+    box = mask_bounds(p | g, margin=1)
     if box is None:
         return np.zeros(0), np.zeros(0)
     p, g = p[box], g[box]

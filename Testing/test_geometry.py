@@ -222,3 +222,17 @@ def test_sample_chest_ct_and_segments_are_in_place():
                                               "lumbar vertebral column")]
     assert spine[0][2] > spine[1][2] > spine[2][2]  # cervical above thoracic above lumbar (+S)
     assert spine[1][1] < min(right[1], left[1])  # the spine is posterior to the lungs (-A)
+
+
+def test_mask_bounds_and_spacing_validation():
+    from SAM3DSegmentLib.geometry import mask_bounds, spacing_mm
+
+    m = np.zeros((5, 6, 7), bool)
+    assert mask_bounds(m) is None
+    m[1, 2:4, 6] = True
+    assert mask_bounds(m) == (slice(1, 2), slice(2, 4), slice(6, 7))
+    assert mask_bounds(m, margin=1) == (slice(0, 3), slice(1, 5), slice(5, 7))  # clipped at the array edge
+    assert spacing_mm(None).tolist() == [1, 1, 1] and spacing_mm([0.7, 0.7, 5]).tolist() == [0.7, 0.7, 5]
+    for bad in ([1, 1], [1, 0, 1], [1, float("nan"), 1]):
+        with pytest.raises(ValueError, match="three positive numbers"):
+            spacing_mm(bad)

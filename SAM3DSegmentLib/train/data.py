@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..atomic import atomic_write, write_json
-from ..geometry import GeometryError, Volume, closest_canonical_axes
+from ..geometry import GeometryError, Volume, closest_canonical_axes, mask_bounds
 
 __all__ = [
     "DataError", "CaseSpec", "CachedCase", "Target", "discover_cases", "preprocess_case",
@@ -230,17 +230,6 @@ def _read(path: str, what: str, case_id: str) -> Volume:
                         ) from err
 
 
-def _bbox(mask: np.ndarray) -> Optional[List[List[int]]]:
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=other))
-        if hit.size == 0:
-            return None
-        box.append([int(hit[0]), int(hit[-1]) + 1])
-    return box
-
-
 def preprocess_case(spec: CaseSpec, cache_dir: str, spacing: float = 1.5, image_dtype: str = "int16",
                     min_target_mm3: float = 10.0) -> CachedCase:
     """Preprocess one case into ``cache_dir`` (or reuse the valid cached entry)."""
@@ -289,9 +278,10 @@ def preprocess_case(spec: CaseSpec, cache_dir: str, spacing: float = 1.5, image_
     for value, name in sorted(spec.classes.items()):
         mask = lab_abc == value
         count = int(mask.sum())
-        if count * voxel_mm3 < min_target_mm3:
+        if count == 0 or count * voxel_mm3 < min_target_mm3:
             continue
-        targets[int(value)] = {"name": name, "voxels": count, "bbox": _bbox(mask)}
+        box = [[b.start, b.stop] for b in mask_bounds(mask)]
+        targets[int(value)] = {"name": name, "voxels": count, "bbox": box}
     _atomic_savez(path, image=img_abc, label=lab_abc.astype(np.uint16 if lab_abc.max() > 255 else np.uint8),
                   ijk_to_ras=image.ijk_to_ras)
     meta = {"case_id": spec.case_id, "image": spec.image_path, "label": spec.label_path,
