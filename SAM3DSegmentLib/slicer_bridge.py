@@ -661,7 +661,6 @@ def _mark_modified(image) -> None:
 
 def read_segment(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     """Segment voxels (uint8 0/1, [k, j, i]) on the full volume grid, via the exporter (any geometry)."""
-    import slicer
     import vtk
 
     scene = segmentation_node.GetScene()

@@ -5,7 +5,6 @@ show up as wrong voxels.
 """
 from __future__ import annotations
 
-import importlib.resources
 import os
 
 import numpy as np
@@ -265,7 +264,7 @@ class _BallBackend:
 
 def test_click_to_session_to_segment_end_to_end(scene):
     """Markups click (world, transformed oblique volume) -> Session -> bridge: segment == engine mask."""
-    from SAM3DSegmentLib.session import Click, Session, SessionOptions
+    from SAM3DSegmentLib.session import Session, SessionOptions
 
     node = add_volume(scene)
     add_parent_transform(scene, node)

@@ -5,7 +5,7 @@ smaller configs of the same family are used for tests, the embedded demo model a
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
 ATTENTION_IMPLS = ("fast", "reference")
