@@ -106,6 +106,8 @@ def build_segment_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="path to a checkpoint file (.pth/.pt)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="compute precision (default float32; float16 on a GPU only; see docs/precision.md)")
     p.add_argument("--prompt-mode", choices=("newest", "all"), default="newest",
                    help="newest: each click with the previous mask (the model's training protocol, default); "
                         "all: every click so far with the previous mask")
@@ -174,7 +176,10 @@ def load_backend(model: Optional[str], checkpoint: Optional[str], device: str = 
     from .backends import LocalBackend
 
     label = model or (os.path.basename(str(path)) if checkpoint else name)
-    backend = LocalBackend(net, device=str(dev), dtype=dtype, name=f"{label} [{getattr(net, 'description', '')}]")
+    try:
+        backend = LocalBackend(net, device=str(dev), dtype=dtype, name=f"{label} [{getattr(net, 'description', '')}]")
+    except ValueError as err:  # e.g. float16 on the CPU
+        raise CliError(f"--dtype {dtype}: {err}") from err
     info = {"model": label, "checkpoint": str(path), "backend": backend.name, "device": str(dev),
             "architecture": getattr(getattr(net, "config", None), "name", None),
             "image_size": int(backend.image_size)}
@@ -248,7 +253,7 @@ def _segment(args) -> int:
             raise CliError(f"--click {','.join(f'{v:g}' for v in xyz)}: {err}") from err
 
     t = time.perf_counter()
-    backend, info = load_backend(args.model, args.checkpoint, args.device, args.threads)
+    backend, info = load_backend(args.model, args.checkpoint, args.device, args.threads, args.dtype)
     load_s = time.perf_counter() - t
     if not args.quiet:
         print(f"model: {backend.name}; checkpoint: {info['checkpoint']}")

@@ -740,29 +740,15 @@ def build_parser(prog: str = "sam3d evaluate") -> argparse.ArgumentParser:
 
 
 def _load_backend(args) -> Tuple[Any, Dict[str, Any]]:
-    from .weights import DEFAULT_MODEL, WeightsError, resolve_checkpoint, sha256_file
+    from .cli import CliError, load_backend
+    from .weights import DEFAULT_MODEL, sha256_file
 
     try:
-        name = args.checkpoint or args.model or DEFAULT_MODEL
-        path = resolve_checkpoint(name)
-    except WeightsError as err:
+        backend, info = load_backend(args.model, args.checkpoint, args.device, dtype=args.dtype)
+    except CliError as err:
         raise EvaluationError(str(err)) from err
-    from .backends import LocalBackend
-    from .models import load_checkpoint
-    from .models.device import resolve_device
-
-    device = resolve_device(args.device)
-    try:
-        model = load_checkpoint(str(path), map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - report any loader failure with the path
-        raise EvaluationError(f"could not load checkpoint {path}: {err}") from err
-    backend = LocalBackend(model, device=str(device), dtype=args.dtype,
-                           name=args.model or os.path.basename(str(path)))
-    info = {"name": args.model or (None if args.checkpoint else DEFAULT_MODEL) or os.path.basename(str(path)),
-            "checkpoint": str(path), "checkpoint_sha256": sha256_file(path), "backend": backend.name,
-            "device": str(device), "dtype": args.dtype,
-            "architecture": getattr(getattr(model, "config", None), "name", None),
-            "image_size": int(backend.image_size)}
+    info.update(name=args.model or (None if args.checkpoint else DEFAULT_MODEL) or os.path.basename(info["checkpoint"]),
+                checkpoint_sha256=sha256_file(info["checkpoint"]), dtype=args.dtype)
     return backend, info
 
 

@@ -81,7 +81,8 @@ def test_segment_writes_a_mask_on_the_input_grid(inputs, tmp_path):
 def test_segment_seg_nrrd_with_voxel_clicks_and_options(inputs, tmp_path):
     out = tmp_path / "out.seg.nrrd"
     r = run_cli("segment", inputs["image"], "--voxel", "--click", "20,18,12", "--checkpoint", inputs["ckpt"],
-                "--prompt-mode", "all", "--no-extend", "--spacing", "2.0", "--name", "ball", "--out", out)
+                "--prompt-mode", "all", "--no-extend", "--spacing", "2.0", "--name", "ball", "--dtype", "bfloat16",
+                "--out", out)
     assert r.returncode == 0, r.stderr
     segs = read_segmentation(str(out), reference=inputs["volume"])
     assert list(segs) == ["ball"]
@@ -136,6 +137,7 @@ def test_bad_images_fail_clearly(inputs, tmp_path, kind, needle):
     ("wrong_ckpt", 1, "could not load checkpoint"),
     ("both_models", 2, "not allowed with argument"),
     ("bad_clamp", 2, "--clamp-hu"),
+    ("fp16_on_cpu", 1, "--dtype float16: float16 inference is only supported on a GPU"),
 ])
 def test_bad_arguments_fail_clearly(inputs, tmp_path, case, status, needle):
     outdir = tmp_path / "out"
@@ -165,6 +167,8 @@ def test_bad_arguments_fail_clearly(inputs, tmp_path, case, status, needle):
         args += ["--model", "demo"]
     elif case == "bad_clamp":
         args += ["--clamp-hu", "1000,-1000"]
+    elif case == "fp16_on_cpu":
+        args += ["--dtype", "float16", "--device", "cpu"]
     r = run_cli(*args)
     assert r.returncode == status, (r.returncode, r.stderr)
     line = only_line(r.stderr)

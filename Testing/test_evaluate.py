@@ -291,3 +291,6 @@ def test_cli_end_to_end_with_a_tiny_random_checkpoint(tmp_path, capsys):
     # Bad input: a clear message, exit status 1.
     assert main(["--data", str(tmp_path / "missing"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o2")]) == 1
     assert "no such folder" in capsys.readouterr().err
+    assert main(argv[:-3] + ["--dtype", "float16", "--out", str(tmp_path / "o3"), "--quiet"]) == 1
+    assert "float16 inference is only supported on a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "o3" / "summary.json").exists()
