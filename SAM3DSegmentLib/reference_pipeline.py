@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .geometry import RAS_TO_LPS, Volume, closest_canonical_axes
+from .geometry import Volume, closest_canonical_axes
 
 __all__ = ["reference_resample", "reference_canonical", "reference_crop_or_pad", "reference_znorm",
            "torchio_mask_centre", "reference_crop", "reference_model_input", "reference_paste_back",
@@ -178,19 +178,8 @@ def reference_upsampled_mask(low_res_logits: np.ndarray, size: int = 128) -> np.
 def reference_paste_back(low_res_logits: np.ndarray, roi_to_ras: np.ndarray, volume: Volume,
                          size: int = 128) -> np.ndarray:
     """Reference paste-back: uint8 mask ``[k, j, i]`` on ``volume``'s grid (see step 5)."""
-    import SimpleITK as sitk
+    from .io import resample_like
 
     mask_abc = reference_upsampled_mask(low_res_logits, size)
     roi = Volume(np.ascontiguousarray(mask_abc.transpose(2, 1, 0)), roi_to_ras)
-    src = roi.to_sitk()
-    ijk_to_lps = RAS_TO_LPS @ volume.ijk_to_ras
-    sp = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
-    f = sitk.ResampleImageFilter()
-    f.SetSize([int(v) for v in volume.shape_ijk])
-    f.SetOutputSpacing(sp.tolist())
-    f.SetOutputDirection((ijk_to_lps[:3, :3] / sp[None, :]).reshape(-1).tolist())
-    f.SetOutputOrigin(ijk_to_lps[:3, 3].tolist())
-    f.SetInterpolator(sitk.sitkNearestNeighbor)
-    f.SetDefaultPixelValue(0)
-    f.SetOutputPixelType(sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(f.Execute(src)).astype(np.uint8)
+    return resample_like(roi, volume, "nearest").array.astype(np.uint8)

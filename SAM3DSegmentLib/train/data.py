@@ -182,7 +182,7 @@ def canonical_reorient(vol: Volume) -> Volume:
 
 def resample_isotropic(vol: Volume, spacing: float, interpolation: str, out_dtype) -> Volume:
     """Resample to ``spacing`` mm along each (kept) axis direction over the same field of view."""
-    import SimpleITK as sitk
+    from ..io import resample_like
 
     sp = vol.spacing
     n = np.asarray(vol.shape_ijk, dtype=np.float64)
@@ -193,11 +193,8 @@ def resample_isotropic(vol: Volume, spacing: float, interpolation: str, out_dtyp
     m[:3, :3] = d * spacing
     m[:3, 3] = origin
     ref = Volume(np.zeros(tuple(n_new[::-1]), dtype=np.uint8), m)
-    src = vol.to_sitk(vol.array.astype(np.float32) if interpolation == "linear" else vol.array)
-    interp = sitk.sitkLinear if interpolation == "linear" else sitk.sitkNearestNeighbor
     pad = float(np.min(vol.array)) if interpolation == "linear" else 0.0
-    out = sitk.Resample(src, ref.to_sitk(), sitk.Transform(), interp, pad, src.GetPixelID())
-    arr = sitk.GetArrayFromImage(out)
+    arr = resample_like(vol, ref, interpolation, default_value=pad).array
     if np.issubdtype(np.dtype(out_dtype), np.integer) and interpolation == "linear":
         info = np.iinfo(out_dtype)
         arr = np.clip(np.rint(arr), info.min, info.max)
