@@ -15,6 +15,8 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from .atomic import write_json
+
 PROG = "sam3d"
 #: Output file types ``sam3d segment`` writes.
 SEGMENT_OUTPUTS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
@@ -198,12 +200,6 @@ def _parse_clamp(text: Optional[str]):
     return (lo, hi)
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    from .atomic import write_json
-
-    write_json(path, data)
-
-
 def write_output_mask(path: str, mask_volume, reference, name: str = "Segment_1") -> str:
     from .io import file_extension, write_mask, write_segmentation
 
@@ -291,7 +287,7 @@ def _segment(args) -> int:
                           "total_s": time.perf_counter() - t_start, "clicks": per_click},
               "cache": session.cache.stats()}
     if timings_path:
-        write_json_atomic(timings_path, report)
+        write_json(timings_path, report)
     if not args.quiet:
         print(f"wrote {written}: {voxels} voxels ({vol_ml:.1f} ml), {session.region_count()} model region(s), "
               f"{len(clicks)} click(s)")

@@ -22,8 +22,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cli import (CliError, UsageError, _join_click_values, _parse_clamp, _Parser, fail, load_backend,
-                  write_json_atomic)
+from .atomic import write_json
+from .cli import CliError, UsageError, _join_click_values, _parse_clamp, _Parser, fail, load_backend
 
 #: The segments of slicerio's sample chest CT segmentation.
 ALL_STRUCTURES = ("ribs", "cervical vertebral column", "thoracic vertebral column", "lumbar vertebral column",
@@ -217,7 +217,7 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
               "cache": session.cache.stats(),
               "outputs": {"segmentation": seg_path, "overlay": png_path}}
     json_path = os.path.join(out_dir, "demo.json")
-    write_json_atomic(json_path, report)
+    write_json(json_path, report)
     report["outputs"]["report"] = os.path.abspath(json_path)
     return report
 
