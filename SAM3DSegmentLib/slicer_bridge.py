@@ -13,8 +13,10 @@ Coordinate frames (see ``geometry``):
   the default) and :func:`clicks_from_markups` returns WORLD points by default, so a click maps to the voxel
   the user saw under the mouse. ``frame="volume"`` gives both in the volume's local frame instead. Use the
   same frame for both.
-* Segment voxels are written on the volume's voxel lattice; the segmentation must sit under the same parent
-  transform as the volume (the module creates it so).
+* Segment voxels are written on the volume's voxel lattice as seen from the segmentation, through whatever
+  linear transforms separate the two nodes (world space is the contract). A user's segmentation is never
+  re-parented or resampled; one whose labelmaps lie on another grid is refused before anything changes. A
+  segmentation the module creates is put under the volume's parent transform.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def _parent_to_world(node) -> np.ndarray:
     if not parent.IsTransformToWorldLinear():
         raise GeometryError(
             f"'{node.GetName()}' is under a non-linear (warping) transform '{parent.GetName()}'. "
-            "Harden the transform first (Data module: right-click the volume -> 'Harden transform'), "
+            "Harden the transform first (Data module: right-click the node -> 'Harden transform'), "
             "or remove it")
     import vtk
 
@@ -386,20 +388,65 @@ def editor_settings(scene, segmentation_node=None) -> Dict[str, object]:
 
 
 def prepare_target(scene, volume_node, segmentation_node=None, segment_id: Optional[str] = None):
-    """Make sure there is a segmentation for ``volume_node`` (created if None; put under the volume's transform,
-    its reference geometry set from the volume when it has none) and a target segment. Returns (node, id)."""
+    """Make sure there is a segmentation for ``volume_node`` and a target segment. Returns (node, id).
+
+    A missing segmentation is created under the volume's parent transform with the volume's geometry. A given
+    (the user's) segmentation is never re-parented or resampled: it is checked first
+    (:func:`check_segmentation_geometry`) and refused with :class:`GeometryError` before anything changes when its
+    segments lie on another voxel grid than the volume in world space; its reference geometry is set from the volume
+    only when it has none. Then the target segment is added when ``segment_id`` names no segment."""
     if segmentation_node is None:
         segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} segmentation")
         segmentation_node.CreateDefaultDisplayNodes()
+        if volume_node.GetTransformNodeID():
+            segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    else:
+        check_segmentation_geometry(segmentation_node, volume_node)
     role = segmentation_node.GetReferenceImageGeometryReferenceRole()
     if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0 or not segmentation_node.GetNodeReference(role):
+        # computed through the transforms between the two nodes (the volume's grid as the segmentation sees it)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    if segmentation_node.GetTransformNodeID() != volume_node.GetTransformNodeID():
-        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     if not segment_id or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         n = segmentation_node.GetSegmentation().GetNumberOfSegments() + 1
         segment_id = ensure_segment(segmentation_node, name=f"Segment_{n}")
     return segmentation_node, segment_id
+
+
+def volume_lattice_in_segmentation(volume_node, segmentation_node) -> np.ndarray:
+    """4x4 matrix: volume voxel (i, j, k) -> the segmentation's local coordinates (the frame its labelmaps'
+    ImageToWorld matrices are in), through the transforms that separate the two nodes (world space is the
+    contract). GeometryError when a non-linear transform separates them."""
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    ijk_to_local = _vtk_matrix_to_numpy(m)
+    if volume_node.GetParentTransformNode() is segmentation_node.GetParentTransformNode():
+        return ijk_to_local
+    return np.linalg.inv(_parent_to_world(segmentation_node)) @ _parent_to_world(volume_node) @ ijk_to_local
+
+
+def check_segmentation_geometry(segmentation_node, volume_node) -> None:
+    """GeometryError (nothing is changed) unless every non-empty labelmap of the segmentation lies on the volume's
+    voxel grid in world space (same axes and spacing, origin shifted by whole voxels), whatever transforms the
+    two nodes are under."""
+    import slicer
+
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        return
+    if segmentation.GetSourceRepresentationName() != \
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
+        raise GeometryError(f"segmentation '{segmentation_node.GetName()}' is not stored as a binary labelmap; in "
+                            "the Segmentations module set its source representation to 'Binary labelmap', or "
+                            "choose 'Create new segmentation'")
+    lattice = volume_lattice_in_segmentation(volume_node, segmentation_node)
+    for n in range(segmentation.GetNumberOfSegments()):
+        sid = segmentation.GetNthSegmentID(n)
+        layer = _Layer(segmentation_node.GetBinaryLabelmapInternalRepresentation(sid), lattice,
+                       f"segment '{segmentation.GetSegment(sid).GetName()}' of '{segmentation_node.GetName()}'")
+        if not layer.empty:
+            layer.offset()
 
 
 def _visible_ids(segmentation_node, ids: Iterable[str]) -> List[str]:
@@ -435,8 +482,9 @@ class _Layer:
             t = rel[:3, 3]
             if not (np.allclose(rel[:3, :3], np.eye(3), atol=1e-4) and np.allclose(t, np.round(t), atol=1e-3)):
                 raise GeometryError(
-                    f"{self.what} is stored on a different voxel grid than the volume. In the Segment Editor "
-                    "choose 'Specify geometry' -> the volume (or start a new segmentation for this volume)")
+                    f"{self.what} is stored on another voxel grid than this volume in world space (it was made "
+                    "for another image, or for this one before it was moved); nothing was changed. Choose "
+                    "'Create new segmentation' in the Segmentation selector, or choose the volume it was made for")
             self._offset = np.round(t).astype(int)
         return self._offset
 
@@ -539,9 +587,6 @@ def write_mask_to_segment(segmentation_node, segment_id: str, mask_box: np.ndarr
     if segmentation.GetSourceRepresentationName() != slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
         raise GeometryError("the segmentation's source representation is not a binary labelmap; in the "
                             "Segmentations module set the source representation to 'Binary labelmap'")
-    if volume_node.GetParentTransformNode() is not segmentation_node.GetParentTransformNode():
-        raise GeometryError("the segmentation and the volume are under different transforms; move the "
-                            "segmentation under the volume's transform (Data module)")
     dims = volume_node.GetImageData().GetDimensions()  # i, j, k
     box = tuple(box)
     if len(box) != 3:
@@ -559,11 +604,7 @@ def write_mask_to_segment(segmentation_node, segment_id: str, mask_box: np.ndarr
         raise ValueError(f"mask_box shape {new.shape} does not match the box {shape} (k, j, i)")
     new = new > 0
 
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(m)
-    lattice = _vtk_matrix_to_numpy(m)
+    lattice = volume_lattice_in_segmentation(volume_node, segmentation_node)
 
     all_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
     others = [s for s in all_ids if s != segment_id]
@@ -660,29 +701,68 @@ def _mark_modified(image) -> None:
 
 
 def read_segment(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """Segment voxels (uint8 0/1, [k, j, i]) on the full volume grid, via the exporter (any geometry)."""
+    """Segment voxels (uint8 0/1, [k, j, i]) on the volume's full grid, in world space (through the transforms
+    between the two nodes).
+
+    A segment stored on the volume's grid (what :func:`write_mask_to_segment` writes) is read exactly from its
+    labelmap. Any other geometry goes through Slicer's exporter (resampling); the temporary labelmap, display and
+    colour table nodes it adds to the scene are removed again."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment = segmentation.GetSegment(segment_id)
+    if segment is None:
+        raise KeyError(f"segment '{segment_id}' is not in segmentation '{segmentation_node.GetName()}'")
+    image = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_id)
+    dims = volume_node.GetImageData().GetDimensions()  # i, j, k
+    if image is not None:
+        try:
+            layer = _Layer(image, volume_lattice_in_segmentation(volume_node, segmentation_node), "")
+            if layer.empty:
+                return np.zeros(tuple(reversed(dims)), dtype=np.uint8)
+            return layer.read_box(tuple((0, int(n)) for n in dims), segment.GetLabelValue()).astype(np.uint8)
+        except GeometryError:
+            pass  # another grid (or a non-linear transform): let Slicer resample it
+    return _export_segment(segmentation_node, segment_id, volume_node)
+
+
+def _export_segment(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     import vtk
 
     scene = segmentation_node.GetScene()
     logic = segmentations_logic(scene)
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
+    colors_before = {scene.GetNthNodeByClass(n, "vtkMRMLColorNode")
+                     for n in range(scene.GetNumberOfNodesByClass("vtkMRMLColorNode"))}
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__sam3d_tmp__")
     try:
         if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node):
             raise RuntimeError(f"exporting segment '{segment_id}' failed")
         return (np.array(_scalars_view(labelmap.GetImageData())) > 0).astype(np.uint8)
     finally:
-        _remove_node(scene, labelmap)
+        remove_temporary_node(scene, labelmap, colors_before)
 
 
-def _remove_node(scene, node) -> None:
-    """Remove a temporary labelmap and the colour table the exporter may have made for it."""
-    display = node.GetDisplayNode()
-    color = display.GetColorNode() if display is not None else None
+def remove_temporary_node(scene, node, colors_before=()) -> None:
+    """Remove ``node`` with the display and storage nodes it references and the colour nodes those display
+    nodes reference that were not in the scene before (``colors_before``: the colour nodes present before the
+    node was filled, e.g. by ``ExportSegmentsToLabelmapNode``, which makes a ``<segmentation>_ColorTable``)."""
+    keep = set(colors_before)
+    extra = []
+    for n in range(node.GetNumberOfDisplayNodes()):
+        display = node.GetNthDisplayNode(n)
+        if display is None:
+            continue
+        color = display.GetColorNode() if hasattr(display, "GetColorNode") else None
+        if color is not None and color not in keep and color not in extra:
+            extra.append(color)
+        extra.append(display)
+    for n in range(node.GetNumberOfStorageNodes()):
+        if node.GetNthStorageNode(n) is not None:
+            extra.append(node.GetNthStorageNode(n))
     scene.RemoveNode(node)
-    if color is not None and color.GetName() and node.GetName() in color.GetName():
-        scene.RemoveNode(color)
+    for other in extra:
+        if other.GetScene() is scene:
+            scene.RemoveNode(other)
 
 
 # --------------------------------------------------------------------------------------------- undo

@@ -406,7 +406,7 @@ def test_labelmaps_with_whole_voxel_origin_shift_are_handled(scene):
     assert np.array_equal(sb.read_segment(seg, b, node), expected)
     # a sub-voxel shift is another grid: refused with the fix
     c = add_segment_with_own_origin(seg, node, "offgrid", (0.5, 0, 0), crop)
-    with pytest.raises(GeometryError, match="Specify geometry"):
+    with pytest.raises(GeometryError, match="Create new segmentation"):
         sb.write_mask_to_segment(seg, c, np.ones((2, 2, 2), np.uint8), box_of(0, 2, 0, 2, 0, 2), node)
 
 

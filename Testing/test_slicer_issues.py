@@ -1,0 +1,125 @@
+"""Slicer-facing defects (issues 8 and 10) on real MRML (PyPI ``slicer-core``), one test per item.
+
+Set-up helpers come from ``test_slicer_bridge`` (same folder): small oblique, anisotropic volumes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (test dependency) is required")
+import vtk  # noqa: E402  (installed with slicer-core)
+
+from SAM3DSegmentLib import slicer_bridge as sb  # noqa: E402
+from SAM3DSegmentLib.geometry import GeometryError  # noqa: E402
+from test_slicer_bridge import (SHAPE_KJI, add_parent_transform, add_volume, box_of, local_ijk_to_ras,  # noqa: E402
+                                rotation, scene)  # noqa: F401  (scene: the fixture)
+
+
+def world_ijk_to_ras(node):
+    return sb._parent_to_world(node) @ local_ijk_to_ras(node)
+
+
+def labelmap_state(seg, sid):
+    """(array copy, ImageToWorld, extent) of a segment's internal labelmap: what 'unchanged' means."""
+    img = seg.GetBinaryLabelmapInternalRepresentation(sid)
+    m = vtk.vtkMatrix4x4()
+    img.GetImageToWorldMatrix(m)
+    return np.array(sb._scalars_view(img)), sb._vtk_matrix_to_numpy(m), tuple(img.GetExtent())
+
+
+def segment_voxels_in_volume(seg, sid, volume):
+    """Volume voxels (k, j, i) covered by a segment, computed WITHOUT the bridge or the exporter: every labelmap
+    voxel centre -> segmentation frame (ImageToWorld) -> world (segmentation's parent) -> volume ijk."""
+    img = seg.GetBinaryLabelmapInternalRepresentation(sid)
+    arr = sb._scalars_view(img)
+    label = seg.GetSegmentation().GetSegment(sid).GetLabelValue()
+    e = img.GetExtent()
+    k, j, i = np.nonzero(arr == label)
+    if not len(k):
+        return np.zeros(SHAPE_KJI, bool)
+    m = vtk.vtkMatrix4x4()
+    img.GetImageToWorldMatrix(m)
+    ijk_h = np.stack([i + e[0], j + e[2], k + e[4], np.ones_like(i)]).astype(float)
+    world = sb._parent_to_world(seg) @ sb._vtk_matrix_to_numpy(m) @ ijk_h
+    vijk = np.linalg.inv(world_ijk_to_ras(volume)) @ world
+    assert np.allclose(vijk[:3], np.round(vijk[:3]), atol=1e-3), "segment voxels are off the volume grid"
+    vijk = np.round(vijk[:3]).astype(int)
+    out = np.zeros(SHAPE_KJI, bool)
+    out[vijk[2], vijk[1], vijk[0]] = True
+    return out
+
+
+def paint_like_segment_editor(seg, name, block_kji_of_reference):
+    """A segment the way the Segment Editor stores it: a labelmap on the segmentation's reference geometry."""
+    geometry = slicer.vtkOrientedImageData()
+    parameter = seg.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(parameter, geometry, True, vtk.VTK_UNSIGNED_CHAR, 1)
+    arr = sb._scalars_view(geometry)
+    arr[...] = 0
+    arr[block_kji_of_reference] = 1
+    segment = slicer.vtkSegment()
+    segment.SetName(name)
+    segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), geometry)
+    seg.GetSegmentation().AddSegment(segment, name)
+    return name
+
+
+# ------------------------------------------------------------------------------------------------ issue 8.1
+@pytest.mark.parametrize("where", ["not under a transform", "under the volume's transform",
+                                   "under another transform"])
+def test_existing_segmentation_is_written_through_transforms_and_never_moved(scene, where):
+    volume = add_volume(scene)
+    vol_t, _ = add_parent_transform(scene, volume, deg=35.0, shift=(80.0, -10.0, 25.0))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "user segmentation")
+    seg.CreateDefaultDisplayNodes()
+    if where == "under the volume's transform":
+        seg.SetAndObserveTransformNodeID(vol_t.GetID())
+    elif where == "under another transform":
+        add_parent_transform(scene, seg, deg=-20.0, shift=(-5.0, 30.0, 7.0))
+    # the Segment Editor way: reference geometry from the CT (as the segmentation sees it), then paint
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    old = paint_like_segment_editor(seg, "liver", box_of(4, 12, 10, 30, 10, 40))
+    parent_before = seg.GetTransformNodeID()
+    old_before = labelmap_state(seg, old)
+    old_voxels = segment_voxels_in_volume(seg, old, volume)
+    assert old_voxels.sum() == 8 * 20 * 30  # it lies on the CT grid in world space
+
+    seg2, sid = sb.prepare_target(scene, volume, seg, None)
+    assert seg2 is seg and seg.GetTransformNodeID() == parent_before, "the user's segmentation was re-parented"
+    assert all(np.array_equal(a, b) for a, b in zip(labelmap_state(seg, old), old_before)), "existing segment moved"
+
+    new = np.zeros(SHAPE_KJI, np.uint8)
+    new[8:16, 20:40, 30:50] = 1  # overlaps the existing segment: "overwrite all" takes those voxels
+    box = box_of(0, 20, 0, 48, 0, 64)
+    report = sb.write_mask_to_segment(seg, sid, new[box], box, volume)
+    assert report["changed_voxels"] == int(new.sum())
+    assert np.array_equal(segment_voxels_in_volume(seg, sid, volume), new > 0)
+    assert np.array_equal(segment_voxels_in_volume(seg, old, volume), old_voxels & ~(new > 0))
+    # read_segment (used by the NIfTI export) sees the same voxels through the transforms
+    assert np.array_equal(sb.read_segment(seg, sid, volume), new)
+    assert seg.GetTransformNodeID() == parent_before
+
+
+def test_segmentation_on_another_grid_is_refused_before_anything_changes(scene):
+    volume = add_volume(scene)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "made before the CT was moved")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # geometry taken BEFORE the transform
+    old = paint_like_segment_editor(seg, "liver", box_of(4, 12, 10, 30, 10, 40))
+    add_parent_transform(scene, volume, deg=35.0, shift=(80.0, -10.0, 25.0))  # now the CT moves away
+    before = labelmap_state(seg, old)
+    with pytest.raises(GeometryError, match="another voxel grid.*nothing was changed.*Create new segmentation"):
+        sb.prepare_target(scene, volume, seg, None)
+    assert seg.GetTransformNodeID() is None
+    assert seg.GetSegmentation().GetNumberOfSegments() == 1  # no target segment was added
+    assert all(np.array_equal(a, b) for a, b in zip(labelmap_state(seg, old), before))
+    # and a new segmentation for the moved volume lands on its grid, under its transform
+    created, sid = sb.prepare_target(scene, volume, None, None)
+    assert created.GetTransformNodeID() == volume.GetTransformNodeID()
+    mask = np.ones((2, 3, 4), np.uint8)
+    sb.write_mask_to_segment(created, sid, mask, box_of(5, 7, 6, 9, 7, 11), volume)
+    expected = np.zeros(SHAPE_KJI, bool)
+    expected[5:7, 6:9, 7:11] = True
+    assert np.array_equal(segment_voxels_in_volume(created, sid, volume), expected)
