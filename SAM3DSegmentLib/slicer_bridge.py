@@ -235,12 +235,24 @@ def clicks_from_markups(positive_node, negative_node, volume_node,
     return [(p, pos) for _, p, pos in entries]
 
 
+def defined_point_ids(node) -> frozenset:
+    """Ids of the control points of ``node`` whose position is defined (not previews, not unset)."""
+    import slicer
+
+    defined = slicer.vtkMRMLMarkupsNode.PositionDefined
+    return frozenset(node.GetNthControlPointID(i) for i in range(node.GetNumberOfControlPoints())
+                     if node.GetNthControlPointPositionStatus(i) == defined)
+
+
 class MarkupsObserver:
     """Calls ``callback(reason, node, index)`` when the prompt points really change.
 
     Reasons: ``"defined"`` (a click placed a point: PointPositionDefinedEvent), ``"moved"`` (a drag ended:
-    PointEndInteractionEvent), ``"removed"`` (PointRemovedEvent). Preview points while hovering in place
-    mode fire only PointAdded/PointModified: they are ignored, so no inference runs on mouse moves. One VTK
+    PointEndInteractionEvent), ``"removed"`` (PointRemovedEvent that took away a DEFINED point). Preview points
+    while hovering in place mode fire only PointAdded/PointModified, and when the mouse leaves a view the markups
+    widget removes its preview point (PointRemovedEvent): both are ignored (the observer keeps the set of defined
+    point ids of each list and reports a removal only when that set lost a member), so nothing runs on mouse
+    moves or on leaving a view. One VTK
     callback per event id (the event name arrives as 'NoEvent' for markups events); ``index`` is None when
     the event came from inside StartModify/EndModify. On "defined" the point gets its placement number
     (:func:`record_placement`) before the callback runs.
@@ -251,6 +263,7 @@ class MarkupsObserver:
         self.nodes = [n for n in nodes if n is not None]
         self._tags: List[Tuple[object, int]] = []
         self.enabled = True
+        self._defined = {id(n): defined_point_ids(n) for n in self.nodes}
         self._observe()
 
     def _observe(self) -> None:
@@ -263,6 +276,11 @@ class MarkupsObserver:
                                   (M.PointRemovedEvent, "removed")):
                 handler = self._make_handler(reason)
                 self._tags.append((node, node.AddObserver(event, handler)))
+            for event in (M.PointAddedEvent, M.PointModifiedEvent):  # keep the defined-ids snapshot current
+                self._tags.append((node, node.AddObserver(event, self._refresh)))
+
+    def _refresh(self, node, _event) -> None:
+        self._defined[id(node)] = defined_point_ids(node)
 
     def _make_handler(self, reason: str):
         import vtk
@@ -274,8 +292,12 @@ class MarkupsObserver:
         return handler
 
     def _dispatch(self, reason: str, node, index: Optional[int]) -> None:
+        before = self._defined.get(id(node))
+        self._defined[id(node)] = now = defined_point_ids(node)
         if not self.enabled:
             return
+        if reason == "removed" and before is not None and before <= now:
+            return  # a preview point (hover) was removed: not a user action
         if reason == "defined" and index is not None and 0 <= index < node.GetNumberOfControlPoints():
             record_placement(node, index, counter_node=self.nodes[0])
         self.callback(reason, node, index)

@@ -123,3 +123,49 @@ def test_segmentation_on_another_grid_is_refused_before_anything_changes(scene):
     expected = np.zeros(SHAPE_KJI, bool)
     expected[5:7, 6:9, 7:11] = True
     assert np.array_equal(segment_voxels_in_volume(created, sid, volume), expected)
+
+
+# ------------------------------------------------------------------------------------------------ issue 10.3
+def test_leaving_a_view_in_place_mode_is_not_a_click(scene):
+    """The markups widget removes its preview point when the mouse leaves a view (PointRemovedEvent)."""
+    from test_slicer_bridge import hover_then_click
+
+    pos = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "pos")
+    neg = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "neg")
+    for n in (pos, neg):
+        n.CreateDefaultDisplayNodes()
+    calls = []
+    obs = sb.MarkupsObserver([pos, neg], lambda reason, n, i: calls.append((reason, n.GetName())))
+    try:
+        idx = hover_then_click(pos, [(0, 20, 50), (1, 21, 51)], define=False)  # hovering
+        pos.RemoveNthControlPoint(idx)  # the mouse leaves the view
+        assert calls == []
+        hover_then_click(neg, [(3, 3, 3)], define=False)
+        neg.RemoveAllControlPoints()  # only a preview there
+        assert calls == []
+        hover_then_click(pos, [(5, 25, 55)])  # a real click
+        preview = hover_then_click(pos, [(6, 26, 56)], define=False)  # hovering for the next one
+        pos.RemoveNthControlPoint(preview)  # leaves the view
+        assert calls == [("defined", "pos")]
+        pos.RemoveNthControlPoint(0)  # the user deletes the clicked point: a change
+        assert calls == [("defined", "pos"), ("removed", "pos")]
+        hover_then_click(pos, [(7, 27, 57)])
+        pos.RemoveAllControlPoints()
+        assert calls[-1] == ("removed", "pos") and len(calls) == 4
+    finally:
+        obs.remove()
+
+
+def test_removing_a_scripted_or_loaded_point_is_a_change(scene):
+    pos = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "pos")
+    pos.AddControlPointWorld(vtk.vtkVector3d(1, 2, 3))  # present before the observer (loaded with a scene)
+    calls = []
+    obs = sb.MarkupsObserver([pos], lambda reason, n, i: calls.append(reason))
+    try:
+        pos.AddControlPointWorld(vtk.vtkVector3d(4, 5, 6))  # added by a script
+        n = len(calls)
+        pos.RemoveNthControlPoint(1)
+        pos.RemoveNthControlPoint(0)
+        assert calls[n:] == ["removed", "removed"]
+    finally:
+        obs.remove()
