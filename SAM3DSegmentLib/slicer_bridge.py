@@ -37,6 +37,9 @@ ORDER_ATTRIBUTE = "SAM3DSegment.ClickOrder"
 #: Scene-wide counter of placements (attribute on the positive node; merged with the negative node's).
 _SEQ_ATTRIBUTE = "SAM3DSegment.ClickSeq"
 
+#: Colour of prompt points that are not used (unselected: outside the volume).
+UNUSED_POINT_COLOR = (0.55, 0.55, 0.55)
+
 OVERWRITE_MODES = ("all", "visible", "none")
 MASK_MODES = ("everywhere", "inside_all", "inside_visible", "outside_all", "outside_visible",
               "inside_segment", "outside_segment")
@@ -204,7 +207,8 @@ def clicks_from_markups(positive_node, negative_node, volume_node,
 
     Points are read in WORLD coordinates; ``frame="volume"`` maps them into the volume's local frame through
     the volume's parent transform (world -> parent), ready for the LOCAL IJKToRAS. Preview points (hovering in
-    place mode) and points whose position is undefined are skipped. Order: the placement number recorded by
+    place mode), points whose position is undefined and unselected points (:func:`reject_points_outside` marks
+    points outside the volume so) are skipped. Order: the placement number recorded by
     :func:`record_placement` (set by :class:`MarkupsObserver` when a point is defined); points without one
     (loaded from a scene, added by a script) come after, positive list first, each list in index order.
     """
@@ -222,7 +226,8 @@ def clicks_from_markups(positive_node, negative_node, volume_node,
             continue
         order = _read_order(node)
         for i in range(node.GetNumberOfControlPoints()):
-            if node.GetNthControlPointPositionStatus(i) != slicer.vtkMRMLMarkupsNode.PositionDefined:
+            if node.GetNthControlPointPositionStatus(i) != slicer.vtkMRMLMarkupsNode.PositionDefined \
+                    or not node.GetNthControlPointSelected(i):
                 continue
             p = [0.0, 0.0, 0.0]
             node.GetNthControlPointPositionWorld(i, p)
@@ -242,6 +247,54 @@ def defined_point_ids(node) -> frozenset:
     defined = slicer.vtkMRMLMarkupsNode.PositionDefined
     return frozenset(node.GetNthControlPointID(i) for i in range(node.GetNumberOfControlPoints())
                      if node.GetNthControlPointPositionStatus(i) == defined)
+
+
+def volume_geometry(volume_node) -> Volume:
+    """The volume's grid in WORLD space without copying its voxels (``array`` is a read-only zero view of the
+    right shape): for point-inside tests on the GUI thread."""
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise ValueError("no volume selected: choose the CT volume to segment")
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    i, j, k = volume_node.GetImageData().GetDimensions()
+    return Volume(np.broadcast_to(np.uint8(0), (k, j, i)), _parent_to_world(volume_node) @ _vtk_matrix_to_numpy(m),
+                  {"node_id": volume_node.GetID(), "name": volume_node.GetName()})
+
+
+def reject_points_outside(volume_node, nodes: Sequence, observer: Optional["MarkupsObserver"] = None) -> List[str]:
+    """Mark the defined control points of ``nodes`` that lie outside the volume (world space, the same test the
+    engine applies) as NOT selected, so :func:`clicks_from_markups` does not send them; points back inside are
+    selected again. Returns one message per rejected point, for the status line (Slicer words, no command-line
+    advice). The selection change fires only PointModified, which :class:`MarkupsObserver` ignores."""
+    import slicer
+
+    geometry = volume_geometry(volume_node)
+    messages = []
+    was = observer.enabled if observer is not None else None
+    if observer is not None:
+        observer.enabled = False
+    try:
+        for node in nodes:
+            if node is None:
+                continue
+            for i in range(node.GetNumberOfControlPoints()):
+                if node.GetNthControlPointPositionStatus(i) != slicer.vtkMRMLMarkupsNode.PositionDefined:
+                    continue
+                p = [0.0, 0.0, 0.0]
+                node.GetNthControlPointPositionWorld(i, p)
+                inside = bool(geometry.contains_ijk(geometry.ras_to_ijk_points(np.asarray(p))))
+                if bool(node.GetNthControlPointSelected(i)) != inside:
+                    node.SetNthControlPointSelected(i, inside)
+                if not inside:
+                    messages.append(f"The point at R,A,S = {np.round(p, 1).tolist()} in '{node.GetName()}' is "
+                                    f"outside the volume '{volume_node.GetName()}' and is not used (shown grey): "
+                                    "drag it into the image or delete it.")
+    finally:
+        if observer is not None:
+            observer.enabled = was
+    return messages
 
 
 class MarkupsObserver:
@@ -316,11 +369,12 @@ def prompt_nodes(scene, positive=None, negative=None):
         if node is None or node.GetScene() is None:
             node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
             node.CreateDefaultDisplayNodes()
-            display = node.GetDisplayNode()
-            display.SetSelectedColor(*color)
-            display.SetColor(*color)
-            display.SetPointLabelsVisibility(False)
+            node.GetDisplayNode().SetPointLabelsVisibility(False)
             node.SetMarkupLabelFormat("")
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetSelectedColor(*color)  # points that are used
+            display.SetColor(*UNUSED_POINT_COLOR)  # unselected: outside the volume (reject_points_outside)
         out.append(node)
     return tuple(out)
 

@@ -169,3 +169,40 @@ def test_removing_a_scripted_or_loaded_point_is_a_change(scene):
         assert calls[n:] == ["removed", "removed"]
     finally:
         obs.remove()
+
+
+# ------------------------------------------------------------------------------------------------ issue 8.2
+def test_click_outside_the_volume_is_marked_unused_and_later_clicks_work(scene):
+    from SAM3DSegmentLib.session import Session, SessionOptions
+    from test_slicer_bridge import _BallBackend
+
+    volume = add_volume(scene)
+    add_parent_transform(scene, volume)
+    pos, neg = sb.prompt_nodes(scene)
+    world = world_ijk_to_ras(volume)
+    session = Session(_BallBackend(), SessionOptions(region_size=16, spacing_mm=2.0, extend=False, max_regions=1))
+    session.set_volume(sb.volume_from_node(volume))
+    session.new_object("a")
+
+    def click(node, ijk):
+        node.AddControlPointWorld(vtk.vtkVector3d(*(world @ [*ijk, 1.0])[:3].tolist()))
+        messages = sb.reject_points_outside(volume, [pos, neg])
+        session.set_clicks([Click(ras=tuple(r), positive=p) for r, p in sb.clicks_from_markups(pos, neg, volume)])
+        return messages
+
+    from SAM3DSegmentLib.session import Click
+
+    assert click(pos, (30, 24, 10)) == []
+    messages = click(pos, (30, 24, 25))  # k = 25 is beyond the 20 slices: outside
+    assert len(messages) == 1 and "outside the volume 'ct'" in messages[0] and "--" not in messages[0]
+    assert pos.GetNumberOfControlPoints() == 2 and not pos.GetNthControlPointSelected(1)
+    assert len(session.clicks()) == 1  # not sent
+    assert click(neg, (10, 10, 5)) == messages  # later clicks work (the grey point is still reported)
+    assert [c.positive for c in session.clicks()] == [True, False]
+    # dragged back into the image: used again
+    pos.SetNthControlPointPositionWorld(1, *(world @ [31.0, 24.0, 12.0, 1.0])[:3].tolist())
+    assert sb.reject_points_outside(volume, [pos, neg]) == []
+    assert pos.GetNthControlPointSelected(1) and len(sb.clicks_from_markups(pos, neg, volume)) == 3
+    # the unused colour differs from the used one
+    d = pos.GetDisplayNode()
+    assert tuple(d.GetColor()) != tuple(d.GetSelectedColor())
