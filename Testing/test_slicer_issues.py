@@ -206,3 +206,77 @@ def test_click_outside_the_volume_is_marked_unused_and_later_clicks_work(scene):
     # the unused colour differs from the used one
     d = pos.GetDisplayNode()
     assert tuple(d.GetColor()) != tuple(d.GetSelectedColor())
+
+
+# ------------------------------------------------------------------------------------------------ issue 10.5
+def _engine_and_segmentation(scene):
+    from SAM3DSegmentLib.session import Session, SessionOptions
+    from test_slicer_bridge import _BallBackend, add_segmentation
+
+    volume = add_volume(scene, oblique=False)
+    seg, (target, locked, other) = add_segmentation(scene, volume, names=("target", "locked", "other"))
+    session = Session(_BallBackend(), SessionOptions(region_size=16, spacing_mm=2.0, extend=False, max_regions=1))
+    session.set_volume(sb.volume_from_node(volume))
+    oid = session.new_object("target")
+    return volume, seg, target, locked, other, session, oid
+
+
+@pytest.mark.parametrize("order", ["change, then no change", "no change, then change"])
+def test_undo_redo_stay_in_step_with_the_engine_when_a_click_changes_nothing(scene, order):
+    volume, seg, target, locked, other, session, oid = _engine_and_segmentation(scene)
+    world = world_ijk_to_ras(volume)
+    ras = {name: tuple((world @ [*ijk, 1.0])[:3]) for name, ijk in
+           (("p1", (30, 24, 10)), ("p2", (12, 10, 4)))}
+    box = box_of(0, 20, 0, 48, 0, 64)
+    # "other" lies where the first ball goes: a real change takes voxels from it (exact undo must give them back)
+    other_arr = np.zeros(SHAPE_KJI, np.uint8)
+    other_arr[6:14, 20:28, 26:34] = 1
+    sb.write_mask_to_segment(seg, other, other_arr, box, volume)
+    locked_arr = np.zeros(SHAPE_KJI, np.uint8)
+    if order == "no change, then change":
+        locked_arr[:, :22, :28] = 1  # the ball around p2 lies inside a locked segment: its click changes nothing
+        sb.write_mask_to_segment(seg, locked, locked_arr, box, volume)
+        sb.set_segment_locked(seg, locked)
+        clicks = [("p2", "nothing"), ("p1", "change")]
+    else:
+        clicks = [("p1", "change"), ("p1", "nothing")]  # the same ball again: nothing changes
+    history = sb.SegmentHistory(seg)
+
+    def state():
+        return {s: sb.read_segment(seg, s, volume) for s in (target, other, locked)}
+
+    def expected_target():
+        return session.mask(oid) & (1 - locked_arr)
+
+    states = [state()]
+    for name, effect in clicks:
+        update = session.add_click(ras=ras[name], positive=True)
+        report = sb.apply_engine_result("clicks", update, True, seg, target, volume, history)
+        assert (report["changed_voxels"] > 0) == (effect == "change"), (name, report)
+        assert np.array_equal(sb.read_segment(seg, target, volume), expected_target())
+        states.append(state())
+    assert states[-1][other].sum() < other_arr.sum()  # the change took voxels from "other"
+    for n in (1, 0):
+        session.undo(oid)
+        assert sb.apply_engine_result("undo", None, True, seg, target, volume, history) is not None
+        assert np.array_equal(sb.read_segment(seg, target, volume), expected_target()), f"undo to state {n}"
+        assert all(np.array_equal(a, states[n][s]) for s, a in state().items()), f"undo to state {n}"
+    for n in (1, 2):
+        session.redo(oid)
+        sb.apply_engine_result("redo", None, True, seg, target, volume, history)
+        assert np.array_equal(sb.read_segment(seg, target, volume), expected_target()), f"redo to state {n}"
+        assert all(np.array_equal(a, states[n][s]) for s, a in state().items()), f"redo to state {n}"
+    assert not history.can_redo and history.can_undo
+    # nothing to undo in the engine: nothing happens here either
+    assert sb.apply_engine_result("redo", None, False, seg, target, volume, history) is None
+
+
+def test_history_falls_back_to_the_engine_result_when_its_state_is_gone(scene):
+    volume, seg, target, locked, other, session, oid = _engine_and_segmentation(scene)
+    history = sb.SegmentHistory(seg)
+    ras = tuple((world_ijk_to_ras(volume) @ [30, 24, 10, 1.0])[:3])
+    sb.apply_engine_result("clicks", session.add_click(ras=ras), True, seg, target, volume, history)
+    history.clear()  # e.g. the module restarted its history
+    update = session.undo(oid)
+    assert sb.apply_engine_result("undo", update, True, seg, target, volume, history)["changed_voxels"] > 0
+    assert not sb.read_segment(seg, target, volume).any()
