@@ -362,6 +362,95 @@ class MarkupsObserver:
         self._tags = []
 
 
+def place_buttons_state(interaction_node, selection_node, positive_node, negative_node) -> Tuple[bool, bool]:
+    """(include checked, exclude checked) as the scene says: placing (interaction mode Place) into the positive
+    or the negative list (the selection node's active place node). Esc or a right-click in a view ends place
+    mode in the interaction node without touching the module's buttons; this is what the buttons must show."""
+    if interaction_node is None or interaction_node.GetCurrentInteractionMode() != interaction_node.Place:
+        return False, False
+    active = selection_node.GetActivePlaceNodeID() if selection_node is not None else None
+    return (bool(active) and positive_node is not None and active == positive_node.GetID(),
+            bool(active) and negative_node is not None and active == negative_node.GetID())
+
+
+class PlaceModeObserver:
+    """Calls ``callback(include, exclude)`` (:func:`place_buttons_state`) whenever that state changes: the
+    interaction node's mode (InteractionModeChangedEvent, ModifiedEvent) or the selection node's active place
+    node (ActivePlaceNodeIDChangedEvent). ``nodes()`` returns the current (positive, negative) lists."""
+
+    def __init__(self, interaction_node, selection_node, nodes: Callable[[], Tuple[object, object]],
+                 callback: Callable[[bool, bool], None]):
+        import vtk
+
+        self.interaction_node, self.selection_node, self.nodes, self.callback = \
+            interaction_node, selection_node, nodes, callback
+        self.state = self.current()
+        self._tags = []
+        if interaction_node is not None:
+            for event in (interaction_node.InteractionModeChangedEvent, vtk.vtkCommand.ModifiedEvent):
+                self._tags.append((interaction_node, interaction_node.AddObserver(event, self._update)))
+        if selection_node is not None:
+            self._tags.append((selection_node, selection_node.AddObserver(
+                selection_node.ActivePlaceNodeIDChangedEvent, self._update)))
+
+    def current(self) -> Tuple[bool, bool]:
+        positive, negative = self.nodes()
+        return place_buttons_state(self.interaction_node, self.selection_node, positive, negative)
+
+    def _update(self, *_args) -> None:
+        state = self.current()
+        if state != self.state:
+            self.state = state
+            self.callback(*state)
+
+    def remove(self) -> None:
+        for node, tag in self._tags:
+            node.RemoveObserver(tag)
+        self._tags = []
+
+
+class TargetSegment:
+    """Which segment the prompt points belong to, and what a segment-selector change means (no Qt).
+
+    The segment selector (``qMRMLSegmentSelectorWidget``) emits ``currentSegmentChanged`` synchronously from
+    inside the module's own changes (``AddEmptySegment`` on a segmentation without segments, selecting the node
+    or segment the module just made). Run those inside :meth:`module_change`: selector notifications then are
+    not user choices, so the click being handled keeps its point."""
+
+    def __init__(self):
+        self.segment_id: Optional[str] = None
+        self._depth = 0
+
+    @contextmanager
+    def module_change(self):
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+
+    @property
+    def changing(self) -> bool:
+        return self._depth > 0
+
+    def selector_changed(self, segment_id: Optional[str]) -> bool:
+        """The selector shows ``segment_id``. True when the USER chose another segment (show that segment's own
+        points; restart the voxel history); False during :meth:`module_change` and for the current segment."""
+        if self._depth or segment_id == self.segment_id:
+            return False
+        self.segment_id = segment_id or None
+        return True
+
+    def module_selected(self, segment_id: str) -> bool:
+        """The module made ``segment_id`` the target; True when that is another segment than before."""
+        changed = segment_id != self.segment_id
+        self.segment_id = segment_id
+        return changed
+
+    def reset(self) -> None:
+        self.segment_id = None
+
+
 def prompt_nodes(scene, positive=None, negative=None):
     """The include (green) and exclude (red) markups lists; existing ones are reused, missing ones created."""
     out = []

@@ -280,3 +280,72 @@ def test_history_falls_back_to_the_engine_result_when_its_state_is_gone(scene):
     update = session.undo(oid)
     assert sb.apply_engine_result("undo", update, True, seg, target, volume, history)["changed_voxels"] > 0
     assert not sb.read_segment(seg, target, volume).any()
+
+
+# ------------------------------------------------------------------------------------------------ issue 10.2
+def test_first_click_on_a_segmentation_without_segments_keeps_its_point(scene):
+    """The segment selector reacts to SegmentAdded synchronously (qMRMLSegmentSelectorWidget); here an observer
+    plays the selector and the widget's handler: a user change clears the points."""
+    volume = add_volume(scene)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "made with 'Create new'")
+    seg.CreateDefaultDisplayNodes()
+    pos, neg = sb.prompt_nodes(scene)
+    pos.AddControlPointWorld(vtk.vtkVector3d(*(world_ijk_to_ras(volume) @ [30, 24, 10, 1.0])[:3].tolist()))
+    target = sb.TargetSegment()
+    cleared = []
+
+    def selector(caller, _event):  # the selector selects the first segment of a segmentation that had none
+        sid = seg.GetSegmentation().GetNthSegmentID(0)
+        if target.selector_changed(sid):
+            cleared.append(sid)
+            sb.show_clicks(pos, neg, [])
+
+    tag = seg.GetSegmentation().AddObserver(slicer.vtkSegmentation.SegmentAdded, selector)
+    try:
+        with target.module_change():
+            _, sid = sb.prepare_target(scene, volume, seg, None)
+        assert target.module_selected(sid) and target.segment_id == sid
+        assert cleared == [] and len(sb.clicks_from_markups(pos, neg, volume)) == 1, "the first click vanished"
+        # a real user choice of another segment still switches (and clears the points)
+        assert target.selector_changed("other") and target.segment_id == "other"
+        assert not target.selector_changed("other")
+        # without the guard the same mechanism deletes the point (the defect)
+        seg.GetSegmentation().RemoveAllSegments()
+        target.reset()
+        sb.prepare_target(scene, volume, seg, None)
+        assert cleared and pos.GetNumberOfControlPoints() == 0
+    finally:
+        seg.GetSegmentation().RemoveObserver(tag)
+
+
+# ------------------------------------------------------------------------------------------------ issue 10.4
+def test_include_exclude_buttons_follow_esc_and_right_click(scene):
+    app = scene._app_logic
+    markups = slicer.vtkSlicerMarkupsLogic()
+    markups.SetMRMLApplicationLogic(app)
+    markups.SetMRMLScene(scene)
+    interaction, selection = app.GetInteractionNode(), app.GetSelectionNode()
+    pos, neg = sb.prompt_nodes(scene)
+    other = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "someone else's list")
+    buttons = []
+    obs = sb.PlaceModeObserver(interaction, selection, lambda: (pos, neg), lambda inc, exc: buttons.append((inc, exc)))
+    try:
+        markups.SetActiveList(pos)
+        markups.StartPlaceMode(True)  # Include pressed
+        assert buttons[-1] == (True, False)
+        interaction.SwitchToViewTransformMode()  # Esc / right-click in a view
+        assert buttons[-1] == (False, False)
+        markups.SetActiveList(neg)
+        markups.StartPlaceMode(True)  # Exclude pressed
+        assert buttons[-1] == (False, True)
+        markups.SetActiveList(other)  # another module places into its own list
+        assert buttons[-1] == (False, False)
+        n = len(buttons)
+        interaction.SwitchToViewTransformMode()
+        assert len(buttons) == n  # no change, no call
+    finally:
+        obs.remove()
+    markups.SetActiveList(pos)
+    markups.StartPlaceMode(True)
+    assert len(buttons) == n  # removed
+    interaction.SwitchToViewTransformMode()
