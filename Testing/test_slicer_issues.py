@@ -349,3 +349,27 @@ def test_include_exclude_buttons_follow_esc_and_right_click(scene):
     markups.StartPlaceMode(True)
     assert len(buttons) == n  # removed
     interaction.SwitchToViewTransformMode()
+
+
+# ------------------------------------------------------------------------------------------------ issue 10.6
+def test_reading_and_exporting_leave_no_nodes_in_the_scene(scene, tmp_path):
+    from test_slicer_bridge import add_segment_with_own_origin, add_segmentation
+
+    volume = add_volume(scene)
+    seg, (a,) = add_segmentation(scene, volume, names=("liver",))
+    sb.write_mask_to_segment(seg, a, np.ones((3, 4, 5), np.uint8), box_of(2, 5, 3, 7, 4, 9), volume)
+    crop = np.ones((2, 2, 2), np.uint8)
+    offgrid = add_segment_with_own_origin(seg, volume, "offgrid", (0.5, 0, 0), crop)  # read via the exporter
+    users_colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "seg_ColorTable")  # a user's node, same name
+
+    def node_ids():
+        return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+
+    before = node_ids()
+    assert sb.read_segment(seg, a, volume).sum() == 60
+    assert sb.read_segment(seg, offgrid, volume).any()
+    sb.export_nifti(seg, str(tmp_path / "labels.nii.gz"), volume)
+    sb.export_nifti(seg, str(tmp_path), volume, segment_ids=[offgrid])
+    sb.export_seg_nrrd(seg, str(tmp_path / "s.seg.nrrd"), volume)
+    assert node_ids() == before, [scene.GetNodeByID(i).GetName() for i in node_ids() - before]
+    assert users_colors.GetScene() is scene
