@@ -29,9 +29,9 @@ import numpy as np
 from .atomic import atomic_write
 from .geometry import GeometryError, Volume
 
-#: Segment tag marking a segment as locked (never modified, never overwritten by SAM3DSegment).
-#: slicer-core 5.13's MRML/segmentation libraries have no segment-lock API (no "lock" in their symbols); this tag is
-#: our convention, set with :func:`set_segment_locked` (Python console) until the module gets a lock toggle.
+#: Segment tag marking a segment as locked FOR THIS MODULE (never modified, never overwritten by SAM3DSegment).
+#: Slicer has no per-segment lock (the Segment Editor's "locked" makes the whole editor read-only); this tag is the
+#: module's own convention, set with :func:`set_segment_locked` (Python console). Other tools ignore it.
 LOCK_TAG = "SAM3DSegment.Locked"
 #: Node attribute (on each markups node) holding the placement order of its points: "pointID:seq;..."
 ORDER_ATTRIBUTE = "SAM3DSegment.ClickOrder"
@@ -1063,8 +1063,9 @@ def _write_update(update, segmentation_node, segment_id, volume_node, history, s
 # --------------------------------------------------------------------------------------------- dependencies
 def ensure_dependencies(torch_requirement: str = ">=2.1") -> None:
     """Inside Slicer, on the user's request only: torch through the PyTorch extension (picks the CUDA build that
-    matches the driver; never pip-installed directly), other packages through ``slicer.pydeps.pip_ensure``
-    (Slicer >= 5.11) or ``slicer.util.pip_install``. numpy/SimpleITK/vtk come with Slicer and are never installed."""
+    matches the driver; never pip-installed directly), other packages through ``slicer.packaging.pip_ensure``
+    (Slicer >= 5.12; no release from 5.8.0 to 5.12.3 has a ``slicer.pydeps``) or ``slicer.util.pip_install`` on
+    older versions. numpy/SimpleITK/vtk come with Slicer and are never installed."""
     import importlib
 
     import slicer
@@ -1083,17 +1084,12 @@ def ensure_dependencies(torch_requirement: str = ">=2.1") -> None:
     try:
         import slicerio  # noqa: F401
     except ImportError:
-        pydeps = None
-        for name in ("slicer.pydeps", "slicer.packaging"):
-            try:
-                pydeps = importlib.import_module(name)
-                break
-            except ImportError:
-                continue
-        if pydeps is not None and hasattr(pydeps, "pip_ensure"):
-            from packaging.requirements import Requirement
-
-            pydeps.pip_ensure([Requirement("slicerio>=1.0")], requester="SAM3DSegment")
+        try:
+            packaging = importlib.import_module("slicer.packaging")
+        except ImportError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            packaging.pip_ensure("slicerio>=1.0", requester="SAM3DSegment")
         else:
             slicer.util.pip_install("slicerio>=1.0")
 
@@ -1188,7 +1184,8 @@ def export_segmentation(kind: str, segmentation_node, volume_node, path: str):
 
 
 def export_dicom_seg(segmentation_node, folder: str, reference_volume) -> List[str]:
-    """Export a DICOM SEG object with Slicer's DICOMSegmentationPlugin (only inside Slicer with the DICOM module).
+    """Export a DICOM SEG object with the DICOMSegmentationPlugin (only inside Slicer with the DICOM module; the
+    plugin ships with Slicer from 5.12, before that with the QuantitativeReporting extension).
 
     The reference volume must have been loaded from DICOM. Returns the files the exporter wrote."""
     if reference_volume is None or not reference_volume.GetAttribute("DICOM.instanceUIDs"):
@@ -1201,8 +1198,9 @@ def export_dicom_seg(segmentation_node, folder: str, reference_volume) -> List[s
     try:
         from DICOMSegmentationPlugin import DICOMSegmentationPluginClass
     except ImportError as exc:
-        raise RuntimeError("Slicer's DICOMSegmentationPlugin is not available (Slicer >= 5.12 ships it; on "
-                           "older versions install the QuantitativeReporting extension)") from exc
+        raise RuntimeError("DICOM SEG export needs Slicer 5.12 or newer (its DICOMSegmentationPlugin) or, on older "
+                           "Slicer, the QuantitativeReporting extension (View > Extensions Manager); or export "
+                           ".seg.nrrd or NIfTI instead") from exc
     os.makedirs(folder, exist_ok=True)
     sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
     # The exporter takes the segmentation's study from the subject hierarchy: put it next to the volume.
