@@ -83,15 +83,11 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         return self.worker.submit(self.engine.edit, kind, segmentId, context={
             "kind": kind, "segmentation": segmentationNode, "segment": segmentId, "volume": volumeNode})
 
-    def writeUpdate(self, update, segmentationNode, segmentId, volumeNode, history):
-        """Write a MaskUpdate into the segment (one undo state per engine edit, honouring Segment Editor settings)."""
+    def writeUpdate(self, kind, update, changed, segmentationNode, segmentId, volumeNode, history):
+        """Bring the segment to an engine result, history in step with the engine (slicer_bridge.apply_engine_result)."""
         from SAM3DSegmentLib import slicer_bridge as sb
-        if update is None or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
-            return None
-        if history is not None:
-            history.save()
         settings = sb.editor_settings(slicer.mrmlScene, segmentationNode)
-        return sb.write_mask_to_segment(segmentationNode, segmentId, update.mask_box, update.box, volumeNode, **settings)
+        return sb.apply_engine_result(kind, update, changed, segmentationNode, segmentId, volumeNode, history, **settings)
 
     def waitIdle(self, pump, timeout=600.0):
         """Process events until the worker is idle, then deliver the results (tests, scripts)."""
@@ -109,11 +105,13 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = self._parameterNode = self._markupsObserver = self.history = self._progress = self._segmentId = None
+        self.logic = self._parameterNode = self._markupsObserver = self.history = self._progress = self._placeObserver = None
         self._shortcuts = []
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        from SAM3DSegmentLib import slicer_bridge as sb
+        self._target = sb.TargetSegment()  # the segment the points belong to; tells user choices from the module's own
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SAM3DSegment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = ui = slicer.util.childWidgetVariables(uiWidget)
@@ -145,12 +143,17 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          lambda caller, event: self.parent.isEntered and self.initializeParameterNode())
         self.initializeParameterNode()
         self.updateButtons()
+        appLogic = slicer.app.applicationLogic()  # the buttons show what the scene does (Esc / right-click end placing)
+        self._placeObserver = sb.PlaceModeObserver(
+            appLogic.GetInteractionNode(), appLogic.GetSelectionNode(), lambda: (self.positivePoints, self.negativePoints),
+            lambda include, exclude: (ui.includeButton.setChecked(include), ui.excludeButton.setChecked(exclude)))
 
     def cleanup(self):
         self.exit()
         self.removeObservers()
         self.timer.stop()
         self._setMarkupsObserver(None)
+        self._placeObserver = self._placeObserver and self._placeObserver.remove()
         if self.logic:
             self.logic.shutdown()
 
@@ -176,7 +179,8 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setMarkupsObserver(None)
         if self._parameterNode is not None and parameterNodeWrapper is not None:
             self._parameterNode.disconnectGui(self._guiTag)
-        self._parameterNode, self.history, self.logic.volumeToken, self._segmentId = None, None, None, None
+        self._parameterNode, self.history, self.logic.volumeToken = None, None, None
+        self._target.reset()
 
     def initializeParameterNode(self):
         from SAM3DSegmentLib import slicer_bridge as sb
@@ -211,44 +215,49 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportDicomSegButton.enabled = bool(volume and seg and volume.GetAttribute("DICOM.instanceUIDs"))
 
     def ensureSegment(self, newSegment=False):
-        """Segmentation (under the volume's transform, on its grid) and a target segment, created when missing."""
+        """Segmentation and target segment, created when missing (never moving a user's); Next object: no points."""
         from SAM3DSegmentLib import slicer_bridge as sb
         volume, seg, segId = self.currentNodes()
-        seg, segId = sb.prepare_target(slicer.mrmlScene, volume, seg, None if newSegment else segId)
-        if not newSegment:
-            self._segmentId = segId  # selecting the same id below keeps the points just placed
-        self.ui.segmentationSelector.setCurrentNode(seg)
-        self.ui.segmentSelector.setCurrentSegmentID(segId)
-        if self.history is None or self.history.node is not seg:
+        with self._target.module_change():
+            seg, segId = sb.prepare_target(slicer.mrmlScene, volume, seg, None if newSegment else segId)
+            self.ui.segmentationSelector.setCurrentNode(seg)
+            self.ui.segmentSelector.setCurrentSegmentID(segId)
+        switched = self._target.module_selected(segId)
+        if self.history is None or self.history.node is not seg or switched:  # the engine's undo stack is per segment
             self.history = sb.SegmentHistory(seg)
+        if newSegment:
+            self.rewritePoints([])
         return volume, seg, segId
 
     def onPlace(self, positive, on):
-        other = self.ui.excludeButton if positive else self.ui.includeButton
+        """Include/Exclude pressed: place into that list. Released by the user (not by PlaceModeObserver): stop placing."""
         if not on:
-            if not other.checked:
+            if self._placeObserver is not None and self._placeObserver.current()[0 if positive else 1]:
                 slicer.app.applicationLogic().GetInteractionNode().SwitchToViewTransformMode()
             return
-        wasBlocked = other.blockSignals(True)
-        other.setChecked(False)
-        other.blockSignals(wasBlocked)
         markupsLogic = slicer.modules.markups.logic()
         markupsLogic.SetActiveList(self.positivePoints if positive else self.negativePoints)
         markupsLogic.StartPlaceMode(True)
 
     def onPointsChanged(self, reason, node, index):
         """A point was placed, moved or removed (never on hover previews): re-run the model."""
-        if self.ui.volumeSelector.currentNode() is None:
+        volume = self.ui.volumeSelector.currentNode()
+        if volume is None:
             self.ui.statusLabel.text = "Select a volume first."
             return
         with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not use the click", waitCursor=False):
             from SAM3DSegmentLib import slicer_bridge as sb
+            unused = sb.reject_points_outside(volume, [self.positivePoints, self.negativePoints], self._markupsObserver)
+            if reason == "defined" and index is not None and not node.GetNthControlPointSelected(index):
+                self.ui.statusLabel.text = unused[-1]  # nothing changed for the model
+                return
             if self.logic.engine.session is None and not self.logic.worker.busy:
                 self.onLoadModel()
             volume, seg, segId = self.ensureSegment()
             clicks = sb.clicks_from_markups(self.positivePoints, self.negativePoints, volume)
             self.logic.syncClicks(volume, seg, segId, clicks)
-            self.ui.statusLabel.text = f"{len(clicks)} click(s) on {seg.GetSegmentation().GetSegment(segId).GetName()}"
+            self.ui.statusLabel.text = " ".join(
+                [f"{len(clicks)} click(s) on {seg.GetSegmentation().GetSegment(segId).GetName()}."] + unused)
             self.timer.start()
 
     def rewritePoints(self, clicks):
@@ -263,7 +272,8 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onNextObject(self):
         if self.ui.volumeSelector.currentNode() is not None:
-            self.ensureSegment(newSegment=True)  # the selection change clears the points
+            with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not start a new object", waitCursor=False):
+                self.ensureSegment(newSegment=True)
 
     def onSegmentationChanged(self, node):
         self.ui.segmentSelector.setCurrentNode(node)
@@ -271,12 +281,12 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onSegmentChanged(self, segId):
-        """Another target segment: show its clicks (if the engine knows it); the voxel undo history restarts."""
+        """The USER chose another target segment (slicer_bridge.TargetSegment): show its clicks; the history restarts."""
+        if self._markupsObserver is None or not self._target.selector_changed(segId or None):
+            return
         if self.history is not None:
             self.history.clear()
-        if self._markupsObserver is None or segId == self._segmentId:
-            return
-        self._segmentId, eng = segId, self.logic.engine
+        eng = self.logic.engine
         self.rewritePoints([])
         if segId and eng.session is not None and eng.volume_key is not None:
             self.logic.worker.submit(eng.clicks, segId, context={"kind": "points", "segment": segId})
@@ -314,17 +324,15 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.modelName = job.result
             self.ui.modelStatusLabel.text = f"Loaded: {job.result}"
             self.showDeviceWarning(ctx["device"])
-        elif kind == "points" and ctx["segment"] == self._segmentId:
+        elif kind == "points" and ctx["segment"] == self._target.segment_id:
             self.rewritePoints(job.result)
         elif kind in ("clicks", "reset", "undo", "redo"):
             update, clicks, changed = (job.result, None, True) if kind == "clicks" else job.result
             history = self.history if self.history is not None and self.history.node is ctx["segmentation"] else None
-            if kind in ("undo", "redo") and changed and history is not None and getattr(history, kind)():
-                pass  # exact restoration of every segment (also those this object took voxels from)
-            elif changed:
-                with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not write the segment", waitCursor=False):
-                    self.logic.writeUpdate(update, ctx["segmentation"], ctx["segment"], ctx["volume"], history)
-            if clicks is not None and ctx["segment"] == self._segmentId:
+            with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not write the segment", waitCursor=False):
+                # undo/redo restore every segment exactly from the history when it holds that step
+                self.logic.writeUpdate(kind, update, changed, ctx["segmentation"], ctx["segment"], ctx["volume"], history)
+            if clicks is not None and ctx["segment"] == self._target.segment_id:
                 self.rewritePoints(clicks)
             if update is not None and kind == "clicks":
                 from SAM3DSegmentLib.worker import describe_update
@@ -377,6 +385,9 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         self.test_ClickLoop()
 
     def test_ClickLoop(self):
+        import importlib.util
+        if importlib.util.find_spec("torch") is None:  # e.g. the extension build machines
+            self.skipTest("torch is not installed (press 'Install dependencies' in the module to run this test)")
         import numpy as np
         from SAM3DSegmentLib import slicer_bridge as sb
         k, j, i = np.indices((40, 64, 64))
