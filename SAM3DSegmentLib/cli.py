@@ -264,8 +264,8 @@ def _model_missing_error(model: Optional[str], name: str, err: BaseException) ->
 
         entry = get_weights(name)
         url = entry.download_url()
-        where = f" (download it from {url} on a machine with internet access)" if url else ""
-        details.append(f"or copy {entry.filename} into {checkpoint_dir()}{where}; it is used from there")
+        where = f" (from {url})" if url else ""
+        details.append(f"or copy {entry.filename}{where} into {checkpoint_dir()}")
     except Exception:  # noqa: BLE001 - the list above is still complete without the cache hint
         pass
     return CliError(head, details)
