@@ -7,8 +7,11 @@ Conventions:
   LPS<->RAS flip happens in ``Volume.from_sitk`` / ``Volume.to_sitk`` and, for ``.seg.nrrd``, here.
 * slicerio's ``voxels`` are ``(i, j, k)``; they are transposed to ``[k, j, i]`` on the way in and back
   on the way out.
-* Every write is atomic: a temporary file with the same extension in the destination directory (so ITK
-  picks the right format), flushed and fsync'ed, then ``os.replace``; the temporary is removed on failure.
+* Every write is atomic (:mod:`SAM3DSegmentLib.atomic`): a temporary file with the same extension in the
+  destination directory (so ITK picks the right format), flushed and fsync'ed, checked (the header read
+  back; NIfTI: every promised byte present, since SimpleITK's NIfTI writer does not raise on a full disk),
+  then ``os.replace``; the temporary is removed on failure and the old file kept. A symlinked output is
+  written through. ``group=`` stages a file into an :class:`~SAM3DSegmentLib.atomic.AtomicGroup`.
 * Bad input raises :class:`VolumeReadError` (a ``ValueError``) whose message names the file, the problem
   and what to do.
 """
@@ -24,7 +27,7 @@ from .geometry import LPS_TO_RAS, RAS_TO_LPS, GeometryError, Volume
 __all__ = [
     "VolumeReadError", "VolumeWriteError", "READ_EXTENSIONS", "WRITE_EXTENSIONS", "file_extension",
     "read_volume", "write_volume", "write_mask", "read_segmentation", "write_segmentation",
-    "resample_like", "atomic_write",
+    "resample_like", "atomic_write", "verify_nifti_written",
 ]
 
 #: Extensions ``read_volume`` accepts (plus a DICOM series directory).

@@ -403,11 +403,11 @@ def test_segment_sample_chest_with_segment_colour(inputs, tmp_path):
 
     out = tmp_path / "lung.seg.nrrd"
     r = run_cli("segment", "--sample", "chest", "--voxel", "--click", "40,64,17", "--checkpoint", inputs["ckpt"],
-                "--device", "cpu", "--no-extend", "--name", "right lung", "--out", out)
+                "--device", "cpu", "--no-extend", "--name", "left lung", "--out", out)
     assert r.returncode == 0, r.stderr
     seg = slicerio.read_segmentation(str(out))
     (segment,) = seg["segments"]
-    assert segment["name"] == "right lung"
+    assert segment["name"] == "left lung"
     np.testing.assert_allclose(segment["color"], cli.DEFAULT_SEGMENT_COLOR, atol=1e-3)
     assert seg["voxels"].shape[:3] == (128, 128, 34)
     r = run_cli("segment", "--sample", "chest", "--voxel", "--click", "40,64,17", "--checkpoint", inputs["ckpt"],
