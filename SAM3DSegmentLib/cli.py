@@ -349,6 +349,8 @@ def _segment(args) -> int:
     if timings_path and _same_file(timings_path, out):
         raise UsageError("--timings and --out must be different files")
 
+    import numpy as np
+
     from .geometry import GeometryError
 
     t = time.perf_counter()
@@ -375,8 +377,6 @@ def _segment(args) -> int:
     for xyz, _ in clicks:
         try:
             if args.voxel:
-                import numpy as np
-
                 if not bool(volume.contains_ijk(np.asarray(xyz, dtype=float))):
                     raise GeometryError(
                         f"voxel click i,j,k = {list(xyz)} lies outside the image (grid {list(volume.shape_ijk)}; "
@@ -411,8 +411,6 @@ def _segment(args) -> int:
         per_click.append({"click": list(xyz), "positive": positive, "encoded_regions": u.encoded_regions,
                           **{k: v for k, v in u.timings.items()}})
     mask = session.mask()
-    import numpy as np
-
     from .atomic import AtomicGroup
 
     # Mask and timings are staged (written, checked) first and put in place together: both or neither.

@@ -317,7 +317,8 @@ def _check_dicom_slices(reader, names: Sequence[str], what: str) -> None:
             raise VolumeReadError(f"{what}: slices {os.path.basename(names[a])} and {os.path.basename(names[b])} "
                                   "are at the same position (duplicate slice or a second acquisition mixed in); "
                                   "remove the duplicates or give a folder with one series")
-    tol = max(0.05 * median, 0.01)
+    # 10% of the step: small rounding of the stored positions passes; a missing slice doubles a step
+    tol = max(0.1 * median, 0.01)
     bad = np.flatnonzero(np.abs(gaps - median) > tol)
     if bad.size:
         k = int(bad[0])
