@@ -3,7 +3,15 @@
 
 Exit status: 0 success, 1 runtime failure (unreadable image, click outside the volume, bad checkpoint,
 missing output folder, ...), 2 usage error (malformed arguments). Every failure prints ONE line on stderr
-naming the problem and the fix; outputs are written atomically, so a failed run leaves no partial file.
+naming the problem and the fix; the one exception is a model that cannot be found, whose line is followed
+by a short indented list of the ways to get one. Outputs are written atomically, so a failed run leaves no
+partial file.
+
+``sam3d segment`` checks every output path before it reads the image or loads the model (file type,
+existing folder, not a folder, not the input image, a file can be created in the folder). The mask and
+the ``--timings`` JSON are then staged as complete, checked temporary files and put in place together
+(:class:`SAM3DSegmentLib.atomic.AtomicGroup`): either both are written or neither replaces anything,
+and the exit status is 1.
 """
 from __future__ import annotations
 
@@ -20,6 +28,10 @@ from .atomic import write_json
 PROG = "sam3d"
 #: Output file types ``sam3d segment`` writes.
 SEGMENT_OUTPUTS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
+#: ``--sample`` names of ``sam3d segment`` (bundled images, read by :mod:`SAM3DSegmentLib.sample_data`).
+SAMPLES = ("chest",)
+#: Colour of the segment in a ``.seg.nrrd`` written by ``sam3d segment`` (the demo's first colour).
+DEFAULT_SEGMENT_COLOR = (230 / 255.0, 75 / 255.0, 60 / 255.0)
 
 #: Sub-commands provided by other modules: name -> (module, attribute, one-line help).
 EXTERNAL_COMMANDS = {
@@ -39,7 +51,14 @@ class UsageError(Exception):
 
 
 class CliError(Exception):
-    """A runtime failure with a message that names the problem and the fix (exit status 1)."""
+    """A runtime failure with a message that names the problem and the fix (exit status 1).
+
+    ``details``: optional short lines printed, indented, under the one-line message (e.g. the choices of
+    model when none can be found)."""
+
+    def __init__(self, message: str, details: Sequence[str] = ()):
+        super().__init__(message)
+        self.details = list(details)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +73,9 @@ def _one_line(text: object) -> str:
 
 
 def fail(prog: str, err: BaseException, status: int) -> int:
-    sys.stderr.write(f"{prog}: error: {_one_line(err)}\n")
+    lines = [f"{prog}: error: {_one_line(err)}"]
+    lines += ["  " + " ".join(str(d).splitlines()) for d in getattr(err, "details", ())]
+    sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
     return status
 
@@ -96,7 +117,14 @@ def build_segment_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=f"{PROG} segment",
                 description="Segment one object of a 3D image (NIfTI, NRRD, MHA or a DICOM folder) from clicks "
                             "with a SAM-Med3D-family model and write the mask on the image's grid.")
-    p.add_argument("image", help="input image file or DICOM series folder")
+    p.add_argument("image", nargs="?", default=None,
+                   help="input image file or DICOM series folder (or use --sample chest)")
+    p.add_argument("--sample", choices=SAMPLES, default=None,
+                   help="segment a bundled sample image instead of a file: 'chest' is the chest CT shipped in "
+                        "slicerio (128x128x34 voxels, 3.05x3.05x10 mm); try it with --model demo")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="DICOM folder with several series: the SeriesInstanceUID to read (default: the series "
+                        "with the most files; the choice is printed and recorded in --timings)")
     p.add_argument("--click", "-c", action="append", default=[], metavar="R,A,S[:+|-]",
                    help="a click in RAS millimetres (Slicer's coordinates), ':+' positive (default) or ':-' "
                         "negative; repeat for more clicks (applied in order)")
@@ -121,13 +149,33 @@ def build_segment_parser() -> argparse.ArgumentParser:
     p.add_argument("--clamp-hu", default=None, metavar="LO,HI",
                    help="clamp CT values to LO,HI HU before normalising (training used -1000,1000)")
     p.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd output")
+    p.add_argument("--color", default=None, metavar="#RRGGBB|R,G,B",
+                   help="segment colour in a .seg.nrrd output (default #e64b3c, red; R,G,B in 0..1 also work)")
     p.add_argument("--out", "-o", required=True, help="output mask: .nii.gz, .nii, .nrrd, .mha or .seg.nrrd")
-    p.add_argument("--timings", default=None, metavar="JSON", help="also write timings and run details here")
+    p.add_argument("--timings", default=None, metavar="JSON",
+                   help="also write timings and run details here (written together with the mask: both or "
+                        "neither)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     return p
 
 
-def _check_output_path(path: str, allowed: Sequence[str], flag: str) -> str:
+def _same_file(a: str, b: str) -> bool:
+    """Do the two paths name the same file (``./x`` vs absolute, through symlinks, hard links)?"""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist yet: compare where they resolve
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_output_path(path: str, allowed: Sequence[str], flag: str, inputs: Sequence[str] = ()) -> str:
+    """Refuse, before any work, an output that cannot be written or would overwrite an input.
+
+    Checks the file type, that the folder exists and a file can be created in it, that the path is not a
+    folder, and that it is not one of ``inputs`` (also through ``./``, symlinks or hard links). Returns the
+    absolute path."""
+    import tempfile
+
+    from .atomic import resolve_target
     from .io import file_extension
 
     ext = file_extension(path)
@@ -135,12 +183,24 @@ def _check_output_path(path: str, allowed: Sequence[str], flag: str) -> str:
         raise UsageError(f"{flag} {path!r}: unsupported file type '{ext or '(none)'}'; use one of "
                          f"{', '.join(allowed)}")
     full = os.path.abspath(path)
-    folder = os.path.dirname(full)
+    target = resolve_target(full)
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise CliError(f"{flag} {path}: the folder {folder} does not exist; create it first or choose "
                        "another output path")
-    if os.path.isdir(full):
+    if os.path.isdir(target):
         raise CliError(f"{flag} {path} is a folder; give a file name")
+    for src in inputs:
+        if src and _same_file(full, src):
+            raise CliError(f"{flag} {path} is the input image {src}; writing there would destroy it. Choose "
+                           "another output file")
+    try:  # the only reliable test (os.access ignores read-only mounts' details, ACLs, root...)
+        fd, probe = tempfile.mkstemp(prefix=".sam3d-write-check-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CliError(f"{flag} {path}: cannot create files in {folder} ({err.strerror or err}); choose a "
+                       "writable folder") from err
     return full
 
 
@@ -153,7 +213,9 @@ def load_backend(model: Optional[str], checkpoint: Optional[str], device: str = 
     try:
         path = resolve_checkpoint(name)
     except Exception as err:  # WeightsError and friends carry the fix in their message
-        raise CliError(f"cannot find the model: {err}") from err
+        if checkpoint or name.lower() == "demo":
+            raise CliError(f"cannot find the model: {err}") from err
+        raise _model_missing_error(model, name, err) from err
     try:
         import torch
     except ImportError as err:
@@ -188,6 +250,43 @@ def load_backend(model: Optional[str], checkpoint: Optional[str], device: str = 
     return backend, info
 
 
+def _model_missing_error(model: Optional[str], name: str, err: BaseException) -> CliError:
+    """A registered model that is neither cached nor downloadable: the reason, then the choices, one a line."""
+    reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    head = (f"no model given, and the default model {name} is not available: {reason}" if model is None
+            else f"cannot find the model {name}: {reason}")
+    details = ["choose one:",
+               "--model demo        the small model bundled with sam3dsegment (works offline; rough masks, "
+               "for trying things out)",
+               "--checkpoint PATH   a SAM-Med3D .pth checkpoint file you already have"]
+    try:
+        from .weights import checkpoint_dir, get_weights
+
+        entry = get_weights(name)
+        url = entry.download_url()
+        where = f" (from {url})" if url else ""
+        details.append(f"or copy {entry.filename}{where} into {checkpoint_dir()}")
+    except Exception:  # noqa: BLE001 - the list above is still complete without the cache hint
+        pass
+    return CliError(head, details)
+
+
+def _parse_color(text: str) -> Tuple[float, float, float]:
+    """``#rrggbb`` or ``R,G,B`` (each 0..1) -> (r, g, b) in 0..1."""
+    t = text.strip()
+    try:
+        if t.startswith("#") and len(t) == 7:
+            rgb = tuple(int(t[i:i + 2], 16) / 255.0 for i in (1, 3, 5))
+        else:
+            rgb = tuple(float(v) for v in t.split(","))
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
+        raise UsageError(f"malformed --color {text!r}: write #rrggbb (e.g. #e64b3c) or three numbers 0..1, "
+                         "e.g. --color 0.9,0.3,0.2")
+    return rgb
+
+
 def _parse_clamp(text: Optional[str]):
     if text is None:
         return None
@@ -200,45 +299,84 @@ def _parse_clamp(text: Optional[str]):
     return (lo, hi)
 
 
-def write_output_mask(path: str, mask_volume, reference, name: str = "Segment_1") -> str:
+def write_output_mask(path: str, mask_volume, reference, name: str = "Segment_1",
+                      color: Optional[Sequence[float]] = None, group=None) -> str:
+    """Write the mask as a label map (NIfTI/NRRD/MHA) or a one-segment ``.seg.nrrd`` (with ``color``,
+    default :data:`DEFAULT_SEGMENT_COLOR`). ``group``: stage into an ``AtomicGroup`` instead of writing now."""
     from .io import file_extension, write_mask, write_segmentation
 
     if file_extension(path) == ".seg.nrrd":
-        return write_segmentation(path, {name: mask_volume}, reference)
-    return write_mask(mask_volume, path)
+        rgb = tuple(color) if color is not None else DEFAULT_SEGMENT_COLOR
+        return write_segmentation(path, {name: mask_volume}, reference, colors={name: rgb}, group=group)
+    return write_mask(mask_volume, path, group=group)
+
+
+def _read_input(args):
+    """The input volume (file, DICOM folder or ``--sample``), with ``meta["source"]`` its path."""
+    from .io import read_volume
+
+    try:
+        if args.sample == "chest":
+            from .sample_data import chest_ct
+
+            return chest_ct()
+        return read_volume(args.image, series_uid=args.series)
+    except (ValueError, OSError) as err:
+        raise CliError(str(err)) from err
 
 
 def _segment(args) -> int:
     t_start = time.perf_counter()
+    if args.image is None and args.sample is None:
+        raise UsageError("no input: give an image file or DICOM folder, or --sample chest for the bundled "
+                         "chest CT")
+    if args.image is not None and args.sample is not None:
+        raise UsageError(f"give either an image ({args.image}) or --sample {args.sample}, not both")
+    if args.series is not None and args.sample is not None:
+        raise UsageError("--series chooses a series in a DICOM folder; it does not apply to --sample")
     if not args.click:
         raise UsageError("no clicks: give at least one --click R,A,S (RAS mm) or --click i,j,k with --voxel")
     clicks = [parse_click(c) for c in args.click]
     clamp = _parse_clamp(args.clamp_hu)
+    color = _parse_color(args.color) if args.color is not None else None
     if args.max_regions < 1:
         raise UsageError(f"--max-regions must be >= 1, got {args.max_regions}")
     if not args.spacing > 0:
         raise UsageError(f"--spacing must be a positive number of mm, got {args.spacing}")
-    out = _check_output_path(args.out, SEGMENT_OUTPUTS, "--out")
-    timings_path = _check_output_path(args.timings, (".json",), "--timings") if args.timings else None
-    if timings_path == out:
+    inputs = [args.image] if args.image and os.path.isfile(args.image) else []
+    out = _check_output_path(args.out, SEGMENT_OUTPUTS, "--out", inputs)
+    timings_path = _check_output_path(args.timings, (".json",), "--timings", inputs) if args.timings else None
+    if timings_path and _same_file(timings_path, out):
         raise UsageError("--timings and --out must be different files")
 
+    import numpy as np
+
     from .geometry import GeometryError
-    from .io import read_volume
 
     t = time.perf_counter()
-    try:
-        volume = read_volume(args.image)
-    except (ValueError, OSError) as err:
-        raise CliError(str(err)) from err
+    volume = _read_input(args)
     read_s = time.perf_counter() - t
+    source = str(volume.meta.get("source") or args.image)
+    if args.sample:  # the bundled file is an input too
+        for flag, path in (("--out", out), ("--timings", timings_path)):
+            if path and _same_file(path, source):
+                raise CliError(f"{flag} {path} is the sample image {source}; choose another output file")
+    series = None
+    if volume.meta.get("format") == "dicom":
+        series = {"series_uid": volume.meta.get("series_uid"), "n_files": volume.meta.get("n_files"),
+                  "other_series": list(volume.meta.get("other_series") or []),
+                  "chosen_by": "--series" if args.series else "most files"}
+        if series["other_series"] and not args.quiet:
+            counts = volume.meta.get("series_files") or {}
+            others = ", ".join(f"{u} ({counts.get(u, '?')} files)" for u in series["other_series"])
+            how = "as asked with --series" if args.series else "the one with the most files"
+            print(f"DICOM folder holds {1 + len(series['other_series'])} series; reading {series['series_uid']} "
+                  f"({series['n_files']} files), {how}. Others: {others}. Choose one with --series UID")
 
     # Validate every click against the volume before loading the model.
     for xyz, _ in clicks:
         try:
             if args.voxel:
-                import numpy as np
-
                 if not bool(volume.contains_ijk(np.asarray(xyz, dtype=float))):
                     raise GeometryError(
                         f"voxel click i,j,k = {list(xyz)} lies outside the image (grid {list(volume.shape_ijk)}; "
@@ -262,7 +400,7 @@ def _segment(args) -> int:
     try:
         session.set_volume(volume)
     except GeometryError as err:
-        raise CliError(f"{args.image}: {err}") from err
+        raise CliError(f"{args.image or 'sample ' + args.sample}: {err}") from err
     session.new_object(args.name)
     per_click = []
     truncated = False
@@ -273,24 +411,29 @@ def _segment(args) -> int:
         per_click.append({"click": list(xyz), "positive": positive, "encoded_regions": u.encoded_regions,
                           **{k: v for k, v in u.timings.items()}})
     mask = session.mask()
-    t = time.perf_counter()
-    written = write_output_mask(out, volume.with_array(mask.copy()), volume, args.name)
-    write_s = time.perf_counter() - t
-    voxels = int(mask.sum())
-    vol_ml = voxels * float(abs(__import__("numpy").linalg.det(volume.ijk_to_ras[:3, :3]))) / 1000.0
-    report = {"image": os.path.abspath(args.image), "output": written, **info,
-              "clicks_frame": "ijk" if args.voxel else "RAS", "prompt_mode": args.prompt_mode,
-              "spacing_mm": args.spacing, "extend": not args.no_extend, "max_regions": args.max_regions,
-              "regions": session.region_count(), "max_regions_reached": truncated,
-              "mask_voxels": voxels, "mask_ml": vol_ml,
-              "timings": {"read_s": read_s, "load_model_s": load_s, "write_s": write_s,
-                          "total_s": time.perf_counter() - t_start, "clicks": per_click},
-              "cache": session.cache.stats()}
-    if timings_path:
-        write_json(timings_path, report)
+    from .atomic import AtomicGroup
+
+    # Mask and timings are staged (written, checked) first and put in place together: both or neither.
+    with AtomicGroup() as group:
+        t = time.perf_counter()
+        written = write_output_mask(out, volume.with_array(mask.copy()), volume, args.name, color, group=group)
+        write_s = time.perf_counter() - t
+        voxels = int(mask.sum())
+        vol_ml = voxels * float(abs(np.linalg.det(volume.ijk_to_ras[:3, :3]))) / 1000.0
+        if timings_path:
+            report = {"image": os.path.abspath(source), "sample": args.sample, "output": written, **info,
+                      "dicom_series": series,
+                      "clicks_frame": "ijk" if args.voxel else "RAS", "prompt_mode": args.prompt_mode,
+                      "spacing_mm": args.spacing, "extend": not args.no_extend, "max_regions": args.max_regions,
+                      "regions": session.region_count(), "max_regions_reached": truncated,
+                      "mask_voxels": voxels, "mask_ml": vol_ml,
+                      "timings": {"read_s": read_s, "load_model_s": load_s, "write_s": write_s,
+                                  "total_s": time.perf_counter() - t_start, "clicks": per_click},
+                      "cache": session.cache.stats()}
+            write_json(timings_path, report, group=group)
     if not args.quiet:
         print(f"wrote {written}: {voxels} voxels ({vol_ml:.1f} ml), {session.region_count()} model region(s), "
-              f"{len(clicks)} click(s)")
+              f"{len(clicks)} click(s)" + (f"; details in {timings_path}" if timings_path else ""))
         if truncated:
             print(f"warning: the object reached --max-regions {args.max_regions} and may be cut; "
                   "raise --max-regions or use a coarser --spacing")

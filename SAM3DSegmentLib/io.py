@@ -7,8 +7,11 @@ Conventions:
   LPS<->RAS flip happens in ``Volume.from_sitk`` / ``Volume.to_sitk`` and, for ``.seg.nrrd``, here.
 * slicerio's ``voxels`` are ``(i, j, k)``; they are transposed to ``[k, j, i]`` on the way in and back
   on the way out.
-* Every write is atomic: a temporary file with the same extension in the destination directory (so ITK
-  picks the right format), flushed and fsync'ed, then ``os.replace``; the temporary is removed on failure.
+* Every write is atomic (:mod:`SAM3DSegmentLib.atomic`): a temporary file with the same extension in the
+  destination directory (so ITK picks the right format), flushed and fsync'ed, checked (the header read
+  back; NIfTI: every promised byte present, since SimpleITK's NIfTI writer does not raise on a full disk),
+  then ``os.replace``; the temporary is removed on failure and the old file kept. A symlinked output is
+  written through. ``group=`` stages a file into an :class:`~SAM3DSegmentLib.atomic.AtomicGroup`.
 * Bad input raises :class:`VolumeReadError` (a ``ValueError``) whose message names the file, the problem
   and what to do.
 """
@@ -24,7 +27,7 @@ from .geometry import LPS_TO_RAS, RAS_TO_LPS, GeometryError, Volume
 __all__ = [
     "VolumeReadError", "VolumeWriteError", "READ_EXTENSIONS", "WRITE_EXTENSIONS", "file_extension",
     "read_volume", "write_volume", "write_mask", "read_segmentation", "write_segmentation",
-    "resample_like", "atomic_write",
+    "resample_like", "atomic_write", "verify_nifti_written",
 ]
 
 #: Extensions ``read_volume`` accepts (plus a DICOM series directory).
@@ -51,12 +54,16 @@ def file_extension(path: str) -> str:
 
 
 # -------------------------------------------------------------------------------- reading
-def read_volume(path: str) -> Volume:
+def read_volume(path: str, series_uid: Optional[str] = None) -> Volume:
     """Read a 3D scalar image: NIfTI, NRRD, MHA/MHD, or a folder holding a DICOM series.
 
-    For a folder, the series with the most files is read (its SeriesInstanceUID is recorded in
-    ``meta["series_uid"]``, the other series' UIDs in ``meta["other_series"]``).
-    ``meta`` also holds ``source`` (the path), ``format`` and ``pixel_type``.
+    For a folder, ``series_uid`` picks the series (SeriesInstanceUID); without it the series with the
+    most files is read. ``meta["series_uid"]`` records the series read, ``meta["other_series"]`` the
+    other series' UIDs and ``meta["series_files"]`` ``{uid: number of files}`` for every series. A
+    series whose slices are not evenly spaced (missing slices, duplicates) or not parallel is refused:
+    read on a uniform grid its geometry would be wrong.
+    ``meta`` also holds ``source`` (the path), ``format`` and ``pixel_type``. Floating-point images
+    with NaN, infinite values or values beyond the float32 range (what the model computes in) are refused.
     """
     import SimpleITK as sitk
 
@@ -64,7 +71,10 @@ def read_volume(path: str) -> Volume:
     if not os.path.exists(path):
         raise VolumeReadError(f"{path}: no such file or folder; check the path")
     if os.path.isdir(path):
-        return _read_dicom_series(path)
+        return _read_dicom_series(path, series_uid)
+    if series_uid is not None:
+        raise VolumeReadError(f"{path}: a series UID was given, but this is a file; a series can only be "
+                              "chosen in a DICOM folder")
     ext = file_extension(path)
     if ext == ".seg.nrrd":
         raise VolumeReadError(f"{path} is a Slicer segmentation, not an image; read it with "
@@ -91,7 +101,16 @@ def read_volume(path: str) -> Volume:
     return _to_volume(image, array, path, source=path, format=ext.lstrip("."))
 
 
-def _nifti_expected_size(header: bytes, path: str) -> int:
+class _NiftiProblem(Exception):
+    """Why a NIfTI file is not complete: ``kind`` is ``header`` (no NIfTI header), ``unreadable`` (I/O or
+    gzip error before the header) or ``short`` (less data than the header promises)."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(detail)
+        self.kind, self.detail = kind, detail
+
+
+def _nifti_expected_size(header: bytes) -> int:
     """Bytes a NIfTI-1/2 file must hold (vox_offset + voxel data), from its header."""
     import struct
 
@@ -107,8 +126,7 @@ def _nifti_expected_size(header: bytes, path: str) -> int:
             vox_offset = struct.unpack(endian + "q", header[168:176])[0]
             break
     else:
-        raise VolumeReadError(f"{path}: not a NIfTI file (bad header size field); the file is corrupt or "
-                              "not NIfTI")
+        raise _NiftiProblem("header", f"not a NIfTI file (bad header size field; {len(header)} header bytes)")
     ndim = max(0, min(int(dims[0]), 7))
     n = 1
     for d in dims[1:ndim + 1]:
@@ -116,33 +134,30 @@ def _nifti_expected_size(header: bytes, path: str) -> int:
     return int(vox_offset) + n * max(int(bitpix), 0) // 8
 
 
-def _check_nifti_complete(path: str) -> None:
-    """Raise VolumeReadError if a .nii / .nii.gz holds less data than its header promises."""
+def _nifti_check(path: str, full: bool) -> None:
+    """Raise :class:`_NiftiProblem` if a .nii / .nii.gz holds less data than its header promises.
+
+    For ``.nii.gz`` the gzip trailer's length is trusted when it matches (fast path for reading);
+    ``full=True`` always decompresses the whole stream, which also checks its CRC."""
     import gzip
     import zlib
 
     gz = path.lower().endswith(".gz")
     try:
-        if gz:
-            with gzip.open(path, "rb") as f:
-                header = f.read(540)
-        else:
-            with open(path, "rb") as f:
-                header = f.read(540)
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            header = f.read(540)
     except (OSError, EOFError, zlib.error) as err:
-        raise VolumeReadError(f"{path}: could not be read as a NIfTI image (corrupt or truncated file?): "
-                              f"{err}") from err
-    expected = _nifti_expected_size(header, path)
+        raise _NiftiProblem("unreadable", str(err)) from err
+    expected = _nifti_expected_size(header)
     if not gz:
         size = os.path.getsize(path)
         if size < expected:
-            raise VolumeReadError(f"{path}: corrupt or truncated file: the header promises {expected} bytes, "
-                                  f"the file has {size}; copy or export it again")
+            raise _NiftiProblem("short", f"the header promises {expected} bytes, the file has {size}")
         return
     with open(path, "rb") as f:  # gzip trailer: uncompressed size mod 2^32 (cheap first check)
         f.seek(-4, os.SEEK_END)
         isize = int.from_bytes(f.read(4), "little")
-    if isize == expected % (1 << 32):
+    if isize == expected % (1 << 32) and not full:
         return
     total = 0
     try:
@@ -153,11 +168,32 @@ def _check_nifti_complete(path: str) -> None:
                     break
                 total += len(chunk)
     except (OSError, EOFError, zlib.error) as err:
-        raise VolumeReadError(f"{path}: corrupt or truncated file: the compressed stream ends early or is "
-                              f"damaged ({err}); copy or export it again") from err
+        raise _NiftiProblem("short", f"the compressed stream ends early or is damaged ({err})") from err
     if total < expected:
-        raise VolumeReadError(f"{path}: corrupt or truncated file: the header promises {expected} bytes, "
-                              f"the decompressed data has {total}; copy or export it again")
+        raise _NiftiProblem("short", f"the header promises {expected} bytes, the decompressed data has {total}")
+
+
+def _check_nifti_complete(path: str) -> None:
+    """Raise VolumeReadError if a .nii / .nii.gz holds less data than its header promises."""
+    try:
+        _nifti_check(path, full=False)
+    except _NiftiProblem as p:
+        if p.kind == "unreadable":
+            msg = f"{path}: could not be read as a NIfTI image (corrupt or truncated file?): {p.detail}"
+        elif p.kind == "header":
+            msg = f"{path}: {p.detail}; the file is corrupt or not NIfTI"
+        else:
+            msg = f"{path}: corrupt or truncated file: {p.detail}; copy or export it again"
+        raise VolumeReadError(msg) from p
+
+
+def verify_nifti_written(path: str) -> None:
+    """Check a NIfTI file just written: header present, every promised byte there (``.nii.gz``: the whole
+    stream decompressed and CRC-checked). Raises ``ValueError`` saying what is missing."""
+    try:
+        _nifti_check(path, full=True)
+    except _NiftiProblem as p:
+        raise ValueError(p.detail) from p
 
 
 def _to_volume(image, array: np.ndarray, what: str, **meta) -> Volume:
@@ -186,6 +222,15 @@ def _to_volume(image, array: np.ndarray, what: str, **meta) -> Volume:
             raise VolumeReadError(
                 f"{what} contains {n_nan} NaN and {n_inf} infinite voxel value(s) out of {array.size}; "
                 "replace them with a finite value (e.g. -1024 HU for air) before segmenting")
+        f32max = float(np.finfo(np.float32).max)
+        if array.dtype.itemsize > 4 and array.size:
+            big = float(np.max(np.abs(array)))
+            if big > f32max:
+                n_big = int(np.count_nonzero(np.abs(array) > f32max))
+                raise VolumeReadError(
+                    f"{what} has {n_big} voxel value(s) beyond the float32 range (largest magnitude {big:.3g} > "
+                    f"{f32max:.3g}); the model computes in float32, where they become infinite. Clip or "
+                    "rescale the image to its real range (CT: about -1024..3071 HU) before segmenting")
     meta.setdefault("pixel_type", image.GetPixelIDTypeAsString())
     try:
         return Volume.from_sitk(image, **meta)
@@ -193,7 +238,7 @@ def _to_volume(image, array: np.ndarray, what: str, **meta) -> Volume:
         raise VolumeReadError(f"{what}: {err}") from err
 
 
-def _read_dicom_series(folder: str) -> Volume:
+def _read_dicom_series(folder: str, series_uid: Optional[str] = None) -> Volume:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
@@ -206,36 +251,104 @@ def _read_dicom_series(folder: str) -> Volume:
         raise VolumeReadError(f"{folder}: no DICOM series found ({n} entries in the folder); give the folder "
                               "that holds the .dcm slices of one CT series, or an image file")
     files = {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
-    uid = max(uids, key=lambda u: len(files[u]))
+    if series_uid is not None:
+        if series_uid not in files:
+            listing = "; ".join(f"{u} ({len(files[u])} files)" for u in uids)
+            raise VolumeReadError(f"{folder}: no DICOM series with UID {series_uid}; the folder holds: {listing}. "
+                                  "Give one of these UIDs")
+        uid = series_uid
+    else:
+        uid = max(uids, key=lambda u: len(files[u]))
     names = files[uid]
     if len(names) < 2:
-        raise VolumeReadError(f"{folder}: the largest DICOM series ({uid}) has a single slice; a 3D volume "
-                              "needs the whole series")
+        raise VolumeReadError(f"{folder}: DICOM series {uid} has a single slice; a 3D volume needs the whole "
+                              "series")
     reader.SetFileNames(names)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
         image = reader.Execute()
         array = sitk.GetArrayViewFromImage(image)
     except RuntimeError as err:
         raise VolumeReadError(f"{folder}: DICOM series {uid} could not be read: "
                               f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}") from err
-    return _to_volume(image, array, f"{folder} (DICOM series {uid})", source=folder, format="dicom",
+    what = f"{folder} (DICOM series {uid})"
+    _check_dicom_slices(reader, names, what)
+    return _to_volume(image, array, what, source=folder, format="dicom",
                       series_uid=uid, n_files=len(names),
-                      other_series=[u for u in uids if u != uid])
+                      other_series=[u for u in uids if u != uid],
+                      series_files={u: len(files[u]) for u in uids})
+
+
+def _dicom_floats(reader, index: int, tag: str, n: int, what: str, name: str) -> np.ndarray:
+    try:
+        values = [float(v) for v in reader.GetMetaData(index, tag).split("\\")]
+    except (RuntimeError, ValueError):
+        values = []
+    if len(values) != n:
+        field = {"0020|0032": "Image Position (Patient)", "0020|0037": "Image Orientation (Patient)"}[tag]
+        raise VolumeReadError(f"{what}: slice {os.path.basename(name)} has no valid {field} ({tag}); the "
+                              "slice geometry is unknown, so the series cannot be stacked into a volume")
+    return np.asarray(values)
+
+
+def _check_dicom_slices(reader, names: Sequence[str], what: str) -> None:
+    """Refuse a series whose slices are not parallel or not evenly spaced (gaps, duplicates).
+
+    ITK stacks the slices on a uniform grid with the spacing of the first two and only logs a warning,
+    so a missing slice would silently shift everything after it.
+    """
+    n = len(names)
+    orient = [_dicom_floats(reader, i, "0020|0037", 6, what, names[i]) for i in range(n)]
+    pos = np.array([_dicom_floats(reader, i, "0020|0032", 3, what, names[i]) for i in range(n)])
+    for i in range(1, n):
+        if np.max(np.abs(orient[i] - orient[0])) > 1e-3:
+            raise VolumeReadError(f"{what}: slices {os.path.basename(names[0])} and {os.path.basename(names[i])} "
+                                  "have different orientations; give a series of parallel slices")
+    normal = np.cross(orient[0][:3], orient[0][3:])
+    norm = float(np.linalg.norm(normal))
+    if norm < 1e-6:
+        raise VolumeReadError(f"{what}: Image Orientation (Patient) of {os.path.basename(names[0])} is degenerate")
+    dist = pos @ (normal / norm)
+    order = np.argsort(dist, kind="stable")
+    gaps = np.diff(dist[order])
+    median = float(np.median(gaps))
+    for g, (a, b) in zip(gaps, zip(order[:-1], order[1:])):
+        if g < 1e-3:
+            raise VolumeReadError(f"{what}: slices {os.path.basename(names[a])} and {os.path.basename(names[b])} "
+                                  "are at the same position (duplicate slice or a second acquisition mixed in); "
+                                  "remove the duplicates or give a folder with one series")
+    # 10% of the step: small rounding of the stored positions passes; a missing slice doubles a step
+    tol = max(0.1 * median, 0.01)
+    bad = np.flatnonzero(np.abs(gaps - median) > tol)
+    if bad.size:
+        k = int(bad[0])
+        a, b = order[k], order[k + 1]
+        missing = int(round(gaps[k] / median)) - 1 if median > 0 else 0
+        hint = (f" ({missing} slice(s) missing?)" if missing >= 1 else "")
+        raise VolumeReadError(
+            f"{what}: slices are not evenly spaced: {gaps[k]:.3f} mm between {os.path.basename(names[a])} and "
+            f"{os.path.basename(names[b])} where the series steps {median:.3f} mm{hint}; {bad.size} uneven "
+            "step(s) in all. Re-export the complete series, or resample it to a uniform grid and save it as "
+            "NIfTI/NRRD first")
 
 
 # -------------------------------------------------------------------------------- writing
-def atomic_write(path: str, write: Callable[[str], None]) -> str:
+def atomic_write(path: str, write: Callable[[str], None], verify: Optional[Callable[[str], None]] = None,
+                 group=None) -> str:
     """:func:`SAM3DSegmentLib.atomic.atomic_write` (temporary beside ``path`` with the same extension, fsync,
-    rename) with the folder checks reported as :class:`VolumeWriteError`."""
+    check, rename; a symlink is written through) with the folder checks reported as
+    :class:`VolumeWriteError`. ``group``: an :class:`~SAM3DSegmentLib.atomic.AtomicGroup` to stage into."""
     from .atomic import atomic_write as _atomic_write
+    from .atomic import resolve_target
 
     path = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(path)
+    target = resolve_target(path)
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise VolumeWriteError(f"{path}: the folder {folder} does not exist; create it first")
-    if os.path.isdir(path):
+    if os.path.isdir(target):
         raise VolumeWriteError(f"{path} is a folder; give a file name")
-    return _atomic_write(path, write)
+    return _atomic_write(path, write, verify=verify, group=group)
 
 
 def _check_write_ext(path: str) -> str:
@@ -247,8 +360,13 @@ def _check_write_ext(path: str) -> str:
     return ext
 
 
-def write_volume(volume: Volume, path: str, compress: bool = True) -> str:
-    """Write ``volume`` (any numeric dtype) to NIfTI / NRRD / MHA, atomically. Returns the path."""
+def write_volume(volume: Volume, path: str, compress: bool = True, group=None) -> str:
+    """Write ``volume`` (any numeric dtype) to NIfTI / NRRD / MHA, atomically. Returns the path.
+
+    Before the file replaces ``path``, its header is read back and must describe the image written (size,
+    one component); a NIfTI file must also hold all its voxel data (SimpleITK's NIfTI writer does not
+    raise on a short write). ``group``: stage into an :class:`~SAM3DSegmentLib.atomic.AtomicGroup`.
+    """
     import SimpleITK as sitk
 
     _check_write_ext(path)
@@ -260,18 +378,36 @@ def write_volume(volume: Volume, path: str, compress: bool = True) -> str:
     image = volume.to_sitk(arr)
 
     def write(tmp: str) -> None:
-        sitk.WriteImage(image, tmp, bool(compress))
+        try:
+            sitk.WriteImage(image, tmp, bool(compress))
+        except RuntimeError as err:
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            raise VolumeWriteError(f"{path}: SimpleITK could not write the file ({lines[-1] if lines else err}); "
+                                   "is the disk full or the folder read-only?") from err
 
-    return atomic_write(path, write)
+    def verify(tmp: str) -> None:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(tmp)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            raise VolumeWriteError(f"its header cannot be read back ({lines[-1] if lines else err})") from err
+        if tuple(reader.GetSize()) != tuple(image.GetSize()) or reader.GetNumberOfComponents() != 1:
+            raise VolumeWriteError(f"its header says size {list(reader.GetSize())}, "
+                                   f"{reader.GetNumberOfComponents()} component(s); written: "
+                                   f"{list(image.GetSize())}, 1")
+
+    return atomic_write(path, write, verify=verify, group=group)
 
 
-def write_mask(mask: Volume, path: str, compress: bool = True, label_value: int = 1) -> str:
+def write_mask(mask: Volume, path: str, compress: bool = True, label_value: int = 1, group=None) -> str:
     """Write a binary mask as uint8 (``label_value`` where the mask is non-zero, 0 elsewhere)."""
     if not 0 < int(label_value) < 256:
         raise VolumeWriteError(f"label_value must be in 1..255, got {label_value}")
     arr = np.asarray(mask.array)
     out = (arr != 0).astype(np.uint8) * np.uint8(label_value)
-    return write_volume(mask.with_array(out), path, compress)
+    return write_volume(mask.with_array(out), path, compress, group=group)
 
 
 # -------------------------------------------------------------------------------- resampling
@@ -348,11 +484,12 @@ def read_segmentation(path: str, reference: Optional[Volume] = None) -> Dict[str
 
 
 def write_segmentation(path: str, masks: Dict[str, Volume], reference: Volume,
-                       colors: Optional[Dict[str, Sequence[float]]] = None) -> str:
+                       colors: Optional[Dict[str, Sequence[float]]] = None, group=None) -> str:
     """Write masks as a Slicer ``.seg.nrrd`` on ``reference``'s grid (LPS in the file), atomically.
 
     Masks on another grid are resampled onto it by nearest neighbour. Overlapping masks go to separate
-    layers (as Slicer stores them). ``colors``: optional ``{name: (r, g, b)}`` in 0..1.
+    layers (as Slicer stores them). ``colors``: optional ``{name: (r, g, b)}`` in 0..1. ``group``: stage
+    into an :class:`~SAM3DSegmentLib.atomic.AtomicGroup`.
     """
     import slicerio
 
@@ -374,4 +511,4 @@ def write_segmentation(path: str, masks: Dict[str, Volume], reference: Volume,
     def write(tmp: str) -> None:
         slicerio.write_segmentation(tmp, seg)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, group=group)

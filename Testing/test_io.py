@@ -306,11 +306,12 @@ def test_atomic_write_permissions_extension_and_failure(tmp_path):
         with open(tmp, "w") as f:
             f.write("new")
 
-    target = tmp_path / "sub" / "mask.nii.gz"
+    # (a .seg.nrrd name: no built-in content check, so plain text may stand in for the file)
+    target = tmp_path / "sub" / "mask.seg.nrrd"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         atomic.atomic_write(target, write)
     atomic.atomic_write(target, write, make_dirs=True)
-    assert seen[-1].endswith(".nii.gz") and os.path.dirname(seen[-1]) == str(target.parent)
+    assert seen[-1].endswith(".seg.nrrd") and os.path.dirname(seen[-1]) == str(target.parent)
     umask = os.umask(0o022)
     os.umask(umask)
     assert (os.stat(target).st_mode & 0o777) == 0o666 & ~umask  # not mkstemp's 0600
@@ -324,6 +325,6 @@ def test_atomic_write_permissions_extension_and_failure(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         atomic.atomic_write(target, fail)
-    assert json.loads(target.read_text()) == {"a": 1} and os.listdir(target.parent) == ["mask.nii.gz"]
+    assert json.loads(target.read_text()) == {"a": 1} and os.listdir(target.parent) == ["mask.seg.nrrd"]
     with pytest.raises(IsADirectoryError):
         atomic.atomic_write(tmp_path, write)
