@@ -25,7 +25,9 @@ def _tracked_text_files():
         files = [REPO / f for f in out]
     except (OSError, subprocess.SubprocessError):  # not a git checkout (e.g. an sdist): walk the tree
         files = [p for p in REPO.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts]
-    return [f for f in files if f.is_file() and (f.suffix in TEXT_SUFFIXES or f.name == "CMakeLists.txt")]
+    this = Path(__file__).resolve()
+    return [f for f in files if f.is_file() and f.resolve() != this
+            and (f.suffix in TEXT_SUFFIXES or f.name == "CMakeLists.txt")]
 
 
 # ------------------------------------------------------------------------------- self-contained (item 3)
