@@ -302,23 +302,6 @@ class LRSchedule:
             rates[str(g.get("name", f"group{n}"))] = float(g["lr"])
         return rates
 
-
-def lr_column(group_name: str) -> str:
-    """The metrics.csv column of one parameter group's learning rate, e.g. ``lr_decoder_no_decay``."""
-    return "lr_" + group_name.replace("/", "_")
-
-
-def format_rates(rates: Dict[str, float]) -> str:
-    """``"encoder 0.003, decoder 0.0003"``: every group by name (a ``/no_decay`` twin with the same rate is
-    folded into its group's entry)."""
-    parts = []
-    for name, lr in rates.items():
-        base = name[:-len("/no_decay")] if name.endswith("/no_decay") else name
-        if base != name and base in rates and rates[base] == lr:
-            continue
-        parts.append(f"{name} {lr:.3g}")
-    return ", ".join(parts)
-
     def on_validation(self, metric: float) -> None:
         if self.cfg.name != "plateau" or not math.isfinite(metric):
             return
@@ -338,6 +321,23 @@ def format_rates(rates: Dict[str, float]) -> str:
         self.plateau_scale = float(d.get("plateau_scale", 1.0))
         self.plateau_best = float(d.get("plateau_best", -math.inf))
         self.plateau_bad = int(d.get("plateau_bad", 0))
+
+
+def lr_column(group_name: str) -> str:
+    """The metrics.csv column of one parameter group's learning rate, e.g. ``lr_decoder_no_decay``."""
+    return "lr_" + group_name.replace("/", "_")
+
+
+def format_rates(rates: Dict[str, float]) -> str:
+    """``"encoder 0.003, decoder 0.0003"``: every group by name (a ``/no_decay`` twin with the same rate is
+    folded into its group's entry)."""
+    parts = []
+    for name, lr in rates.items():
+        base = name[:-len("/no_decay")] if name.endswith("/no_decay") else name
+        if base != name and base in rates and rates[base] == lr:
+            continue
+        parts.append(f"{name} {lr:.3g}")
+    return ", ".join(parts)
 
 
 # ----------------------------------------------------------------------------------- logging
@@ -723,7 +723,7 @@ class Trainer:
                 step = int(self.state["global_step"])
                 metrics.write(kind="train", epoch=epoch, step=step, loss=step_loss,
                               seconds=round(time.time() - start, 3),
-                              **{lr_column(name): lr for name, lr in rates.items()})
+                              **{lr_column(name): float(f"{lr:.8g}") for name, lr in rates.items()})
                 if bar is not None:
                     bar.set_postfix(loss=f"{step_loss:.4f}")
                 if cfg.log.print_every and step % cfg.log.print_every == 0:
