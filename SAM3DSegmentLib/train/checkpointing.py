@@ -43,7 +43,13 @@ ENCODER_FORMAT = "sam3dsegment-image-encoder/1"
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written; the previous file at that path is untouched."""
+    """A checkpoint could not be written; the previous file at that path is untouched.
+
+    ``errno`` says why (``ENOSPC``: the disk is full); ``str()`` is the message alone, without the
+    ``[Errno N]`` prefix, so the CLI prints one readable line."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 def _serialize(obj: Any, f) -> None:
