@@ -69,3 +69,34 @@ def test_evaluation_summary_note_cites_a_file_in_the_repository():
     assert cited, "evaluate.py's summary note no longer cites the reference notes"
     for c in cited:
         assert (REPO / c).is_file(), c
+
+
+# ------------------------------------------------------------------------------------ CPU speed (item 9)
+def _benchmark_summary():
+    text = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    section = text.split("## Summary: the CPU figures quoted elsewhere", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[1] and not set(cells[1]) <= {"-"}:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_cpu_speed_figures_have_one_source_the_benchmarks_summary():
+    from SAM3DSegmentLib import diagnose
+
+    rows = _benchmark_summary()
+    encode = rows["encode one 128³ region (once per region: the first click in it)"]
+    later = rows["later click inside encoded regions (prompt + decoder + paste), median per region"]
+    assert diagnose.CPU_ENCODE_SECONDS == encode and diagnose.CPU_LATER_CLICK == later
+    assert encode in diagnose.CPU_WARNING and later in diagnose.CPU_WARNING
+    assert "docs/benchmarks.md" in diagnose.CPU_WARNING
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    slicer = (REPO / "docs" / "slicer.md").read_text(encoding="utf-8")
+    for doc, link in ((readme, "(docs/benchmarks.md)"), (slicer, "(benchmarks.md)")):
+        assert link in doc and encode in doc and later in doc
+    # the contradicting claims that used to be there
+    assert "later clicks about a second" not in slicer and "take many seconds" not in slicer
+    assert "seconds instead of milliseconds" not in diagnose.CPU_WARNING
+    assert "in tens of\nmilliseconds" not in readme
