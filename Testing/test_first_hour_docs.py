@@ -100,3 +100,45 @@ def test_cpu_speed_figures_have_one_source_the_benchmarks_summary():
     assert "later clicks about a second" not in slicer and "take many seconds" not in slicer
     assert "seconds instead of milliseconds" not in diagnose.CPU_WARNING
     assert "in tens of\nmilliseconds" not in readme
+
+
+# ------------------------------------------------------------------------------- setup.sh (item 10)
+def _run_setup(tmp_path, **env):
+    """scripts/setup.sh against a stand-in venv whose python records every call (no network, no pip)."""
+    import os
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "setup.sh", repo / "scripts" / "setup.sh")
+    log = tmp_path / "calls.log"
+    fake = repo / ".venv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f'#!/bin/sh\necho "$*" >> "{log}"\ncat > /dev/null 2>&1 || true\nexit 0\n')
+    fake.chmod(0o755)
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHON": str(fake), **env}
+    res = subprocess.run(["bash", str(repo / "scripts" / "setup.sh")], cwd=repo, env=full_env,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr
+    calls = [ln for ln in log.read_text().splitlines() if " install " in f" {ln} "]
+    return res.stdout, calls
+
+
+def test_setup_offers_a_cpu_only_torch_index_and_keeps_the_local_wheel_folder(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    out, calls = _run_setup(tmp_path, TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu", WHEELS=str(wheels))
+    torch_call = next(c for c in calls if "torch==2.13.0" in c)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_call
+    assert f"--find-links {wheels}" in torch_call
+    pkg_call = next(c for c in calls if "-e .[test]" in c)
+    assert "--index-url" not in pkg_call and f"--find-links {wheels}" in pkg_call
+    # the default: the package index, and the script says that this is the CUDA build on Linux x86-64
+    out, calls = _run_setup(tmp_path / "b", WHEELS=str(tmp_path / "no_such_folder"))
+    torch_call = next(c for c in calls if "torch==2.13.0" in c)
+    assert "--index-url" not in torch_call and "--find-links" not in torch_call
+    assert "CUDA build" in out and "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in out
+    text = (REPO / "scripts" / "setup.sh").read_text()
+    assert "pinned CPU torch" not in text
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "pinned CPU torch" not in readme and "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in readme
