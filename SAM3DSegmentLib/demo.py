@@ -236,7 +236,7 @@ def choose_model(checkpoint: Optional[str], model: Optional[str]) -> Tuple[Optio
 
 def _model_line(model: Optional[str], info: dict) -> str:
     if model == "demo":
-        return f"demo - the bundled demonstration model ({info['checkpoint']})"
+        return "demo - the bundled demonstration model (SAM3DSegmentLib/resources/demo_model.pt)"
     if model in PUBLISHED_MODELS:
         return f"{model} - published SAM-Med3D checkpoint from the model cache ({info['checkpoint']})"
     return f"{info['model']} ({info['checkpoint']})"

@@ -142,3 +142,26 @@ def test_setup_offers_a_cpu_only_torch_index_and_keeps_the_local_wheel_folder(tm
     assert "pinned CPU torch" not in text
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert "pinned CPU torch" not in readme and "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in readme
+
+
+# --------------------------------------------------------------------------- catalog entry (item 11)
+def test_catalog_icon_and_screenshot_urls_point_at_files_in_the_repository():
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    prefix = "https://raw.githubusercontent.com/SAM3DSegment/SAM3DSegment/main/"
+    urls = {k: v for k, v in re.findall(r'set\((EXTENSION_(?:ICONURL|SCREENSHOTURLS))\s+"([^"]+)"\)', text)}
+    assert set(urls) == {"EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"}
+    for key, value in urls.items():
+        for url in value.split():
+            assert url.startswith(prefix), url
+            f = REPO / url[len(prefix):]
+            assert f.is_file(), f"{key}: {f} does not exist"
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
+            assert f.parts[-2] == "Resources"
+    notes = (REPO / "Resources" / "README.md").read_text(encoding="utf-8")
+    assert "not a screenshot of 3D Slicer" in notes and "demo model" in notes
+
+
+def test_evaluation_doc_says_bfloat16_runs_on_the_cpu():
+    text = (REPO / "docs" / "evaluation.md").read_text(encoding="utf-8")
+    assert "half precisions on a GPU only" not in text
+    assert "`bfloat16` (GPU and CPU" in text and "`float16` (GPU only)" in text
