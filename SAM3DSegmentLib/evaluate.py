@@ -466,8 +466,8 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
             entry["best_dice_per_target"] = {t: float(np.mean([v for (c, tt), v in best.items() if tt == t]))
                                              for t in targets}
             entry["note"] = ("Dice inside the crop; 'best_dice_*' is the number comparable with SAM-Med3D's "
-                             "published tables (SAM_MED3D.md section 7), per_click is the crop Dice after "
-                             "exactly N clicks")
+                             "published tables (docs/reference/SAM_MED3D.md section 7), per_click is the crop "
+                             "Dice after exactly N clicks")
         out["protocols"][protocol] = entry
     return out
 

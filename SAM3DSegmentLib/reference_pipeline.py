@@ -1,7 +1,7 @@
 """The SAM-Med3D reference pre/post-processing, re-implemented step by step for parity checks.
 
 This is NOT the path our tool uses (see :mod:`SAM3DSegmentLib.regions`); it reproduces what the
-reference inference did (SAM_MED3D.md section 5), including its quirks, so benchmarks and tests can
+reference inference did (docs/reference/SAM_MED3D.md section 5), including its quirks, so benchmarks and tests can
 compare against it. Written from the documented behaviour of torchio/SimpleITK (facts only):
 
 1. ``Resample(1.5)`` (torchio): output size ``ceil(n * old_spacing / 1.5)`` per axis (singleton axes

@@ -7,7 +7,7 @@ have their own (a, b, c) axes (the volume's axes permuted/flipped to the closest
 :mod:`SAM3DSegmentLib.regions`), and prompt points cross the backend interface as continuous (a, b, c)
 indices of the 128^3 region grid.
 
-Per click (the reference protocol, SAM_MED3D.md section 5):
+Per click (the reference protocol, docs/reference/SAM_MED3D.md section 5):
 
 1. Pick the click's region: the object's region that contains the click and whose centre is nearest to it;
    when none contains it (or it is the object's first click) a new region centred on the click.
@@ -551,7 +551,7 @@ class Session:
                 dirty = _box_union(dirty, _box_intersect(q.pos_box, new.box))
         return dirty
 
-    # ------------------------------------------------------------------ extension (SAM_MED3D.md section 7)
+    # ---------------------------------------------------- extension (docs/reference/SAM_MED3D.md section 7)
     def _object_cells(self, rs: _RegionState, clicks: Sequence[Click]) -> Optional[np.ndarray]:
         """The object inside the region at low resolution: the positive low-res cells 6-connected to a
         positive prompt of the object in this region (its positive clicks and extension seeds). Scattered

@@ -3,7 +3,7 @@
 Notation (per head): the token grid is ``g x g x g`` (8 for 128³ input); a query at grid position
 ``q = (a, b, c)``, a key at ``k = (d, e, f)``; ``Q`` is the per-head query grid; the rel-pos tables give
 ``R*[x, y] = table*[x - y + n - 1]`` for a window of side ``n``. The released weights were trained with
-this bias (a broadcasting quirk of the reference code, see shared/reference/SAM_MED3D.md §2)::
+this bias (a broadcasting quirk of the reference code, see docs/reference/SAM_MED3D.md §2)::
 
     bias(q, k) = Q[a,b,c]·Rd[a,f] + Q[a,b,d]·Rh[b,f] + Q[a,b,e]·Rw[e,f]
 

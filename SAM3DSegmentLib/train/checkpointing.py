@@ -13,8 +13,11 @@ File kinds (all ``torch.save`` dicts loadable with ``weights_only=True``):
 * ENCODER (``format`` = ``sam3dsegment-image-encoder/1``): ``config`` + ``image_encoder_state_dict``.
 
 Writes go to a temporary file in the destination folder, are flushed and fsync'ed, then renamed over the
-target (``os.replace``) and the folder is fsync'ed: a crash or a full disk during the write leaves the
-previous file intact and the temporary removed.
+target (``os.replace``) and the folder is fsync'ed: a full disk during the write leaves the previous file
+intact and the temporary removed. torch reports a failed write as a ``RuntimeError`` (its zip writer
+drops the errno); :func:`atomic_save` turns that into a :class:`CheckpointWriteError` naming the disk
+problem. A run that is killed mid-write leaves its temporary (``.latest.pt.XXXXXXXX.tmp.pt``) behind;
+the next training start removes those with :func:`remove_stale_temporaries`.
 """
 from __future__ import annotations
 
@@ -22,12 +25,14 @@ import errno
 import hashlib
 import os
 import random
+import re
+import shutil
 from typing import Any, Dict, Optional
 
 import numpy as np
 
 __all__ = [
-    "CheckpointWriteError", "FULL_FORMAT", "PARTIAL_FORMAT", "ENCODER_FORMAT", "atomic_save",
+    "CheckpointWriteError", "CHECKPOINT_NAMES", "remove_stale_temporaries", "FULL_FORMAT", "PARTIAL_FORMAT", "ENCODER_FORMAT", "atomic_save",
     "file_sha256", "rng_state", "set_rng_state", "save_training_checkpoint", "read_training_checkpoint",
     "merge_checkpoint", "export_image_encoder", "strip_prefixes",
 ]
@@ -38,7 +43,13 @@ ENCODER_FORMAT = "sam3dsegment-image-encoder/1"
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written; the previous file at that path is untouched."""
+    """A checkpoint could not be written; the previous file at that path is untouched.
+
+    ``errno`` says why (``ENOSPC``: the disk is full); ``str()`` is the message alone, without the
+    ``[Errno N]`` prefix, so the CLI prints one readable line."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 def _serialize(obj: Any, f) -> None:
@@ -46,6 +57,53 @@ def _serialize(obj: Any, f) -> None:
     import torch
 
     torch.save(obj, f)
+
+
+#: The files a training run writes into its output folder with :func:`atomic_save`.
+CHECKPOINT_NAMES = ("latest.pt", "best.pt", "final.pt", "encoder.pt")
+#: Their temporaries, as ``atomic.atomic_write`` names them (``tempfile.mkstemp``: 8 random characters).
+_STALE_TMP = re.compile(r"^\.(%s)\.[a-z0-9_]{8}\.tmp\.pt$" % "|".join(re.escape(n) for n in CHECKPOINT_NAMES))
+
+#: Below this much free space a failed torch.save is reported as a full disk even without an errno.
+_LOW_SPACE_BYTES = 64 << 20
+
+
+def remove_stale_temporaries(folder: str) -> list:
+    """Delete the checkpoint temporaries an interrupted run left in ``folder``; returns their paths.
+
+    Only regular files named like our own temporaries of :data:`CHECKPOINT_NAMES` are touched; anything
+    else in the folder (the user's files, other programs' temporaries) stays.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for e in entries:
+        if _STALE_TMP.match(e.name) and e.is_file(follow_symlinks=False):
+            try:
+                os.unlink(e.path)
+                removed.append(e.path)
+            except FileNotFoundError:
+                pass
+    return sorted(removed)
+
+
+def _write_error(err: RuntimeError, folder: str) -> OSError:
+    """The OSError behind torch's RuntimeError for a failed write (ENOSPC when the disk is full)."""
+    seen = err
+    while seen is not None:  # torch chains the Python file's OSError as __context__ when there is one
+        if isinstance(seen, OSError) and seen.errno:
+            return OSError(seen.errno, os.strerror(seen.errno))
+        seen = seen.__cause__ or seen.__context__
+    first = (str(err).strip().splitlines() or ["write failed"])[0][:200]
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < _LOW_SPACE_BYTES:
+        return OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free; torch: {first})")
+    return OSError(errno.EIO, f"torch.save failed: {first}")
 
 
 def atomic_save(obj: Any, path: str) -> str:
@@ -56,7 +114,10 @@ def atomic_save(obj: Any, path: str) -> str:
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            _serialize(obj, f)
+            try:
+                _serialize(obj, f)
+            except RuntimeError as err:  # torch's zip writer: a failed write, errno lost
+                raise _write_error(err, os.path.dirname(tmp)) from err
 
     try:
         return atomic_write(path, write, make_dirs=True)

@@ -34,6 +34,9 @@ class DataConfig:
     #: Dataset folders: nnU-Net raw (``dataset.json`` + ``imagesTr/<case>_0000.nii.gz`` +
     #: ``labelsTr/<case>.nii.gz``) or the simple binary layout (``imagesTr``/``labelsTr``, equal names).
     roots: List[str] = field(default_factory=list)
+    #: Write the demo training set (``sam3d train make-demo-data``) into each root that does not exist yet
+    #: before training (configs/tiny.json and configs/demo.json set it; offline, about 3 s, 31 MB).
+    make_demo_data: bool = False
     #: "auto" (nnU-Net when dataset.json exists), "nnunet" or "binary".
     layout: str = "auto"
     #: Preprocessing cache folder; "" = ``<output_dir>/cache``.

@@ -117,7 +117,8 @@ def discover_cases(root: str, layout: str = "auto") -> List[CaseSpec]:
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise DataError(f"dataset folder {root} does not exist; set data.roots to an nnU-Net raw dataset "
-                        "or a folder with imagesTr/ and labelsTr/")
+                        "or a folder with imagesTr/ and labelsTr/ (for the demo data set run "
+                        f"`sam3d train make-demo-data {root}` first, or set data.make_demo_data=true)")
     img_dir, lab_dir = os.path.join(root, "imagesTr"), os.path.join(root, "labelsTr")
     if not (os.path.isdir(img_dir) and os.path.isdir(lab_dir)):
         raise DataError(f"{root} has no imagesTr/ and labelsTr/ folders; expected the nnU-Net raw layout "

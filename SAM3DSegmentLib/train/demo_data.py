@@ -20,7 +20,7 @@ import numpy as np
 
 from ..atomic import write_json
 
-__all__ = ["make_demo_dataset", "DEMO_VAL_CASES"]
+__all__ = ["make_demo_dataset", "ensure_demo_dataset", "DEMO_VAL_CASES"]
 
 #: Cases held out for validation in configs/demo.json.
 DEMO_VAL_CASES = ["body003", "synth007"]
@@ -76,3 +76,28 @@ def make_demo_dataset(out: str, n_phantoms: int = 8) -> str:
             "channel_names": {"0": "CT"}, "labels": labels, "numTraining": n_cases, "file_ending": ".nii.gz"}
     write_json(os.path.join(out, "dataset.json"), meta)
     return out
+
+
+def ensure_demo_dataset(root: str, log=print) -> bool:
+    """Write the demo dataset to ``root`` unless that folder exists; True when it was written.
+
+    The set is built in a temporary sibling folder and renamed into place, so an interrupted run never
+    leaves a half-written ``root`` behind (a left-over temporary is replaced on the next call).
+    """
+    import shutil
+
+    root = os.path.abspath(os.path.expanduser(root))
+    if os.path.exists(root):
+        return False
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, "." + os.path.basename(root) + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"data: {root} does not exist; writing the demo training set there (sam3d train make-demo-data)")
+    try:
+        make_demo_dataset(tmp)
+        os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True

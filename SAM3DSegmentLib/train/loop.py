@@ -292,11 +292,15 @@ class LRSchedule:
             f *= self.plateau_scale
         return f
 
-    def apply(self, step: int) -> float:
+    def apply(self, step: int) -> Dict[str, float]:
+        """Set every group's lr for ``step``; returns ``{group name: lr}`` (groups differ: the prompt
+        encoder/decoder run at ``optim.decoder_lr_scale`` times the encoder's rate)."""
         f = self.factor(step)
-        for g in self.opt.param_groups:
+        rates = {}
+        for n, g in enumerate(self.opt.param_groups):
             g["lr"] = g["initial_lr"] * f
-        return self.opt.param_groups[0]["lr"]
+            rates[str(g.get("name", f"group{n}"))] = float(g["lr"])
+        return rates
 
     def on_validation(self, metric: float) -> None:
         if self.cfg.name != "plateau" or not math.isfinite(metric):
@@ -319,12 +323,32 @@ class LRSchedule:
         self.plateau_bad = int(d.get("plateau_bad", 0))
 
 
+def lr_column(group_name: str) -> str:
+    """The metrics.csv column of one parameter group's learning rate, e.g. ``lr_decoder_no_decay``."""
+    return "lr_" + group_name.replace("/", "_")
+
+
+def format_rates(rates: Dict[str, float]) -> str:
+    """``"encoder 0.003, decoder 0.0003"``: every group by name (a ``/no_decay`` twin with the same rate is
+    folded into its group's entry)."""
+    parts = []
+    for name, lr in rates.items():
+        base = name[:-len("/no_decay")] if name.endswith("/no_decay") else name
+        if base != name and base in rates and rates[base] == lr:
+            continue
+        parts.append(f"{name} {lr:.3g}")
+    return ", ".join(parts)
+
+
 # ----------------------------------------------------------------------------------- logging
 class _Metrics:
-    FIELDS = ["kind", "epoch", "step", "loss", "lr", "dice", "dice_first_click", "seconds"]
+    FIELDS = ["kind", "epoch", "step", "loss", "dice", "dice_first_click", "seconds"]
 
-    def __init__(self, cfg: TrainConfig, enabled: bool, resume_step: Optional[int], log=print):
+    def __init__(self, cfg: TrainConfig, enabled: bool, resume_step: Optional[int], log=print,
+                 group_names: Sequence[str] = ()):
         self.enabled = enabled
+        # one learning-rate column per optimiser group, named after it (lr_encoder, lr_decoder, ...)
+        self.FIELDS = self.FIELDS[:4] + [lr_column(n) for n in group_names] + self.FIELDS[4:]
         self.path = os.path.join(cfg.output_dir, "metrics.csv")
         self.tb = None
         self.wandb = None
@@ -336,7 +360,7 @@ class _Metrics:
                 with open(self.path, newline="") as f:
                     rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
             with open(self.path, "w", newline="") as f:
-                w = csv.DictWriter(f, self.FIELDS)
+                w = csv.DictWriter(f, self.FIELDS, extrasaction="ignore")
                 w.writeheader()
                 w.writerows(rows)
         else:
@@ -368,7 +392,7 @@ class _Metrics:
                 csv.DictWriter(f, self.FIELDS).writerow({k: row.get(k, "") for k in self.FIELDS})
         step = int(row.get("step", 0))
         scalars = {f"{row['kind']}/{k}": v for k, v in row.items()
-                   if k in ("loss", "lr", "dice", "dice_first_click") and v not in ("", None)}
+                   if (k in ("loss", "dice", "dice_first_click") or k.startswith("lr_")) and v not in ("", None)}
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, float(v), step)
@@ -450,6 +474,11 @@ class Trainer:
                       min_target_mm3=d.min_target_mm3, val_fraction=d.val_fraction, val_cases=d.val_cases,
                       split_seed=d.split_seed, log=self.log)
         if self.info.is_main:
+            if d.make_demo_data:
+                from .demo_data import ensure_demo_dataset
+
+                for root in d.roots:
+                    ensure_demo_dataset(root, log=self.log)
             prepared = prepare_dataset(d.roots, cache, **kwargs)
         barrier(self.info)
         if not self.info.is_main:
@@ -491,6 +520,13 @@ class Trainer:
         self.device = resolve_device(cfg.device, self.info)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.info.is_main:
+            from .checkpointing import remove_stale_temporaries
+
+            stale = remove_stale_temporaries(cfg.output_dir)
+            if stale:
+                self.log(f"removed {len(stale)} temporary checkpoint file(s) left by an interrupted run: "
+                         + ", ".join(os.path.basename(p) for p in stale))
         self._seed()
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         if cfg.amp in ("bf16", "fp16") and self.amp_dtype is None:
@@ -513,6 +549,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            eps=cfg.optim.eps)
         self.schedule = LRSchedule(self.optimizer, cfg, self.steps_per_epoch)
+        self.log(f"optimiser AdamW, learning rate by parameter group: "
+                 f"{format_rates({str(g['name']): float(g['initial_lr']) for g in groups})} "
+                 f"(optim.lr {cfg.optim.lr:g}; prompt encoder/decoder x optim.decoder_lr_scale "
+                 f"{cfg.optim.decoder_lr_scale:g}; before the schedule)")
         self.scaler = torch.amp.GradScaler(self.device.type if self.device.type == "cuda" else "cpu",
                                            enabled=self.amp_dtype == torch.float16)
         encoder_frozen = not any(p.requires_grad for p in self.model.image_encoder.parameters())
@@ -625,7 +665,8 @@ class Trainer:
         lc = cfg.loop
         start = time.time()
         metrics = _Metrics(cfg, self.info.is_main,
-                           self.state["global_step"] if getattr(self, "resumed_from", None) else None, self.log)
+                           self.state["global_step"] if getattr(self, "resumed_from", None) else None, self.log,
+                           group_names=[str(g["name"]) for g in self.optimizer.param_groups])
         losses: List[float] = []
         val_history: List[Dict[str, float]] = []
         stop_reason = "epochs"
@@ -668,7 +709,7 @@ class Trainer:
                     bar.update(1)
                 if not last_of_step:
                     continue
-                lr = self.schedule.apply(int(self.state["global_step"]))
+                rates = self.schedule.apply(int(self.state["global_step"]))
                 if cfg.optim.grad_clip > 0:
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
@@ -680,12 +721,13 @@ class Trainer:
                 acc_loss, acc_n = 0.0, 0
                 losses.append(step_loss)
                 step = int(self.state["global_step"])
-                metrics.write(kind="train", epoch=epoch, step=step, loss=step_loss, lr=lr,
-                              seconds=round(time.time() - start, 3))
+                metrics.write(kind="train", epoch=epoch, step=step, loss=step_loss,
+                              seconds=round(time.time() - start, 3),
+                              **{lr_column(name): float(f"{lr:.8g}") for name, lr in rates.items()})
                 if bar is not None:
                     bar.set_postfix(loss=f"{step_loss:.4f}")
                 if cfg.log.print_every and step % cfg.log.print_every == 0:
-                    self.log(f"epoch {epoch} step {step}: loss {step_loss:.4f} lr {lr:.3g} "
+                    self.log(f"epoch {epoch} step {step}: loss {step_loss:.4f} lr {format_rates(rates)} "
                              f"({time.time() - start:.0f} s)")
                 if self.state["micro_in_epoch"] == self.micro_per_epoch:
                     self.state["epoch"], self.state["micro_in_epoch"] = epoch + 1, 0
