@@ -97,6 +97,8 @@ class Worker:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self.current: Optional[Job] = None
+        #: Called on the worker thread when a job starts running (the child process reports it to the GUI).
+        self.on_start: Optional[Callable[[Job], None]] = None
 
     # -------------------------------------------------------------------------- GUI-thread side
     def submit(self, fn: Callable, *args, tag: Optional[str] = None, supersede: bool = False,
@@ -181,6 +183,8 @@ class Worker:
                     self.current = job
             if job.state == RUNNING:
                 job.started = time.perf_counter()
+                if self.on_start is not None:
+                    self.on_start(job)
                 try:
                     result = job.fn(job, *job.args, **job.kwargs) if job.pass_job else job.fn(*job.args, **job.kwargs)
                     job.result = result
@@ -277,6 +281,11 @@ class Engine:
         self.volume_token = token
         return self.volume_key
 
+    def forget_volume(self) -> None:
+        """Drop the volume, every object and the embedding cache (memory); the model stays loaded."""
+        if self.backend is not None:
+            self.set_backend(self.backend)
+
     def _object(self, key: str) -> str:
         oid = self._objects.get(key)
         if oid is None or oid not in self.session.object_ids():
@@ -358,3 +367,77 @@ class Engine:
         self._require_session()
         if self.volume_key is None:
             raise RuntimeError("no volume: select the CT volume to segment")
+
+
+# ------------------------------------------------------------------------------------------- job API
+#: What the GUI may ask of an engine (Engine method names); ``sync_clicks`` also gets its Job (cancellation).
+OPS = ("load", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask", "forget_object")
+
+
+class ThreadEngine:
+    """An :class:`Engine` on a :class:`Worker` thread of THIS process, behind the job API the module uses:
+    ``submit(op, *args, ...) -> Job``, ``poll(wait)``, ``busy``, ``current``, ``cancel_all()``, ``call()``,
+    ``shutdown()``. The child process runs one of these (``engine_process``); the Slicer module talks to it
+    through :class:`~SAM3DSegmentLib.engine_process.ProcessEngine`, which has the same API. Used directly, it
+    is for scripts, tests and benchmarks: inside Slicer a worker thread starves (docs/slicer.md)."""
+
+    def __init__(self, session_options=None, backend=None):
+        self.engine = Engine(session_options)
+        if backend is not None:
+            self.engine.set_backend(backend)
+        self.worker = Worker()
+        #: (bytes done, total or None) while a checkpoint downloads, else None.
+        self.download: Optional[Tuple[int, Optional[int]]] = None
+        self.on_download: Optional[Callable[[int, Optional[int]], None]] = None
+
+    def _progress(self, done: int, total: Optional[int]) -> None:  # worker thread
+        self.download = (done, total)
+        if self.on_download is not None:
+            self.on_download(done, total)
+
+    def submit(self, op: str, *args, tag: Optional[str] = None, supersede: bool = False, context: Any = None,
+               cancellable: bool = True, **kwargs) -> Job:
+        if op not in OPS:
+            raise ValueError(f"unknown engine operation {op!r}; known: {', '.join(OPS)}")
+        if op == "load":
+            kwargs["progress"] = self._progress
+            self.download = None
+        return self.worker.submit(getattr(self.engine, op), *args, tag=tag, supersede=supersede,
+                                  pass_job=(op == "sync_clicks"), context=context, cancellable=cancellable, **kwargs)
+
+    def poll(self, wait: float = 0.0) -> List[Job]:
+        """Finished jobs (completion order). With ``wait`` > 0 and work in flight, first wait up to ``wait``
+        seconds for one, with the interpreter lock released."""
+        first = self.worker.next_finished(wait) if wait > 0 and self.worker.busy else None
+        jobs = ([first] if first is not None else []) + self.worker.poll()
+        return [j for j in jobs if not getattr(j, "silent", False)]
+
+    @property
+    def busy(self) -> bool:
+        return self.worker.busy
+
+    @property
+    def current(self) -> Optional[Job]:
+        return self.worker.current
+
+    def cancel_all(self) -> None:
+        self.worker.cancel_all()
+
+    def call(self, op: str, *args, timeout: float = 600.0, **kwargs):
+        """Run ``op`` and wait for its result (raises its error); ``poll`` never returns this job."""
+        job = self.submit(op, *args, **kwargs)
+        job.silent = True
+        if not job.wait(timeout):
+            raise TimeoutError(f"the engine did not answer {op!r} within {timeout:.0f} s")
+        return _job_result(job)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.worker.shutdown(wait=wait)
+
+
+def _job_result(job: Job):
+    if job.state == DONE:
+        return job.result
+    if job.state == FAILED:
+        raise job.error
+    raise Cancelled()
