@@ -265,7 +265,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             clicks = sb.clicks_from_markups(self.positivePoints, self.negativePoints, volume)
             self.logic.syncClicks(volume, seg, segId, clicks)
             self.ui.statusLabel.text = f"{len(clicks)} click(s) on {seg.GetSegmentation().GetSegment(segId).GetName()}"
-            self.timer.start()
+            self.startPump()
 
     def rewritePoints(self, clicks):
         from SAM3DSegmentLib import slicer_bridge as sb
@@ -275,7 +275,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, seg, segId = self.currentNodes()
         if volume is not None and seg is not None and segId:
             self.logic.edit(kind, seg, segId, volume)
-            self.timer.start()
+            self.startPump()
 
     def onNextObject(self):
         if self.ui.volumeSelector.currentNode() is not None:
@@ -296,7 +296,12 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.rewritePoints([])
         if segId and self.logic.modelName is not None and self.logic.volumeToken is not None:
             self.logic.engine.submit("clicks", segId, context={"kind": "points", "segment": segId})
-            self.timer.start()
+            self.startPump()
+
+    def startPump(self):
+        """Pump at the next event-loop turn (a fast reply is picked up at once), then every 30 ms while busy."""
+        self.timer.start()
+        qt.QTimer.singleShot(0, self.pump)
 
     def pump(self):
         for job in self.logic.poll():
@@ -349,7 +354,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = self.ui.checkpointPathLineEdit.currentPath.strip()
         self.logic.loadModel(path or self.ui.modelComboBox.currentText, self.ui.deviceComboBox.currentText)
         self.ui.modelStatusLabel.text = "Loading..."
-        self.timer.start()
+        self.startPump()
 
     def showDeviceWarning(self, device):
         from SAM3DSegmentLib import diagnose
