@@ -97,8 +97,10 @@ class Worker:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self.current: Optional[Job] = None
-        #: Called on the worker thread when a job starts running (the child process reports it to the GUI).
+        #: Called on the worker thread when a job starts running / has finished (the engine process sends them
+        #: to the GUI from there: no extra thread hand-over per reply). With ``on_finish`` set, ``poll`` returns nothing.
         self.on_start: Optional[Callable[[Job], None]] = None
+        self.on_finish: Optional[Callable[[Job], None]] = None
 
     # -------------------------------------------------------------------------- GUI-thread side
     def submit(self, fn: Callable, *args, tag: Optional[str] = None, supersede: bool = False,
@@ -200,7 +202,10 @@ class Worker:
                         self.current = None
             job.finished = time.perf_counter()
             job._done.set()
-            self._finished.put(job)
+            if self.on_finish is not None:
+                self.on_finish(job)
+            else:
+                self._finished.put(job)
 
 
 # ------------------------------------------------------------------------------------------- clicks
