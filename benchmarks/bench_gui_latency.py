@@ -16,7 +16,8 @@ from submitting to the pump handing the mask to the GUI. Configurations, same mo
   a request is in flight;
 * ``child_process_timer_only``: the child process with the old pump (first pump at the first tick, no wait):
   what the immediate, waiting pump buys;
-* ``command_line``: ``worker.Engine`` called directly on the main thread (no GUI, no ticks), as ``sam3d`` does.
+* ``command_line``: ``worker.Engine`` (the session plus the module's click bookkeeping) called directly on the
+  main thread: no GUI, no ticks, no threads, as on the command line.
 
 Model: the bundled demo model (``--model demo``) by default, CPU, ``--threads`` torch threads. The first click
 of the object encodes its region; later clicks decode only. Rounds are interleaved across configurations and
