@@ -113,7 +113,7 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
     def closeScene(self):
         """Scene closing: cancel clicks and free the engine's volume (the model stays loaded)."""
         self.engine.cancel_all()
-        if self.volumeToken is not None:  # the engine holds a volume (never start a process just for this)
+        if self.volumeToken is not None and self.engine.running:  # never start a process just for this
             self.engine.submit("forget_volume", cancellable=False, context={"kind": "forget"})
         self.volumeToken = None
 

@@ -422,6 +422,11 @@ class ThreadEngine:
         return self.worker.busy
 
     @property
+    def running(self) -> bool:
+        """Always True: the engine lives in this process (the thread starts on demand)."""
+        return True
+
+    @property
     def current(self) -> Optional[Job]:
         return self.worker.current
 

@@ -14,7 +14,7 @@ import pytest
 
 from SAM3DSegmentLib.engine_process import EngineCrashed, ProcessEngine, decode, encode
 from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.worker import CANCELLED, DONE, FAILED, Engine, ThreadEngine
+from SAM3DSegmentLib.worker import CANCELLED, DONE, FAILED, ThreadEngine
 
 from test_worker import BallBackend, make_engine
 
