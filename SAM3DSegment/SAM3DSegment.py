@@ -1,5 +1,6 @@
-"""SAM3DSegment: interactive click-based 3D segmentation of CT (Slicer glue: UI, observers, worker pump).
-The work lives in SAM3DSegmentLib (slicer_bridge: MRML; worker: model thread); torch is imported lazily."""
+"""SAM3DSegment: interactive click-based 3D segmentation of CT (Slicer glue: UI, observers, engine pump).
+The work lives in SAM3DSegmentLib (slicer_bridge: MRML; engine_process: the model in a child process; worker: the
+engine and its job API); torch is only imported in the child process."""
 import logging
 import os
 import sys
@@ -43,15 +44,17 @@ class SAM3DSegment(ScriptedLoadableModule):
 
 
 class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
-    """Owns the worker thread and the engine (model + session); only the GUI thread calls these methods."""
+    """Owns the engine: the model runs in a child process (SAM3DSegmentLib.engine_process, docs/slicer.md "How the
+    engine runs"); only the GUI thread calls these methods; jobs come back through :meth:`poll`. Cancel
+    (engine.cancel_all) never drops a queued volume, so engine and GUI agree on it."""
 
-    def __init__(self):
+    PUMP_WAIT_S = 0.025  # the pump waits this long for a reply, lock released, while a request is in flight
+
+    def __init__(self, engine=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        from SAM3DSegmentLib.worker import Engine, Worker
-        self.worker, self.engine = Worker(), Engine()
-        self.modelName = None
-        self.volumeToken = None
-        self.download = None  # (bytes done, total) while a checkpoint downloads
+        from SAM3DSegmentLib.engine_process import ProcessEngine
+        self.engine = engine if engine is not None else ProcessEngine()
+        self.modelName = self.volumeToken = None  # volumeToken: the volume the engine has or will have
 
     def getParameterNode(self):
         return SAM3DSegmentParameterNode(super().getParameterNode()) if parameterNodeWrapper else super().getParameterNode()
@@ -60,28 +63,34 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         from SAM3DSegmentLib.diagnose import recommended_device
         device = recommended_device() if device == "auto" else device
         self.volumeToken = None  # a new session forgets the volume
-        return self.worker.submit(self.engine.load, nameOrPath, str(device), progress=self._onDownload,
-                                  context={"kind": "load", "name": nameOrPath, "device": device})
-
-    def _onDownload(self, done, total):  # worker thread: only stores numbers for the GUI pump
-        self.download = (done, total)
+        return self.engine.submit("load", nameOrPath, str(device), context={"kind": "load", "name": nameOrPath, "device": device})
 
     def syncClicks(self, volumeNode, segmentationNode, segmentId, clicks):
         """Queue: (re)send the volume if it changed, then bring the segment's object to ``clicks``."""
         from SAM3DSegmentLib import slicer_bridge as sb
         parent = volumeNode.GetParentTransformNode()
         token = (volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), parent.GetTransformToWorldMTime() if parent else 0)
-        if token != self.volumeToken:
-            self.worker.submit(self.engine.set_volume, sb.volume_from_node(volumeNode), context={"kind": "volume"})
+        if token != self.volumeToken:  # never cancelled: engine and GUI must agree on the volume
+            self.engine.submit("set_volume", sb.volume_from_node(volumeNode), token, cancellable=False,
+                               context={"kind": "volume", "token": token})
             self.volumeToken = token
-        return self.worker.submit(self.engine.sync_clicks, segmentId, clicks, pass_job=True, tag="clicks", supersede=True,
+        return self.engine.submit("sync_clicks", segmentId, clicks, token, tag="clicks", supersede=True,
                                   context={"kind": "clicks", "segmentation": segmentationNode, "segment": segmentId,
                                            "volume": volumeNode})
 
     def edit(self, kind, segmentationNode, segmentId, volumeNode):
         """Queue undo/redo/reset of a segment's object; the result is (update, clicks, changed)."""
-        return self.worker.submit(self.engine.edit, kind, segmentId, context={
+        return self.engine.submit("edit", kind, segmentId, context={
             "kind": kind, "segmentation": segmentationNode, "segment": segmentId, "volume": volumeNode})
+
+    def poll(self, wait=None):
+        """Finished jobs (after noting the model's name; a volume the engine did not take is re-sent next time)."""
+        for job in (jobs := self.engine.poll(self.PUMP_WAIT_S if wait is None else wait)):
+            if (kind := (job.context or {}).get("kind")) == "load":
+                self.modelName = job.result if job.state == "done" else None
+            elif kind == "volume" and job.state != "done" and self.volumeToken == job.context["token"]:
+                self.volumeToken = None
+        return jobs
 
     def writeUpdate(self, kind, update, changed, segmentationNode, segmentId, volumeNode, history):
         """Bring the segment to an engine result, history in step with the engine (slicer_bridge.apply_engine_result)."""
@@ -90,15 +99,22 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         return sb.apply_engine_result(kind, update, changed, segmentationNode, segmentId, volumeNode, history, **settings)
 
     def waitIdle(self, pump, timeout=600.0):
-        """Process events until the worker is idle, then deliver the results (tests, scripts)."""
+        """Process events until the engine is idle, delivering results with ``pump`` (tests, scripts)."""
         t0 = time.time()
-        while self.worker.busy and time.time() - t0 < timeout:
+        while self.engine.busy and time.time() - t0 < timeout:
             slicer.app.processEvents()
-            time.sleep(0.02)
+            pump()
         pump()
 
+    def closeScene(self):
+        """Scene closing: cancel clicks and free the engine's volume (the model stays loaded)."""
+        self.engine.cancel_all()
+        if self.volumeToken is not None and self.engine.running:  # never start a process just for this
+            self.engine.submit("forget_volume", cancellable=False, context={"kind": "forget"})
+        self.volumeToken = None
+
     def shutdown(self):
-        self.worker.shutdown(wait=False)
+        self.engine.shutdown(wait=False)
 
 
 class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -175,11 +191,11 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.excludeButton.setChecked(False)
 
     def onSceneStartClose(self, caller, event):
-        self.logic.worker.cancel_all()
+        self.logic.closeScene()
         self._setMarkupsObserver(None)
         if self._parameterNode is not None and parameterNodeWrapper is not None:
             self._parameterNode.disconnectGui(self._guiTag)
-        self._parameterNode, self.history, self.logic.volumeToken = None, None, None
+        self._parameterNode, self.history = None, None
         self._target.reset()
 
     def initializeParameterNode(self):
@@ -251,14 +267,14 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if reason == "defined" and index is not None and not node.GetNthControlPointSelected(index):
                 self.ui.statusLabel.text = unused[-1]  # nothing changed for the model
                 return
-            if self.logic.engine.session is None and not self.logic.worker.busy:
+            if self.logic.modelName is None and not self.logic.engine.busy:
                 self.onLoadModel()
             volume, seg, segId = self.ensureSegment()
             clicks = sb.clicks_from_markups(self.positivePoints, self.negativePoints, volume)
             self.logic.syncClicks(volume, seg, segId, clicks)
             self.ui.statusLabel.text = " ".join(
                 [f"{len(clicks)} click(s) on {seg.GetSegmentation().GetSegment(segId).GetName()}."] + unused)
-            self.timer.start()
+            self.startPump()
 
     def rewritePoints(self, clicks):
         from SAM3DSegmentLib import slicer_bridge as sb
@@ -268,7 +284,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, seg, segId = self.currentNodes()
         if volume is not None and seg is not None and segId:
             self.logic.edit(kind, seg, segId, volume)
-            self.timer.start()
+            self.startPump()
 
     def onNextObject(self):
         if self.ui.volumeSelector.currentNode() is not None:
@@ -286,31 +302,35 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self.history is not None:
             self.history.clear()
-        eng = self.logic.engine
         self.rewritePoints([])
-        if segId and eng.session is not None and eng.volume_key is not None:
-            self.logic.worker.submit(eng.clicks, segId, context={"kind": "points", "segment": segId})
-            self.timer.start()
+        if segId and self.logic.modelName is not None and self.logic.volumeToken is not None:
+            self.logic.engine.submit("clicks", segId, context={"kind": "points", "segment": segId})
+            self.startPump()
+
+    def startPump(self):
+        """Pump at the next event-loop turn (a fast reply is picked up at once), then every 30 ms while busy."""
+        self.timer.start()
+        qt.QTimer.singleShot(0, self.pump)
 
     def pump(self):
-        for job in self.logic.worker.poll():
+        for job in self.logic.poll():
             try:
                 self.onJobFinished(job)
             except Exception:  # already shown to the user (tryWithErrorDisplay re-raises); keep pumping
                 logging.exception("SAM3DSegment: handling a finished job failed")
-        job = self.logic.worker.current
+        job = self.logic.engine.current
         if job is not None and self._progress is None and time.perf_counter() - (job.started or time.perf_counter()) > 0.4:
             text = {"load": "Loading the model...", "clicks": "Computing the image embedding (first click of a region)..."}
-            self._progress = slicer.util.createProgressDialog(labelText=text.get(job.context["kind"], "Working..."), maximum=0)
-            self._progress.connect("canceled()", self.logic.worker.cancel_all)
-        if self._progress is not None and self.logic.download:
-            done, total = self.logic.download
+            self._progress = slicer.util.createProgressDialog(labelText=text.get((job.context or {}).get("kind"), "Working..."), maximum=0)
+            self._progress.connect("canceled()", self.logic.engine.cancel_all)
+        if self._progress is not None and self.logic.engine.download:
+            done, total = self.logic.engine.download
             self._progress.labelText = f"Downloading the checkpoint: {done / 1e6:.0f} / {(total or 0) / 1e6:.0f} MB"
-        if not self.logic.worker.busy:
+        if not self.logic.engine.busy:
             self.timer.stop()
             if self._progress is not None:
                 self._progress.close()
-            self._progress = self.logic.download = None
+            self._progress = self.logic.engine.download = None
 
     def onJobFinished(self, job):
         ctx, kind = job.context or {}, (job.context or {}).get("kind")
@@ -321,7 +341,6 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif job.state != "done":
             self.ui.statusLabel.text = "Cancelled: the segment is unchanged."
         elif kind == "load":
-            self.logic.modelName = job.result
             self.ui.modelStatusLabel.text = f"Loaded: {job.result}"
             self.showDeviceWarning(ctx["device"])
         elif kind == "points" and ctx["segment"] == self._target.segment_id:
@@ -342,7 +361,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = self.ui.checkpointPathLineEdit.currentPath.strip()
         self.logic.loadModel(path or self.ui.modelComboBox.currentText, self.ui.deviceComboBox.currentText)
         self.ui.modelStatusLabel.text = "Loading..."
-        self.timer.start()
+        self.startPump()
 
     def showDeviceWarning(self, device):
         from SAM3DSegmentLib import diagnose
@@ -404,12 +423,12 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
             action(*args)
             widget.logic.waitIdle(widget.pump)
         step(widget.onLoadModel)
-        self.assertIsNotNone(widget.logic.engine.session, widget.ui.modelStatusLabel.text)
-        # the new point fires PointPositionDefined -> one decode on the worker -> write-back on the GUI thread
+        self.assertIsNotNone(widget.logic.modelName, widget.ui.modelStatusLabel.text)
+        # the new point fires PointPositionDefined -> one decode in the engine process -> write-back on the GUI thread
         step(widget.positivePoints.AddControlPointWorld, vtk.vtkVector3d(*(ijkToRas @ [30, 32, 20, 1])[:3]))
         _, seg, segId = widget.currentNodes()
-        engineMask = np.array(widget.logic.engine.mask(segId))
-        self.assertEqual(len(widget.logic.engine.clicks(segId)), 1)
+        engineMask = np.array(widget.logic.engine.call("mask", segId))
+        self.assertEqual(len(widget.logic.engine.call("clicks", segId)), 1)
         self.assertTrue(np.array_equal(sb.read_segment(seg, segId, volume), engineMask))
         step(widget.onEdit, "undo")
         self.assertFalse(sb.read_segment(seg, segId, volume).any())

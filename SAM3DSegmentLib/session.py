@@ -45,7 +45,7 @@ single region covers a voxel the mask is that region's logits thresholded, exact
 The mask is therefore a pure function of the regions' logits: incremental clicks, :meth:`Session.set_clicks`
 and undo/redo agree voxel for voxel.
 
-Undo/redo: every mutating call (``add_click``, ``set_clicks``, ``reset``) pushes one history entry holding
+Undo/redo: every mutating call (``add_click``, ``add_clicks``, ``set_clicks``, ``reset``) pushes one history entry holding
 the object's clicks and region states before and after (logit arrays are never modified in place, so they
 are shared, not copied) and the mask patch of the changed box before and after. ``undo`` restores the exact
 previous mask and logits; ``redo`` re-applies.
@@ -55,7 +55,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -348,19 +348,32 @@ class Session:
     def add_click(self, ras: Optional[Sequence[float]] = None, positive: bool = True,
                   ijk: Optional[Sequence[float]] = None) -> MaskUpdate:
         """Add a click (RAS mm or voxel ijk) to the current object and update its mask."""
+        return self.add_clicks([Click(ras=None if ras is None else tuple(ras), positive=bool(positive),
+                                      ijk=None if ijk is None else tuple(ijk))])
+
+    def add_clicks(self, clicks: Sequence[Click], check: Optional[Callable[[], None]] = None) -> MaskUpdate:
+        """Append ``clicks`` to the current object, applying each incrementally (one decode per new click, as
+        :meth:`add_click`; the existing clicks are not replayed). One undo step for all of them.
+
+        ``check`` (optional) is called after each click is computed and before anything is stored; if it
+        raises, the exception propagates and the session is exactly as before (clicks, masks, undo and redo)."""
         t0 = time.perf_counter()
         obj = self._current_or_new()
-        click = self._normalise_click(Click(ras=None if ras is None else tuple(ras), positive=bool(positive),
-                                            ijk=None if ijk is None else tuple(ijk)))
+        normalised = [self._normalise_click(c) for c in clicks]   # all validated before anything changes
         stats = _Stats()
         regions = list(obj.regions)
-        clicks = list(obj.clicks) + [click]
-        dirty = self._apply_click(regions, clicks, stats)
-        return self._commit(obj, clicks, regions, dirty, stats, t0)
+        all_clicks = list(obj.clicks)
+        dirty = None
+        for click in normalised:
+            all_clicks.append(click)
+            dirty = _box_union(dirty, self._apply_click(regions, list(all_clicks), stats))
+            if check is not None:
+                check()
+        return self._commit(obj, all_clicks, regions, dirty, stats, t0)
 
-    def set_clicks(self, clicks: Sequence[Click]) -> MaskUpdate:
+    def set_clicks(self, clicks: Sequence[Click], check: Optional[Callable[[], None]] = None) -> MaskUpdate:
         """Replace the current object's clicks and recompute it from scratch (decode only: embeddings are
-        cached). Used when the user moves or removes a point; one undo step."""
+        cached). Used when the user moves or removes a point; one undo step. ``check`` as in :meth:`add_clicks`."""
         t0 = time.perf_counter()
         obj = self._current_or_new()
         normalised = [self._normalise_click(c) for c in clicks]   # all validated before anything changes
@@ -371,6 +384,8 @@ class Session:
         regions: List[_RegionState] = []
         for n in range(1, len(normalised) + 1):
             dirty = _box_union(dirty, self._apply_click(regions, normalised[:n], stats))
+            if check is not None:
+                check()
         return self._commit(obj, normalised, regions, dirty, stats, t0)
 
     def reset(self, oid: Optional[str] = None) -> MaskUpdate:

@@ -6,7 +6,10 @@ only thread that touches MRML or Qt. The worker thread owns the model, the backe
 
 * Errors never escape the thread: a failed job carries ``error`` (the exception) and ``traceback`` (text).
 * Cancellation: a pending job is dropped before it runs; a running job sees ``job.cancel_requested`` and
-  the engine undoes its session change, so a cancelled click leaves the segment as it was.
+  the engine abandons its computation before storing anything, so a cancelled click leaves the session
+  exactly as it was (clicks, mask, undo and redo). A job that returns normally is DONE even if a cancel came
+  too late: its change happened and the GUI must apply it. Jobs submitted with ``cancellable=False``
+  (sending the volume) are never dropped by :meth:`Worker.cancel_all`, so engine and GUI agree on the volume.
 * ``submit(..., tag="clicks", supersede=True)`` drops older pending jobs of the same tag: rapid clicks
   coalesce into one decode with the latest click list.
 
@@ -36,13 +39,15 @@ class Job:
     _ids = itertools.count(1)
 
     def __init__(self, fn: Callable, args: tuple, kwargs: dict, tag: Optional[str], pass_job: bool,
-                 context: Any = None):
+                 context: Any = None, cancellable: bool = True):
         self.id = next(Job._ids)
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.tag = tag
         self.pass_job = pass_job
         #: Anything the GUI wants back with the result (e.g. the segment id the job was computed for).
         self.context = context
+        #: False: :meth:`Worker.cancel_all` leaves this job alone (it still runs).
+        self.cancellable = cancellable
         self.state = PENDING
         self.result: Any = None
         self.error: Optional[BaseException] = None
@@ -92,14 +97,18 @@ class Worker:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self.current: Optional[Job] = None
+        #: Called on the worker thread when a job starts running / has finished (the engine process sends them
+        #: to the GUI from there: no extra thread hand-over per reply). With ``on_finish`` set, ``poll`` returns nothing.
+        self.on_start: Optional[Callable[[Job], None]] = None
+        self.on_finish: Optional[Callable[[Job], None]] = None
 
     # -------------------------------------------------------------------------- GUI-thread side
     def submit(self, fn: Callable, *args, tag: Optional[str] = None, supersede: bool = False,
-               pass_job: bool = False, context: Any = None, **kwargs) -> Job:
+               pass_job: bool = False, context: Any = None, cancellable: bool = True, **kwargs) -> Job:
         """Queue ``fn(*args, **kwargs)`` (``fn(job, *args, **kwargs)`` with ``pass_job``). Returns the Job."""
         if self._stopping:
             raise RuntimeError("the worker has been shut down")
-        job = Job(fn, args, kwargs, tag, pass_job, context)
+        job = Job(fn, args, kwargs, tag, pass_job, context, cancellable)
         with self._lock:
             if supersede and tag is not None:
                 for old in self._pending:
@@ -129,15 +138,27 @@ class Worker:
             return list(self._pending)
 
     def cancel_all(self) -> None:
+        """Cancel every pending and running job except those submitted with ``cancellable=False``."""
         with self._lock:
             jobs = list(self._pending) + ([self.current] if self.current is not None else [])
         for job in jobs:
-            job.cancel()
+            if job.cancellable:
+                job.cancel()
+
+    def next_finished(self, timeout: Optional[float] = None) -> Optional[Job]:
+        """Block (interpreter lock released) until a job finishes; None after ``timeout`` seconds."""
+        try:
+            return self._finished.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
     def shutdown(self, wait: bool = True, timeout: float = 10.0) -> None:
         """Cancel what is queued and stop the thread (after the running job finishes)."""
         self._stopping = True
-        self.cancel_all()
+        with self._lock:
+            jobs = list(self._pending) + ([self.current] if self.current is not None else [])
+        for job in jobs:
+            job.cancel()
         if self._thread is not None and self._thread.is_alive():
             self._queue.put(None)
             if wait:
@@ -164,10 +185,12 @@ class Worker:
                     self.current = job
             if job.state == RUNNING:
                 job.started = time.perf_counter()
+                if self.on_start is not None:
+                    self.on_start(job)
                 try:
                     result = job.fn(job, *job.args, **job.kwargs) if job.pass_job else job.fn(*job.args, **job.kwargs)
                     job.result = result
-                    job.state = CANCELLED if job.cancel_requested else DONE
+                    job.state = DONE  # it returned: whatever it changed is done (a late cancel changes nothing)
                 except Cancelled:
                     job.state = CANCELLED
                 except BaseException as exc:  # noqa: BLE001 - returned to the GUI thread, never raised here
@@ -179,22 +202,27 @@ class Worker:
                         self.current = None
             job.finished = time.perf_counter()
             job._done.set()
-            self._finished.put(job)
+            if self.on_finish is not None:
+                self.on_finish(job)
+            else:
+                self._finished.put(job)
 
 
 # ------------------------------------------------------------------------------------------- clicks
 def plan_click_update(old: Sequence[Tuple[Sequence[float], bool]], new: Sequence[Tuple[Sequence[float], bool]],
                       atol: float = 1e-4):
     """How to bring a session from clicks ``old`` to ``new`` (lists of ``(ras, positive)``):
-    ``("none",)``; ``("add", (ras, positive))`` when ``new`` is ``old`` plus one click at the end (one decode);
-    else ``("set", new)`` (replay: a point was moved or removed)."""
+    ``("none",)``; ``("add", [clicks...])`` when ``new`` is ``old`` plus any number of clicks at the end
+    (one decode per appended click, nothing replayed); else ``("set", new)`` (replay: a point was moved or
+    removed, or a sign changed)."""
     def same(a, b):
         return bool(a[1]) == bool(b[1]) and np.allclose(np.asarray(a[0], float), np.asarray(b[0], float), atol=atol)
 
-    if len(new) == len(old) and all(same(a, b) for a, b in zip(old, new)):
+    prefix = len(old) <= len(new) and all(same(a, b) for a, b in zip(old, new))
+    if prefix and len(new) == len(old):
         return ("none",)
-    if len(new) == len(old) + 1 and all(same(a, b) for a, b in zip(old, new)):
-        return ("add", tuple(new[-1]))
+    if prefix:
+        return ("add", [tuple(c) for c in new[len(old):]])
     return ("set", list(new))
 
 
@@ -217,6 +245,7 @@ class Engine:
         self.session = None
         self.backend = None
         self.volume_key: Optional[str] = None
+        self.volume_token: Any = None
         self._objects: Dict[str, str] = {}
 
     # ------------------------------------------------------------------ model
@@ -242,16 +271,25 @@ class Engine:
         options = self.session_options or SessionOptions(region_size=int(getattr(backend, "image_size", 128)))
         self.backend = backend
         self.session = Session(backend, options)
-        self.volume_key = None
+        self.volume_key = self.volume_token = None
         self._objects = {}
         return str(getattr(backend, "name", type(backend).__name__))
 
     # ------------------------------------------------------------------ volume and objects
-    def set_volume(self, volume) -> str:
+    def set_volume(self, volume, token: Any = None) -> str:
+        """Use ``volume`` (forgets every object). ``token`` is the caller's name for this volume: clicks sent
+        with another token are refused (see :meth:`sync_clicks`), so engine and GUI cannot disagree on it."""
         self._require_session()
-        self.volume_key = self.session.set_volume(volume)
+        self.volume_key = self.volume_token = None   # a failed set leaves no volume, never the previous one
         self._objects = {}
+        self.volume_key = self.session.set_volume(volume)
+        self.volume_token = token
         return self.volume_key
+
+    def forget_volume(self) -> None:
+        """Drop the volume, every object and the embedding cache (memory); the model stays loaded."""
+        if self.backend is not None:
+            self.set_backend(self.backend)
 
     def _object(self, key: str) -> str:
         oid = self._objects.get(key)
@@ -271,30 +309,31 @@ class Engine:
         return [(tuple(c.ras), bool(c.positive)) for c in self.session.clicks(self._object(key))]
 
     # ------------------------------------------------------------------ edits (job bodies)
-    def sync_clicks(self, job: Optional[Job], key: str, clicks: Sequence[Tuple[Sequence[float], bool]]):
+    def sync_clicks(self, job: Optional[Job], key: str, clicks: Sequence[Tuple[Sequence[float], bool]],
+                    volume_token: Any = None):
         """Bring object ``key`` to exactly ``clicks``; returns a MaskUpdate or None when nothing changed.
+        Clicks appended after the current ones are decoded one by one (nothing replayed).
 
-        If the job is cancelled while it runs, the session change is undone and ``Cancelled`` raised."""
+        ``volume_token`` (when given) must be the token of the last :meth:`set_volume`, else RuntimeError.
+        If the job is cancelled while it runs, ``Cancelled`` is raised before the session stores anything."""
         from .session import Click
 
         self._require_volume()
+        if volume_token is not None and volume_token != self.volume_token:
+            raise RuntimeError("the engine holds another volume than the one clicked on; click again "
+                               "(the volume is re-sent)")
         oid = self._object(key)
         old = [(c.ras, c.positive) for c in self.session.clicks(oid)]
         plan = plan_click_update(old, clicks)
-        if job is not None:
-            job.check_cancelled()
+        check = job.check_cancelled if job is not None else None
+        if check is not None:
+            check()
         if plan[0] == "none":
             return None
+        as_clicks = [Click(ras=tuple(float(v) for v in r), positive=bool(p)) for r, p in plan[1]]
         if plan[0] == "add":
-            ras, positive = plan[1]
-            update = self.session.add_click(ras=tuple(float(v) for v in ras), positive=bool(positive))
-        else:
-            update = self.session.set_clicks([Click(ras=tuple(float(v) for v in r), positive=bool(p))
-                                              for r, p in plan[1]])
-        if job is not None and job.cancel_requested:
-            self.session.undo(oid)
-            raise Cancelled()
-        return update
+            return self.session.add_clicks(as_clicks, check=check)
+        return self.session.set_clicks(as_clicks, check=check)
 
     def edit(self, kind: str, key: str):
         """``kind`` in undo / redo / reset. Returns ``(MaskUpdate or None, clicks after, changed)``;
@@ -333,3 +372,82 @@ class Engine:
         self._require_session()
         if self.volume_key is None:
             raise RuntimeError("no volume: select the CT volume to segment")
+
+
+# ------------------------------------------------------------------------------------------- job API
+#: What the GUI may ask of an engine (Engine method names); ``sync_clicks`` also gets its Job (cancellation).
+OPS = ("load", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask", "forget_object")
+
+
+class ThreadEngine:
+    """An :class:`Engine` on a :class:`Worker` thread of THIS process, behind the job API the module uses:
+    ``submit(op, *args, ...) -> Job``, ``poll(wait)``, ``busy``, ``current``, ``cancel_all()``, ``call()``,
+    ``shutdown()``. The child process runs one of these (``engine_process``); the Slicer module talks to it
+    through :class:`~SAM3DSegmentLib.engine_process.ProcessEngine`, which has the same API. Used directly, it
+    is for scripts, tests and benchmarks: inside Slicer a worker thread starves (docs/slicer.md)."""
+
+    def __init__(self, session_options=None, backend=None):
+        self.engine = Engine(session_options)
+        if backend is not None:
+            self.engine.set_backend(backend)
+        self.worker = Worker()
+        #: (bytes done, total or None) while a checkpoint downloads, else None.
+        self.download: Optional[Tuple[int, Optional[int]]] = None
+        self.on_download: Optional[Callable[[int, Optional[int]], None]] = None
+
+    def _progress(self, done: int, total: Optional[int]) -> None:  # worker thread
+        self.download = (done, total)
+        if self.on_download is not None:
+            self.on_download(done, total)
+
+    def submit(self, op: str, *args, tag: Optional[str] = None, supersede: bool = False, context: Any = None,
+               cancellable: bool = True, **kwargs) -> Job:
+        if op not in OPS:
+            raise ValueError(f"unknown engine operation {op!r}; known: {', '.join(OPS)}")
+        if op == "load":
+            kwargs["progress"] = self._progress
+            self.download = None
+        return self.worker.submit(getattr(self.engine, op), *args, tag=tag, supersede=supersede,
+                                  pass_job=(op == "sync_clicks"), context=context, cancellable=cancellable, **kwargs)
+
+    def poll(self, wait: float = 0.0) -> List[Job]:
+        """Finished jobs (completion order). With ``wait`` > 0 and work in flight, first wait up to ``wait``
+        seconds for one, with the interpreter lock released."""
+        first = self.worker.next_finished(wait) if wait > 0 and self.worker.busy else None
+        jobs = ([first] if first is not None else []) + self.worker.poll()
+        return [j for j in jobs if not getattr(j, "silent", False)]
+
+    @property
+    def busy(self) -> bool:
+        return self.worker.busy
+
+    @property
+    def running(self) -> bool:
+        """Always True: the engine lives in this process (the thread starts on demand)."""
+        return True
+
+    @property
+    def current(self) -> Optional[Job]:
+        return self.worker.current
+
+    def cancel_all(self) -> None:
+        self.worker.cancel_all()
+
+    def call(self, op: str, *args, timeout: float = 600.0, **kwargs):
+        """Run ``op`` and wait for its result (raises its error); ``poll`` never returns this job."""
+        job = self.submit(op, *args, **kwargs)
+        job.silent = True
+        if not job.wait(timeout):
+            raise TimeoutError(f"the engine did not answer {op!r} within {timeout:.0f} s")
+        return _job_result(job)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.worker.shutdown(wait=wait)
+
+
+def _job_result(job: Job):
+    if job.state == DONE:
+        return job.result
+    if job.state == FAILED:
+        raise job.error
+    raise Cancelled()

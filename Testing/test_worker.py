@@ -96,7 +96,9 @@ def test_shutdown_stops_thread(worker):
 def test_plan_click_update():
     a, b, c = ((1.0, 2.0, 3.0), True), ((4.0, 5.0, 6.0), False), ((7.0, 8.0, 9.0), True)
     assert plan_click_update([a, b], [a, b]) == ("none",)
-    assert plan_click_update([a, b], [a, b, c]) == ("add", c)
+    assert plan_click_update([a, b], [a, b, c]) == ("add", [c])
+    assert plan_click_update([a], [a, b, c]) == ("add", [b, c])                  # any appended suffix
+    assert plan_click_update([], [a, b]) == ("add", [a, b])
     assert plan_click_update([a, b], [a, ((4.0, 5.5, 6.0), False)])[0] == "set"   # moved
     assert plan_click_update([a, b], [a]) == ("set", [a])                          # removed
     assert plan_click_update([a, b], [a, (b[0], True)])[0] == "set"                # sign changed
