@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import http.client
 import json
@@ -36,6 +37,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,6 +105,9 @@ class ModelWeights:
     checksum_source: Optional[str] = None
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        _check_plain_filename(self.name, self.filename)
+
     def download_url(self) -> Optional[str]:
         """The URL actually fetched: ``$SAM3D_WEIGHTS_BASE_URL/<filename>`` if that is set, else ``url``."""
         if self.bundled or self.url is None:
@@ -117,6 +122,16 @@ class ModelWeights:
         if not self.bundled:
             return None
         return Path(__file__).resolve().parent / "resources" / self.filename
+
+
+def _check_plain_filename(name: str, filename: str) -> None:
+    """A registry file name must name a file directly inside the cache (or resources) folder."""
+    bad = (not isinstance(filename, str) or not filename or filename in (".", "..") or filename.startswith(".")
+           or "/" in filename or "\\" in filename or "\0" in filename or ":" in filename
+           or os.path.isabs(filename) or Path(filename).name != filename)
+    if bad:
+        raise WeightsError(f"Registry entry {name!r} has the file name {filename!r}, which is not a plain file "
+                           "name (it would point outside the cache folder); use a name such as 'model.pth'.")
 
 
 _HF_LICENSE = "Apache-2.0 (uni-medical/SAM-Med3D)"
@@ -232,6 +247,12 @@ def cached_path(name: str) -> Path:
         path = entry.bundled_path()
         assert path is not None
         return path
+    return _cache_target(entry)
+
+
+def _cache_target(entry: ModelWeights) -> Path:
+    """``checkpoint_dir() / entry.filename``, re-checked here because :data:`REGISTRY` can be edited directly."""
+    _check_plain_filename(entry.name, entry.filename)
     return checkpoint_dir() / entry.filename
 
 
@@ -492,9 +513,146 @@ class _Interrupted(Exception):
     """The body stopped before its end; the .part file keeps what arrived."""
 
 
+class _WriteFailed(Exception):
+    """Writing into the cache folder failed (disk full, read-only, ...); carries the OSError."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(str(error))
+        self.path = path
+        self.error = error
+
+
+#: Defaults of the stall detector: a transfer slower than ``DEFAULT_MIN_RATE`` bytes/s over
+#: ``DEFAULT_STALL_WINDOW`` seconds is abandoned (a socket timeout alone never fires on a trickle).
+DEFAULT_MIN_RATE = 1024.0
+DEFAULT_STALL_WINDOW = 60.0
+
+
+class _Watchdog:
+    """Enforces an overall deadline and a minimum transfer rate on one :func:`download` call.
+
+    A helper thread samples the byte count; when the deadline passes, or fewer than ``min_rate *
+    window`` bytes arrived in the last ``window`` seconds, it records why in :attr:`reason` and shuts
+    the connection's sockets down, so that a read blocked on a trickling server returns at once.
+    Sockets are registered by the connection classes below through a thread-local.
+    """
+
+    def __init__(self, deadline: Optional[float], min_rate: Optional[float], window: float,
+                 poll: float = 0.05):
+        self.deadline = deadline
+        self.min_rate = min_rate if min_rate and min_rate > 0 else None
+        self.window = max(float(window), poll)
+        self.poll = poll
+        self.start = time.monotonic()
+        self.received = 0
+        self.reason: Optional[str] = None
+        self._samples: List[tuple] = [(self.start, 0)]
+        self._sockets: List[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "_Watchdog":
+        _tracking.watchdog = self
+        if self.deadline is not None or self.min_rate is not None:
+            self._thread = threading.Thread(target=self._run, name="sam3d-download-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _tracking.watchdog = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def add(self, nbytes: int) -> None:
+        self.received += nbytes
+
+    def new_request(self) -> None:
+        """A new request restarts the stall window (connecting is bounded by the socket timeout)."""
+        with self._lock:
+            self._samples = [(time.monotonic(), self.received)]
+            self._sockets = [s for s in self._sockets if s.fileno() != -1]
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            aborted = self.reason is not None
+        if aborted:
+            self._shutdown(sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _abort(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shutdown(sock)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            now = time.monotonic()
+            if self.deadline is not None and now - self.start > self.deadline:
+                self._abort("deadline")
+                return
+            if self.min_rate is None:
+                continue
+            with self._lock:
+                self._samples.append((now, self.received))
+                while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
+                    self._samples.pop(0)
+                first_t, first_n = self._samples[0]
+            if now - first_t >= self.window and self.received - first_n < self.min_rate * self.window:
+                self._abort("stalled")
+                return
+
+    def describe(self) -> str:
+        if self.reason == "deadline":
+            return f"it did not finish within the overall deadline of {self.deadline:g} s (--deadline)"
+        return (f"it stalled: fewer than {self.min_rate:g} bytes/s arrived over {self.window:g} s "
+                "(--min-rate, --stall-window)")
+
+
+_tracking = threading.local()
+
+
+def _track_socket(sock) -> None:
+    watchdog = getattr(_tracking, "watchdog", None)
+    if watchdog is not None and sock is not None:
+        watchdog.track(sock)
+
+
+class _TrackedHTTPConnection(http.client.HTTPConnection):
+    def connect(self):
+        super().connect()
+        _track_socket(self.sock)
+
+
+class _TrackedHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        super().connect()
+        _track_socket(self.sock)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_TrackedHTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_TrackedHTTPSConnection, req, context=getattr(self, "_context", None))
+
+
 def _open_url(request: urllib.request.Request, timeout: float):
-    """``urlopen`` with a fresh opener so proxy settings are read from the environment at each call."""
-    return urllib.request.build_opener().open(request, timeout=timeout)
+    """``urlopen`` with a fresh opener so proxy settings are read from the environment at each call; its
+    connections register their sockets with the running :class:`_Watchdog`."""
+    return urllib.request.build_opener(_HTTPHandler, _HTTPSHandler).open(request, timeout=timeout)
 
 
 _urlopen = _open_url  # tests patch this to simulate failures that loopback cannot produce (DNS)
@@ -545,7 +703,9 @@ def _parse_content_range(value: Optional[str]):
 def download(url: str, dest: Union[str, Path], expected_size: Optional[int] = None,
              sha256: Optional[str] = None, progress: ProgressArg = None, timeout: float = 30.0, *,
              retries: int = 3, lock_timeout: Optional[float] = 3600.0, chunk_size: int = 1 << 16,
-             help_text: Optional[str] = None) -> DownloadResult:
+             help_text: Optional[str] = None, deadline: Optional[float] = None,
+             min_rate: Optional[float] = DEFAULT_MIN_RATE, stall_window: float = DEFAULT_STALL_WINDOW,
+             validate: Optional[Callable[[Path], Optional[str]]] = None) -> DownloadResult:
     """Fetch ``url`` into ``dest`` (atomically), resuming a previous partial download.
 
     The body is streamed into ``dest + ".part"``; its validators (ETag / Last-Modified / total size) are
@@ -553,35 +713,82 @@ def download(url: str, dest: Union[str, Path], expected_size: Optional[int] = No
     A server that answers 200 instead of 206 is handled by restarting from zero. A body cut short is
     resumed up to ``retries`` times in this call; after that the ``.part`` stays for the next call.
     When complete, the size (``expected_size``) and ``sha256`` are checked; on mismatch the ``.part`` is
-    deleted and :class:`ChecksumError` names expected and actual values. Only then is the file renamed to
-    ``dest``. A lock on ``dest + ".lock"`` serialises concurrent calls for the same ``dest``; a waiter
-    that finds ``dest`` complete returns it without downloading.
+    deleted and :class:`ChecksumError` names expected and actual values. ``validate(part)`` then returns
+    None or what is wrong with the content (the ``.part`` is deleted and :class:`WeightsError` raised).
+    Only then is the file renamed to ``dest``. A lock on ``dest + ".lock"`` serialises concurrent calls
+    for the same ``dest``; a waiter that finds ``dest`` complete returns it without downloading.
 
     ``progress``: ``callback(bytes_done, bytes_total_or_None)``, ``True``/``"text"`` (bar on stderr),
-    ``"auto"`` or ``None``. ``timeout``: socket timeout in seconds per connect/read. Errors that mean
-    "no network" or "not there" (connection refused, DNS failure, HTTP 404, ...) raise
+    ``"auto"`` or ``None``. ``timeout``: socket timeout in seconds per connect/read. ``deadline``: seconds
+    the whole call may take (None: no limit). ``min_rate``/``stall_window``: abandon the transfer when
+    fewer than ``min_rate`` bytes/s arrive over ``stall_window`` seconds (None: no stall detection); a
+    socket timeout alone never fires while a server trickles a byte now and then. A stopped transfer keeps
+    its ``.part`` for the next call to resume, and the message says how much it holds.
+
+    Errors that mean "no network" or "not there" (connection refused, DNS failure, HTTP 404, ...) raise
     :class:`WeightsError` with instructions to use a local file instead (``help_text`` overrides them).
+    A cache folder that cannot be written (full disk, read-only) raises :class:`WeightsError` naming the
+    folder and the fix; a ``.part`` that could not be completed for that reason is deleted.
     """
     dest = Path(dest).expanduser()
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     meta_path = dest.with_name(dest.name + ".part.json")
     lock_path = dest.with_name(dest.name + ".lock")
     sha256 = sha256.lower() if sha256 else None
     hint = help_text if help_text is not None else offline_help(url, dest.name, dest)
-    callback, close_progress = _make_progress(progress, f"Downloading {dest.name}")
 
     def on_wait() -> None:
         logger.info("Another process is downloading %s; waiting for it to finish.", dest)
 
+    lock = DownloadLock(lock_path, timeout=lock_timeout, on_wait=on_wait)
     try:
-        with DownloadLock(lock_path, timeout=lock_timeout, on_wait=on_wait):
-            if dest.exists():
-                return _verify_existing(dest, expected_size, sha256)
-            return _download_locked(url, dest, part, meta_path, expected_size, sha256, callback, timeout,
-                                    retries, chunk_size, hint)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as exc:
+        raise _write_error(lock_path if dest.parent.is_dir() else dest.parent, exc) from None
+    callback, close_progress = _make_progress(progress, f"Downloading {dest.name}")
+    try:
+        if dest.exists():
+            return _verify_existing(dest, expected_size, sha256)
+        with _Watchdog(deadline, min_rate, stall_window) as watchdog:
+            try:
+                return _download_locked(url, dest, part, meta_path, expected_size, sha256, callback, timeout,
+                                        retries, chunk_size, hint, watchdog, validate)
+            except _WriteFailed as exc:
+                freed = part.stat().st_size if part.exists() else 0
+                _unlink_quiet(part, meta_path)
+                raise _write_error(exc.path, exc.error, freed) from None
     finally:
         close_progress()
+        lock.release()
+
+
+def _write_error(path: Path, exc: OSError, freed: Optional[int] = None) -> WeightsError:
+    """One line: what could not be written, why, what was cleaned up, and what to do."""
+    folder = path if path.is_dir() else path.parent
+    code = errno.errorcode.get(exc.errno or 0, "")
+    why = (exc.strerror or str(exc)) + (f" [{code}]" if code else "")
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        fix = (f"free space on the disk holding {folder}, or set ${ENV_HOME} to a folder on a disk with room, "
+               "then run the command again")
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = (f"set ${ENV_HOME} to a writable folder, or pass a local checkpoint file with --checkpoint PATH "
+               "(3D Slicer: \"Checkpoint file\")")
+    else:
+        fix = f"check the folder {folder}, or set ${ENV_HOME} to another folder"
+    deleted = f" The partial download ({_fmt_bytes(freed)}) was deleted." if freed else ""
+    return WeightsError(f"Cannot write {path} in the model cache: {why}.{deleted} To continue, {fix}.")
+
+
+class _Aborted(Exception):
+    """The watchdog stopped the transfer (deadline or stall)."""
+
+
+def _aborted_error(url: str, watchdog: "_Watchdog", part: Path, hint: str) -> WeightsError:
+    kept = part.stat().st_size if part.exists() else 0
+    tail = (f"The {_fmt_bytes(kept)} received are kept in {part} and the next run resumes from there; delete "
+            "it to free the space." if kept else "Nothing was saved.")
+    return WeightsError(f"Download of {url} was stopped: {watchdog.describe()}. {tail}\n{hint}")
 
 
 _fetch = download  # resolve_checkpoint's ``download`` flag shadows the function name
@@ -600,10 +807,13 @@ def _verify_existing(dest: Path, expected_size: Optional[int], sha256: Optional[
 
 
 def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback, timeout, retries,
-                     chunk_size, hint) -> DownloadResult:
+                     chunk_size, hint, watchdog: "_Watchdog",
+                     validate: Optional[Callable[[Path], Optional[str]]]) -> DownloadResult:
     result = DownloadResult(path=dest, size=0, sha256="")
     attempt = 0
     while True:
+        if watchdog.reason:
+            raise _aborted_error(url, watchdog, part, hint)
         # What we already have and whether it can be resumed.
         meta = _read_json(meta_path) if part.exists() else None
         offset = part.stat().st_size if part.exists() else 0
@@ -618,6 +828,7 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
                 headers["If-Range"] = validator
         request = urllib.request.Request(url, headers=headers)
         result.requests += 1
+        watchdog.new_request()
         try:
             response = _urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as err:
@@ -640,6 +851,8 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
             what = "not found (HTTP 404)" if err.code == 404 else f"HTTP error {err.code} {err.reason}"
             raise WeightsError(f"Could not download {url}: {what}.\n{hint}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            if watchdog.reason:
+                raise _aborted_error(url, watchdog, part, hint) from None
             reason = getattr(err, "reason", err)
             transient = isinstance(reason, (socket.timeout, TimeoutError, ConnectionResetError))
             if transient and attempt < retries:
@@ -686,20 +899,28 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
                         f"mirror serves a different file.\n{hint}", str(expected_size), str(total))
 
                 if offset == 0:
-                    _write_json_atomic(meta_path, {
-                        "url": url,
-                        "etag": response.headers.get("ETag"),
-                        "last_modified": response.headers.get("Last-Modified"),
-                        "total": total,
-                        "started": _utc_now(),
-                    })
-                _stream_body(response, part, offset, total, chunk_size, callback)
+                    try:
+                        _write_json_atomic(meta_path, {
+                            "url": url,
+                            "etag": response.headers.get("ETag"),
+                            "last_modified": response.headers.get("Last-Modified"),
+                            "total": total,
+                            "started": _utc_now(),
+                        })
+                    except OSError as exc:
+                        raise _WriteFailed(meta_path, exc) from None
+                _stream_body(response, part, offset, total, chunk_size, callback, watchdog)
+        except _Aborted:
+            raise _aborted_error(url, watchdog, part, hint) from None
         except _Interrupted as exc:
+            if watchdog.reason:
+                raise _aborted_error(url, watchdog, part, hint) from None
             attempt += 1
             if attempt > retries:
                 raise WeightsError(
                     f"Download of {url} was interrupted ({exc}). The {part.stat().st_size if part.exists() else 0}"
-                    f" bytes received are kept in {part}; run the same command again to resume.\n{hint}"
+                    f" bytes received are kept in {part}; run the same command again to resume (or delete it to "
+                    f"free the space).\n{hint}"
                 ) from None
             time.sleep(min(0.1 * attempt, 2.0))
             continue
@@ -721,9 +942,19 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
             f"Checksum mismatch for {url}: expected sha256 {sha256}, got {digest}. The download was deleted. "
             "The file may have been corrupted in transit, replaced upstream, or a mirror serves a different "
             f"file.\n{hint}", sha256, digest)
-    with open(part, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(part, dest)
+    problem = validate(part) if validate is not None else None
+    if problem:
+        _unlink_quiet(part, meta_path)
+        raise WeightsError(
+            f"Download of {url} is not a usable checkpoint: {problem}. It was deleted, not cached. A captive "
+            "portal, proxy login or error page can answer with status 200: check the network (open the URL in "
+            f"a browser), then run the command again.\n{hint}")
+    try:
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+    except OSError as exc:
+        raise _WriteFailed(dest, exc) from None
     _unlink_quiet(meta_path)
     result.size = size
     result.sha256 = digest
@@ -731,29 +962,50 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
 
 
 def _stream_body(response, part: Path, offset: int, total: Optional[int], chunk_size: int,
-                 callback: Optional[ProgressCallback]) -> int:
-    """Append the body to ``part`` (truncating first when ``offset`` is 0). Returns bytes on disk."""
+                 callback: Optional[ProgressCallback], watchdog: "_Watchdog") -> int:
+    """Append the body to ``part`` (truncating first when ``offset`` is 0). Returns bytes on disk.
+
+    Reads with ``read1`` (whatever one socket read brings, up to ``chunk_size``) so that the watchdog sees
+    progress on slow links. Raises :class:`_Aborted` when the watchdog stopped the transfer,
+    :class:`_Interrupted` when the body was cut short, :class:`_WriteFailed` when the disk refused it.
+    """
     done = offset
     mode = "ab" if offset else "wb"
-    with open(part, mode) as f:
+    read = getattr(response, "read1", None) or response.read
+    try:
+        f = open(part, mode, buffering=0)  # unbuffered: a failed write never resurfaces at close()
+    except OSError as exc:
+        raise _WriteFailed(part, exc) from None
+    with f:
         if offset and f.tell() != offset:  # "ab" positions at end; guard against a racing writer
             raise _Interrupted("partial file changed while resuming")
         if callback is not None:
             callback(done, total)
         while True:
             try:
-                block = response.read(chunk_size)
-            except (http.client.IncompleteRead, ConnectionError, socket.timeout, TimeoutError) as exc:
-                f.flush()
+                block = read(chunk_size)
+            except (http.client.HTTPException, OSError, ValueError) as exc:
+                if watchdog.reason:  # the watchdog shut the socket down
+                    raise _Aborted() from None
                 raise _Interrupted(f"{type(exc).__name__} after {done} bytes") from None
+            if watchdog.reason:
+                raise _Aborted()
             if not block:
                 break
-            f.write(block)
+            try:
+                view = memoryview(block)
+                while view:  # a raw write may be partial (for instance just before the disk fills)
+                    view = view[f.write(view):]
+            except OSError as exc:
+                raise _WriteFailed(part, exc) from None
             done += len(block)
+            watchdog.add(len(block))
             if callback is not None:
                 callback(done, total)
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            os.fsync(f.fileno())
+        except OSError as exc:
+            raise _WriteFailed(part, exc) from None
     if total is not None and done < total:
         raise _Interrupted(f"connection closed after {done} of {total} bytes")
     return done
