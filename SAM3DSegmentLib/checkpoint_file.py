@@ -290,7 +290,7 @@ def inspect_checkpoint(path: Union[str, Path]) -> CheckpointSummary:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(16)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if head.startswith(b"PK"):

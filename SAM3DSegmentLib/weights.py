@@ -946,7 +946,7 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
     if problem:
         _unlink_quiet(part, meta_path)
         raise WeightsError(
-            f"Download of {url} is not a usable checkpoint: {problem}. It was deleted, not cached. A captive "
+            f"Download of {url} is not a usable checkpoint: {problem.rstrip('. ')}. It was deleted, not cached. A captive "
             "portal, proxy login or error page can answer with status 200: check the network (open the URL in "
             f"a browser), then run the command again.\n{hint}")
     try:
@@ -1035,40 +1035,82 @@ def _record(path: Path, digest: str, *, source: str, url: Optional[str], name: O
     return data
 
 
+def payload_problem(path: Union[str, Path]) -> Optional[str]:
+    """None when ``path`` is a ``torch.save`` file holding a SAM-Med3D-family state dict, else what is wrong.
+
+    Checked without torch and without reading the tensor data (:mod:`SAM3DSegmentLib.checkpoint_file`).
+    Used before a file without a published sha256 is trusted: an HTML page a captive portal answered
+    with status 200 must never be pinned as the model.
+    """
+    from .checkpoint_file import CheckpointError, inspect_checkpoint, sam_state_dict_problem
+
+    try:
+        return sam_state_dict_problem(inspect_checkpoint(path))
+    except CheckpointError as exc:
+        return str(exc)
+
+
+def repair_command(entry: Optional[ModelWeights]) -> str:
+    """The command that deletes a bad cached copy of ``entry`` and fetches it again."""
+    return f"sam3d download --repair {entry.name if entry else 'NAME'}"
+
+
+def _repair_advice(path: Path, entry: Optional[ModelWeights]) -> str:
+    if entry is not None and not entry.bundled:
+        return (f"Run `{repair_command(entry)}` to delete it and download it again, or pass a file you trust "
+                "with --checkpoint PATH (3D Slicer: \"Checkpoint file\").")
+    return f"Delete {path} and {sidecar_path(path)}, or pass a file you trust with --checkpoint PATH."
+
+
+def _check_cached(path: Path, entry: Optional[ModelWeights]) -> tuple:
+    """Hash ``path`` and compare it with the published sha256 or its first-use record; for files without a
+    published sha256 also check that the content is a SAM-Med3D-family checkpoint. Writes nothing.
+
+    Returns ``(problem, digest, record)``: ``problem`` is None or a message that says how to recover.
+    """
+    digest = sha256_file(path)
+    published = entry.sha256.lower() if entry and entry.sha256 else None
+    rec = _read_json(sidecar_path(path))
+    fix = _repair_advice(path, entry)
+    if published:
+        if digest != published:
+            return (f"The cached checkpoint {path} has sha256 {digest}, but the published sha256 of "
+                    f"{entry.filename} is {published}. {fix}", published, digest), digest, rec
+        if entry and entry.size is not None and path.stat().st_size != entry.size:
+            return (f"The cached checkpoint {path} has {path.stat().st_size} bytes, expected {entry.size}. "
+                    f"{fix}", str(entry.size), str(path.stat().st_size)), digest, rec
+        return None, digest, rec
+    problem = payload_problem(path)
+    if problem:
+        what = f"The cached copy of {entry.name!r}" if entry else "The cached checkpoint"
+        return (f"{what} is not usable: {problem.rstrip('. ')}. {fix}", None, None), digest, rec
+    if rec and rec.get("sha256") and rec["sha256"] != digest:
+        return (f"The cached checkpoint {path} changed since its sha256 was recorded on "
+                f"{rec.get('recorded', '?')}: expected {rec['sha256']}, now {digest}. No published checksum "
+                f"exists for this file, so the first download was trusted. {fix}", rec["sha256"], digest), \
+            digest, rec
+    return None, digest, rec
+
+
 def verify_cached(path: Union[str, Path], entry: Optional[ModelWeights] = None) -> dict:
     """Hash a cached file and check it against the published sha256 or the first-use record.
 
-    Records the hash in ``<file>.json`` when there was none (trust on first use, logged as a warning).
-    Returns the record. Raises :class:`ChecksumError` on a mismatch (the file is left in place).
+    A file without a published sha256 must also look like a SAM-Med3D-family checkpoint
+    (:func:`payload_problem`) before its hash is recorded in ``<file>.json`` (trust on first use, logged
+    as a warning), and on every later check. Returns the record. Raises :class:`ChecksumError` (the
+    file is left in place; the message names ``sam3d download --repair NAME``).
     """
     path = Path(path)
-    digest = sha256_file(path)
+    problem, digest, rec = _check_cached(path, entry)
+    if problem:
+        raise ChecksumError(*problem)
     url = entry.download_url() if entry else None
     name = entry.name if entry else None
-    published = entry.sha256.lower() if entry and entry.sha256 else None
-    if published:
-        if digest != published:
-            raise ChecksumError(
-                f"The cached checkpoint {path} has sha256 {digest}, but the published sha256 of "
-                f"{entry.filename} is {published}. Delete the file so it is downloaded again, or pass a file "
-                "you trust with --checkpoint PATH (Slicer: \"Checkpoint file\").", published, digest)
-        if entry and entry.size is not None and path.stat().st_size != entry.size:
-            raise ChecksumError(f"The cached checkpoint {path} has {path.stat().st_size} bytes, expected "
-                                f"{entry.size}. Delete it so it is downloaded again.",
-                                str(entry.size), str(path.stat().st_size))
-        rec = _read_json(sidecar_path(path))
+    if entry and entry.sha256:
         if not rec or rec.get("sha256") != digest or rec.get("verified") != "published-sha256":
             rec = _record(path, digest, source="published-sha256", url=url, name=name)
         return rec
-    rec = _read_json(sidecar_path(path))
     if rec and rec.get("sha256"):
-        if rec["sha256"] != digest:
-            raise ChecksumError(
-                f"The cached checkpoint {path} changed since its sha256 was recorded on "
-                f"{rec.get('recorded', '?')}: expected {rec['sha256']}, now {digest}. No published checksum "
-                f"exists for this file, so the first download was trusted. Delete {path} and "
-                f"{sidecar_path(path)} to download it again, or pass a file you trust with --checkpoint PATH.",
-                rec["sha256"], digest)
         return rec
     rec = _record(path, digest, source="trust-on-first-use", url=url, name=name)
     logger.warning(
@@ -1091,11 +1133,42 @@ def checksum_status(path: Union[str, Path], entry: Optional[ModelWeights] = None
     changed = st.st_size != rec.get("size") or st.st_mtime_ns != rec.get("mtime_ns")
     published = entry.sha256.lower() if entry and entry.sha256 else None
     if published and rec["sha256"] != published:
-        return "sha256 does NOT match the published value"
+        return f"sha256 does NOT match the published value; run `{repair_command(entry)}`"
     kind = ("verified against the published sha256" if rec.get("verified") == "published-sha256"
             else "sha256 recorded at first use (no published checksum)")
     suffix = " - file modified since, re-checked on next load" if changed else ""
     return f"{kind} on {rec.get('recorded', '?')}{suffix}"
+
+
+def cache_state(entry: ModelWeights) -> tuple:
+    """``(state, detail)`` of a registered model's cached copy, checked now (the file is hashed).
+
+    ``state`` is one of ``"bundled"``, ``"absent"``, ``"partial"``, ``"verified"`` (matches the
+    published sha256), ``"unverified"`` (no published sha256: the content is a SAM-Med3D-family
+    checkpoint and matches its first-use record, if any) or ``"corrupt"`` (``detail`` says why and how
+    to repair). Nothing is written.
+    """
+    if entry.bundled:
+        path = entry.bundled_path()
+        return ("bundled", str(path)) if path is not None and path.is_file() else ("absent", "not in this build")
+    target = _cache_target(entry)
+    part = target.with_name(target.name + ".part")
+    if not target.exists():
+        if part.is_file():
+            return "partial", (f"{_fmt_bytes(part.stat().st_size)} of an interrupted download in {part}; "
+                               f"`sam3d download {entry.name}` resumes it")
+        return "absent", ""
+    if not target.is_file():
+        return "corrupt", f"{target} is not a regular file; remove it, then run `sam3d download {entry.name}`"
+    problem, _, rec = _check_cached(target, entry)
+    if problem:
+        return "corrupt", problem[0]
+    if entry.sha256:
+        return "verified", "sha256 matches the published value"
+    if rec and rec.get("sha256"):
+        return "unverified", (f"no published sha256; matches the sha256 recorded at first use on "
+                              f"{rec.get('recorded', '?')}")
+    return "unverified", "no published sha256; its sha256 is recorded on first load"
 
 
 def list_cache() -> List[dict]:
@@ -1122,35 +1195,54 @@ def list_cache() -> List[dict]:
 # Name or path -> local file
 # --------------------------------------------------------------------------------------------------
 
+def _is_registered_name(name_or_path: Union[str, os.PathLike]) -> bool:
+    """A plain string naming a registered model (no folder separator): it resolves to the cache only."""
+    if not isinstance(name_or_path, str):
+        return False
+    if os.sep in name_or_path or (os.altsep and os.altsep in name_or_path):
+        return False
+    return name_or_path.lower() in REGISTRY
+
+
 def resolve_checkpoint(name_or_path: Union[str, os.PathLike], download: bool = True,
                        progress: ProgressArg = "auto", *, verify: bool = True, timeout: float = 30.0,
-                       retries: int = 3, lock_timeout: Optional[float] = 3600.0) -> Path:
+                       retries: int = 3, lock_timeout: Optional[float] = 3600.0,
+                       deadline: Optional[float] = None, min_rate: Optional[float] = DEFAULT_MIN_RATE,
+                       stall_window: float = DEFAULT_STALL_WINDOW) -> Path:
     """Turn a checkpoint name or path into an existing local file.
 
-    * An existing file path is returned as is (``~`` expanded); no checksum is imposed on user files.
-    * A registered name (see :func:`known_names`) is looked up in :func:`checkpoint_dir`; if absent it
-      is downloaded (``download=True``) from its URL or ``$SAM3D_WEIGHTS_BASE_URL``, verified, and its
-      sha256 recorded next to it. With ``verify`` the cached file is hashed and checked on every call.
+    * A registered name (a ``str`` in :func:`known_names`, case-insensitive, without a folder separator)
+      always means the cached copy, never a file of that name in the current folder (pass ``./NAME`` or a
+      ``Path`` for that). It is looked up in :func:`checkpoint_dir`; if absent it is downloaded
+      (``download=True``) from its URL or ``$SAM3D_WEIGHTS_BASE_URL``, checked (the published sha256, or
+      for files without one, that the content is a SAM-Med3D-family checkpoint) and its sha256 recorded
+      next to it. With ``verify`` the cached file is hashed and checked on every call.
     * The bundled ``"demo"`` model resolves to the file inside the package.
+    * Anything else is a path: an existing regular file is returned as is (``~`` expanded); no checksum
+      is imposed on user files.
 
+    ``deadline``, ``min_rate`` and ``stall_window`` bound the download (see :func:`download`).
     Raises :class:`WeightsError` with instructions (``--checkpoint PATH`` / Slicer "Checkpoint file" /
-    where to copy the file in the cache) when the file is missing and cannot be fetched.
+    where to copy the file in the cache / ``sam3d download --repair NAME``) when the file is missing,
+    cannot be fetched or is not trusted.
     """
-    raw = os.fspath(name_or_path)
-    if not isinstance(raw, str):
-        raw = os.fsdecode(raw)
-    path = Path(raw).expanduser()
-    looks_like_path = isinstance(name_or_path, Path) or os.sep in raw or (os.altsep and os.altsep in raw) \
-        or raw.lower() not in REGISTRY
-    if path.is_file():
-        return path
-    if path.exists():
-        raise WeightsError(f"Checkpoint path {path} is a directory, not a file; pass the .pth/.pt file itself.")
-    if looks_like_path:
+    if not _is_registered_name(name_or_path):
+        raw = os.fspath(name_or_path)
+        if not isinstance(raw, str):
+            raw = os.fsdecode(raw)
+        path = Path(raw).expanduser()
+        if path.is_file():
+            return path
+        if path.is_dir():
+            raise WeightsError(f"Checkpoint path {path} is a directory, not a file; pass the .pth/.pt file itself.")
+        if path.exists():
+            raise WeightsError(f"Checkpoint path {path} is not a regular file (a device, pipe or socket); pass "
+                               "the .pth/.pt file itself.")
         raise WeightsError(
             f"Checkpoint file not found: {path}. Pass an existing .pth/.pt file, or one of the model names "
             f"{', '.join(known_names())} to use the cached/downloaded weights.")
 
+    raw = str(name_or_path)
     entry = get_weights(raw)
     if entry.bundled:
         bundled = entry.bundled_path()
@@ -1159,9 +1251,12 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike], download: bool = T
                                f"(expected at {bundled}). Use --checkpoint PATH with a checkpoint file instead.")
         return bundled
 
-    target = checkpoint_dir() / entry.filename
+    target = _cache_target(entry)
     url = entry.download_url()
     hint = offline_help(url, entry.filename, target)
+    if target.exists() and not target.is_file():
+        raise WeightsError(f"The cache entry {target} is not a regular file; remove it, then run "
+                           f"`sam3d download {entry.name}`.")
     if target.is_file():
         if verify:
             verify_cached(target, entry)
@@ -1174,7 +1269,8 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike], download: bool = T
                 url, target)
     result = _fetch(url, target, expected_size=entry.size, sha256=entry.sha256,
                     progress=progress, timeout=timeout, retries=retries,
-                    lock_timeout=lock_timeout, help_text=hint)
+                    lock_timeout=lock_timeout, help_text=hint, deadline=deadline, min_rate=min_rate,
+                    stall_window=stall_window, validate=None if entry.sha256 else payload_problem)
     if result.already_present:
         # Another process finished it while we waited; check it like any cached file.
         if verify:
@@ -1196,32 +1292,138 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike], download: bool = T
     return target
 
 
+def repair(name: str, progress: ProgressArg = "auto", **download_options) -> tuple:
+    """Check the cached copy of ``name``; if it is corrupt (wrong or changed sha256, not a checkpoint, not a
+    regular file), delete it with its record and any partial download, then download it again.
+
+    Returns ``(path, removed)``: the good cached file and the paths deleted (empty when the copy was fine).
+    ``download_options`` go to :func:`resolve_checkpoint` (``timeout``, ``deadline``, ...).
+    """
+    entry = get_weights(name)
+    if entry.bundled:
+        raise WeightsError(f"{entry.name!r} is bundled with the package and never downloaded; reinstall "
+                           "SAM3DSegment if it is damaged.")
+    target = _cache_target(entry)
+    removed: List[Path] = []
+    lock_path = target.with_name(target.name + ".lock")
+    try:
+        lock = DownloadLock(lock_path, timeout=download_options.get("lock_timeout", 3600.0)).acquire()
+    except FileNotFoundError:
+        lock = None  # no cache folder yet: nothing to remove
+    except OSError as exc:
+        raise _write_error(lock_path, exc) from None
+    try:
+        if target.is_file():
+            problem, _, _ = _check_cached(target, entry)
+            if problem is None:
+                return target, removed
+            logger.warning("%s", problem[0])
+        elif target.exists():
+            raise WeightsError(f"The cache entry {target} is not a regular file; remove it yourself, then run "
+                               f"`sam3d download {entry.name}`.")
+        for p in (target, sidecar_path(target), target.with_name(target.name + ".part"),
+                  target.with_name(target.name + ".part.json")):
+            if p.is_file():
+                try:
+                    os.unlink(p)
+                except OSError as exc:
+                    raise _write_error(p, exc) from None
+                removed.append(p)
+    finally:
+        if lock is not None:
+            lock.release()
+    path = resolve_checkpoint(entry.name, progress=progress, **download_options)
+    return path, removed
+
+
 def iter_registry() -> Iterator[ModelWeights]:
     for key in known_names():
         yield REGISTRY[key]
 
 
+def _positive(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of bytes per second, got {text}")
+    return value
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """``sam3d download [NAME ...] [--list]``: fetch and verify registered checkpoints into the cache."""
+    """``sam3d download [NAME ...] [--list] [--repair]``: fetch and verify registered checkpoints into the
+    cache. Exit status 0 only when every named checkpoint is in the cache and verified."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="sam3d download", description=main.__doc__)
     ap.add_argument("names", nargs="*", help=f"model names (default: {DEFAULT_MODEL}); see --list")
-    ap.add_argument("--list", action="store_true", help="list the registered models and the cache state")
-    ap.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    ap.add_argument("--list", action="store_true",
+                    help="list the registered models and the state of their cached copies (hashes them)")
+    ap.add_argument("--repair", action="store_true",
+                    help="check the named cached models; delete any copy that is corrupt (wrong or changed "
+                         "sha256, not a checkpoint) with its record and partial download, and download it again")
+    ap.add_argument("--timeout", type=_positive, default=30.0,
+                    help="network timeout in seconds for each connect or read (default 30)")
+    ap.add_argument("--deadline", type=_positive, default=None,
+                    help="give up when one download takes longer than this many seconds in all (default: no "
+                         "limit); the partial file is kept for the next run to resume")
+    ap.add_argument("--min-rate", type=_non_negative, default=DEFAULT_MIN_RATE,
+                    help=f"give up when fewer than this many bytes per second arrive over --stall-window "
+                         f"(default {DEFAULT_MIN_RATE:g}; 0 switches the stall detector off)")
+    ap.add_argument("--stall-window", type=_positive, default=DEFAULT_STALL_WINDOW,
+                    help=f"seconds over which --min-rate is measured (default {DEFAULT_STALL_WINDOW:g})")
     args = ap.parse_args(argv)
     if args.list:
         print(f"cache: {checkpoint_dir()}")
         for entry in iter_registry():
-            where = entry.bundled_path() if entry.bundled else checkpoint_dir() / entry.filename
-            state = "present" if where is not None and Path(where).is_file() else "absent"
-            print(f"{entry.name:18s} {entry.architecture:10s} {state:8s} {entry.description}")
+            try:
+                state, detail = cache_state(entry)
+            except (OSError, WeightsError) as exc:
+                state, detail = "unreadable", str(exc)
+            print(f"{entry.name:18s} {entry.architecture:10s} {state:10s} {entry.description}")
+            if state in ("corrupt", "unreadable"):
+                print(f"    {state}: {' '.join(detail.split())}")
+                if not entry.bundled:
+                    print(f"    fix: {repair_command(entry)}")
+            elif state == "partial":
+                print(f"    {detail}")
         return 0
+    options = dict(timeout=args.timeout, deadline=args.deadline, min_rate=args.min_rate or None,
+                   stall_window=args.stall_window)
     try:
         for name in args.names or [DEFAULT_MODEL]:
-            path = resolve_checkpoint(name, progress="auto", timeout=args.timeout)
+            if args.repair:
+                path, removed = repair(name, progress="auto", **options)
+                for p in removed:
+                    print(f"{name}: deleted {p}")
+                if not removed:
+                    print(f"{name}: the cached copy is fine; nothing to repair")
+            else:
+                path = resolve_checkpoint(name, progress="auto", **options)
             print(f"{name}: {path} ({checksum_status(path, get_weights(name))})")
     except WeightsError as exc:
         print(f"sam3d download: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # anything the messages above did not foresee: still one line, non-zero
+        print(f"sam3d download: error: {exc.strerror or exc} ({getattr(exc, 'filename', '') or ''}); check the "
+              f"cache folder {checkpoint_dir()} or set ${ENV_HOME} to another folder", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sam3d download: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     return 0
