@@ -13,9 +13,20 @@ Nothing here imports torch: this module only finds, fetches and checks files.
   place atomically. A lock file (an OS advisory lock) keeps two processes or threads from writing the same
   file at once.
 
-Checksums: a published sha256 is always enforced. Where none is published, the sha256 of the first complete
-download is recorded in ``<file>.json`` next to the cached file (trust on first use) and every later load is
-checked against it.
+Checksums: a published sha256 is always enforced. Where none is published, the content must first look
+like a SAM-Med3D-family ``torch.save`` file (:func:`payload_problem`, read without torch: an HTML page from
+a captive portal is refused); then the sha256 of the first complete download is recorded in ``<file>.json``
+next to the cached file (trust on first use) and every later load is checked against both.
+``sam3d download --repair NAME`` (:func:`repair`) deletes a copy that fails these checks and fetches it
+again; ``sam3d download --list`` shows each copy as verified, unverified, corrupt or partial.
+
+Registered names always mean the cache: a file called ``sam-med3d`` in the current folder is not picked
+up in its place. Registry file names must be plain file names (nothing outside the cache folder).
+
+Downloads are bounded: a socket timeout per read, a stall detector (minimum rate over a window) and an
+optional overall deadline; a stopped transfer keeps its ``.part`` for resuming (the message says where
+and how big). A full disk or read-only cache ends in one line naming the folder and the fix, and the
+unfinished ``.part`` is deleted.
 
 Environment:
 

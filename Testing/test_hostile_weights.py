@@ -584,3 +584,16 @@ def test_zip_bomb_through_the_loader(tmp_path):
     assert path.stat().st_size < 2 << 20
     with pytest.raises(CheckpointError, match="zip bomb"):
         load_checkpoint(path)
+
+
+def test_adapter_config_outside_its_bounds_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from SAM3DSegmentLib.models import SamMed3DConfig, load_checkpoint
+
+    devices = _spy_builds(monkeypatch)
+    cfg = SamMed3DConfig.tiny().to_dict()
+    cfg["adapter"] = {"kind": "adapter3d", "bottleneck_ratio": 1e6, "kernel_size": 3}
+    torch.save({"config": cfg, "model_state_dict": {"image_encoder.x": torch.zeros(2)}}, tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match="adapter bottleneck_ratio=1000000.0"):
+        load_checkpoint(tmp_path / "a.pt")
+    assert devices == []

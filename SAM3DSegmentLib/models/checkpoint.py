@@ -158,6 +158,10 @@ CONFIG_LIMITS = {
 }
 
 
+#: Bounds of an adapter config (models/adapters.py) stored in a checkpoint.
+ADAPTER_LIMITS = {"bottleneck_ratio": 4.0, "kernel_size": 9}
+
+
 def check_config_limits(config: SamMed3DConfig, path=None) -> None:
     """Refuse a config outside the SAM-Med3D family's size envelope (:data:`CONFIG_LIMITS`)."""
     problems = []
@@ -172,6 +176,19 @@ def check_config_limits(config: SamMed3DConfig, path=None) -> None:
            for i in config.encoder_global_attn_indexes):
         problems.append(f"encoder_global_attn_indexes={list(config.encoder_global_attn_indexes)} (must be block "
                         f"numbers below encoder_depth {config.encoder_depth})")
+    adapter = config.adapter if isinstance(config.adapter, Mapping) else None
+    if adapter is not None:
+        try:
+            ratio = float(adapter.get("bottleneck_ratio", 0.5))
+            kernel = int(adapter.get("kernel_size", 3))
+        except (TypeError, ValueError):
+            ratio, kernel = -1.0, -1
+        if not 0 < ratio <= ADAPTER_LIMITS["bottleneck_ratio"]:
+            problems.append(f"adapter bottleneck_ratio={adapter.get('bottleneck_ratio')!r} (must be in "
+                            f"(0, {ADAPTER_LIMITS['bottleneck_ratio']}])")
+        if not 1 <= kernel <= ADAPTER_LIMITS["kernel_size"]:
+            problems.append(f"adapter kernel_size={adapter.get('kernel_size')!r} (must be 1 to "
+                            f"{ADAPTER_LIMITS['kernel_size']})")
     if problems:
         where = f"the config stored in {path}" if path else "the config"
         raise CheckpointError(
@@ -181,14 +198,24 @@ def check_config_limits(config: SamMed3DConfig, path=None) -> None:
 
 def _check_against_file(config: SamMed3DConfig, sd: Mapping[str, Any], path) -> None:
     """Compare the state-dict shapes of ``config``'s model, built on torch's "meta" device (no memory),
-    with the file's tensors, before the real model is allocated."""
+    with the file's tensors, before the real model is allocated.
+
+    Adapters (which fingerprint their initial weights and so cannot live on "meta") are left out of the
+    skeleton: the base model's keys are checked here, the adapters' (bounded by :data:`ADAPTER_LIMITS`
+    and the base width) after the real build by :func:`check_state_dict`.
+    """
+    import dataclasses
+
     import torch
 
     from .sam3d import build_sam_med3d
 
     check_config_limits(config, path)
     with torch.device("meta"):
-        skeleton = build_sam_med3d(config)
+        skeleton = build_sam_med3d(dataclasses.replace(config, adapter=None) if config.adapter else config)
+    if config.adapter:
+        base_keys = set(skeleton.state_dict())
+        sd = {k: v for k, v in sd.items() if k in base_keys or ".adapter." not in k}
     check_state_dict(skeleton, sd)
 
 
