@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .atomic import write_json
@@ -207,11 +208,11 @@ def _check_output_path(path: str, allowed: Sequence[str], flag: str, inputs: Seq
 def load_backend(model: Optional[str], checkpoint: Optional[str], device: str = "auto",
                  threads: Optional[int] = None, dtype: str = "float32"):
     """Resolve the checkpoint, load it and wrap it in a :class:`LocalBackend`. Returns (backend, info)."""
-    from .weights import DEFAULT_MODEL, resolve_checkpoint
+    from .weights import DEFAULT_MODEL, get_weights, resolve_checkpoint
 
     name = checkpoint or model or DEFAULT_MODEL
-    try:
-        path = resolve_checkpoint(name)
+    try:  # --checkpoint is always a path (a Path never means a model name); --model only a registered name
+        path = resolve_checkpoint(Path(checkpoint) if checkpoint else get_weights(name).name)
     except Exception as err:  # WeightsError and friends carry the fix in their message
         if checkpoint or name.lower() == "demo":
             raise CliError(f"cannot find the model: {err}") from err

@@ -13,9 +13,20 @@ Nothing here imports torch: this module only finds, fetches and checks files.
   place atomically. A lock file (an OS advisory lock) keeps two processes or threads from writing the same
   file at once.
 
-Checksums: a published sha256 is always enforced. Where none is published, the sha256 of the first complete
-download is recorded in ``<file>.json`` next to the cached file (trust on first use) and every later load is
-checked against it.
+Checksums: a published sha256 is always enforced. Where none is published, the content must first look
+like a SAM-Med3D-family ``torch.save`` file (:func:`payload_problem`, read without torch: an HTML page from
+a captive portal is refused); then the sha256 of the first complete download is recorded in ``<file>.json``
+next to the cached file (trust on first use) and every later load is checked against both.
+``sam3d download --repair NAME`` (:func:`repair`) deletes a copy that fails these checks and fetches it
+again; ``sam3d download --list`` shows each copy as verified, unverified, corrupt or partial.
+
+Registered names always mean the cache: a file called ``sam-med3d`` in the current folder is not picked
+up in its place. Registry file names must be plain file names (nothing outside the cache folder).
+
+Downloads are bounded: a socket timeout per read, a stall detector (minimum rate over a window) and an
+optional overall deadline; a stopped transfer keeps its ``.part`` for resuming (the message says where
+and how big). A full disk or read-only cache ends in one line naming the folder and the fix, and the
+unfinished ``.part`` is deleted.
 
 Environment:
 
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import http.client
 import json
@@ -36,6 +48,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,6 +116,9 @@ class ModelWeights:
     checksum_source: Optional[str] = None
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        _check_plain_filename(self.name, self.filename)
+
     def download_url(self) -> Optional[str]:
         """The URL actually fetched: ``$SAM3D_WEIGHTS_BASE_URL/<filename>`` if that is set, else ``url``."""
         if self.bundled or self.url is None:
@@ -117,6 +133,16 @@ class ModelWeights:
         if not self.bundled:
             return None
         return Path(__file__).resolve().parent / "resources" / self.filename
+
+
+def _check_plain_filename(name: str, filename: str) -> None:
+    """A registry file name must name a file directly inside the cache (or resources) folder."""
+    bad = (not isinstance(filename, str) or not filename or filename in (".", "..") or filename.startswith(".")
+           or "/" in filename or "\\" in filename or "\0" in filename or ":" in filename
+           or os.path.isabs(filename) or Path(filename).name != filename)
+    if bad:
+        raise WeightsError(f"Registry entry {name!r} has the file name {filename!r}, which is not a plain file "
+                           "name (it would point outside the cache folder); use a name such as 'model.pth'.")
 
 
 _HF_LICENSE = "Apache-2.0 (uni-medical/SAM-Med3D)"
@@ -232,6 +258,12 @@ def cached_path(name: str) -> Path:
         path = entry.bundled_path()
         assert path is not None
         return path
+    return _cache_target(entry)
+
+
+def _cache_target(entry: ModelWeights) -> Path:
+    """``checkpoint_dir() / entry.filename``, re-checked here because :data:`REGISTRY` can be edited directly."""
+    _check_plain_filename(entry.name, entry.filename)
     return checkpoint_dir() / entry.filename
 
 
@@ -492,9 +524,146 @@ class _Interrupted(Exception):
     """The body stopped before its end; the .part file keeps what arrived."""
 
 
+class _WriteFailed(Exception):
+    """Writing into the cache folder failed (disk full, read-only, ...); carries the OSError."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(str(error))
+        self.path = path
+        self.error = error
+
+
+#: Defaults of the stall detector: a transfer slower than ``DEFAULT_MIN_RATE`` bytes/s over
+#: ``DEFAULT_STALL_WINDOW`` seconds is abandoned (a socket timeout alone never fires on a trickle).
+DEFAULT_MIN_RATE = 1024.0
+DEFAULT_STALL_WINDOW = 60.0
+
+
+class _Watchdog:
+    """Enforces an overall deadline and a minimum transfer rate on one :func:`download` call.
+
+    A helper thread samples the byte count; when the deadline passes, or fewer than ``min_rate *
+    window`` bytes arrived in the last ``window`` seconds, it records why in :attr:`reason` and shuts
+    the connection's sockets down, so that a read blocked on a trickling server returns at once.
+    Sockets are registered by the connection classes below through a thread-local.
+    """
+
+    def __init__(self, deadline: Optional[float], min_rate: Optional[float], window: float,
+                 poll: float = 0.05):
+        self.deadline = deadline
+        self.min_rate = min_rate if min_rate and min_rate > 0 else None
+        self.window = max(float(window), poll)
+        self.poll = poll
+        self.start = time.monotonic()
+        self.received = 0
+        self.reason: Optional[str] = None
+        self._samples: List[tuple] = [(self.start, 0)]
+        self._sockets: List[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "_Watchdog":
+        _tracking.watchdog = self
+        if self.deadline is not None or self.min_rate is not None:
+            self._thread = threading.Thread(target=self._run, name="sam3d-download-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _tracking.watchdog = None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def add(self, nbytes: int) -> None:
+        self.received += nbytes
+
+    def new_request(self) -> None:
+        """A new request restarts the stall window (connecting is bounded by the socket timeout)."""
+        with self._lock:
+            self._samples = [(time.monotonic(), self.received)]
+            self._sockets = [s for s in self._sockets if s.fileno() != -1]
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            aborted = self.reason is not None
+        if aborted:
+            self._shutdown(sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def _abort(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            sockets = list(self._sockets)
+        for sock in sockets:
+            self._shutdown(sock)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            now = time.monotonic()
+            if self.deadline is not None and now - self.start > self.deadline:
+                self._abort("deadline")
+                return
+            if self.min_rate is None:
+                continue
+            with self._lock:
+                self._samples.append((now, self.received))
+                while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
+                    self._samples.pop(0)
+                first_t, first_n = self._samples[0]
+            if now - first_t >= self.window and self.received - first_n < self.min_rate * self.window:
+                self._abort("stalled")
+                return
+
+    def describe(self) -> str:
+        if self.reason == "deadline":
+            return f"it did not finish within the overall deadline of {self.deadline:g} s (--deadline)"
+        return (f"it stalled: fewer than {self.min_rate:g} bytes/s arrived over {self.window:g} s "
+                "(--min-rate, --stall-window)")
+
+
+_tracking = threading.local()
+
+
+def _track_socket(sock) -> None:
+    watchdog = getattr(_tracking, "watchdog", None)
+    if watchdog is not None and sock is not None:
+        watchdog.track(sock)
+
+
+class _TrackedHTTPConnection(http.client.HTTPConnection):
+    def connect(self):
+        super().connect()
+        _track_socket(self.sock)
+
+
+class _TrackedHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        super().connect()
+        _track_socket(self.sock)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_TrackedHTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_TrackedHTTPSConnection, req, context=getattr(self, "_context", None))
+
+
 def _open_url(request: urllib.request.Request, timeout: float):
-    """``urlopen`` with a fresh opener so proxy settings are read from the environment at each call."""
-    return urllib.request.build_opener().open(request, timeout=timeout)
+    """``urlopen`` with a fresh opener so proxy settings are read from the environment at each call; its
+    connections register their sockets with the running :class:`_Watchdog`."""
+    return urllib.request.build_opener(_HTTPHandler, _HTTPSHandler).open(request, timeout=timeout)
 
 
 _urlopen = _open_url  # tests patch this to simulate failures that loopback cannot produce (DNS)
@@ -545,7 +714,9 @@ def _parse_content_range(value: Optional[str]):
 def download(url: str, dest: Union[str, Path], expected_size: Optional[int] = None,
              sha256: Optional[str] = None, progress: ProgressArg = None, timeout: float = 30.0, *,
              retries: int = 3, lock_timeout: Optional[float] = 3600.0, chunk_size: int = 1 << 16,
-             help_text: Optional[str] = None) -> DownloadResult:
+             help_text: Optional[str] = None, deadline: Optional[float] = None,
+             min_rate: Optional[float] = DEFAULT_MIN_RATE, stall_window: float = DEFAULT_STALL_WINDOW,
+             validate: Optional[Callable[[Path], Optional[str]]] = None) -> DownloadResult:
     """Fetch ``url`` into ``dest`` (atomically), resuming a previous partial download.
 
     The body is streamed into ``dest + ".part"``; its validators (ETag / Last-Modified / total size) are
@@ -553,35 +724,82 @@ def download(url: str, dest: Union[str, Path], expected_size: Optional[int] = No
     A server that answers 200 instead of 206 is handled by restarting from zero. A body cut short is
     resumed up to ``retries`` times in this call; after that the ``.part`` stays for the next call.
     When complete, the size (``expected_size``) and ``sha256`` are checked; on mismatch the ``.part`` is
-    deleted and :class:`ChecksumError` names expected and actual values. Only then is the file renamed to
-    ``dest``. A lock on ``dest + ".lock"`` serialises concurrent calls for the same ``dest``; a waiter
-    that finds ``dest`` complete returns it without downloading.
+    deleted and :class:`ChecksumError` names expected and actual values. ``validate(part)`` then returns
+    None or what is wrong with the content (the ``.part`` is deleted and :class:`WeightsError` raised).
+    Only then is the file renamed to ``dest``. A lock on ``dest + ".lock"`` serialises concurrent calls
+    for the same ``dest``; a waiter that finds ``dest`` complete returns it without downloading.
 
     ``progress``: ``callback(bytes_done, bytes_total_or_None)``, ``True``/``"text"`` (bar on stderr),
-    ``"auto"`` or ``None``. ``timeout``: socket timeout in seconds per connect/read. Errors that mean
-    "no network" or "not there" (connection refused, DNS failure, HTTP 404, ...) raise
+    ``"auto"`` or ``None``. ``timeout``: socket timeout in seconds per connect/read. ``deadline``: seconds
+    the whole call may take (None: no limit). ``min_rate``/``stall_window``: abandon the transfer when
+    fewer than ``min_rate`` bytes/s arrive over ``stall_window`` seconds (None: no stall detection); a
+    socket timeout alone never fires while a server trickles a byte now and then. A stopped transfer keeps
+    its ``.part`` for the next call to resume, and the message says how much it holds.
+
+    Errors that mean "no network" or "not there" (connection refused, DNS failure, HTTP 404, ...) raise
     :class:`WeightsError` with instructions to use a local file instead (``help_text`` overrides them).
+    A cache folder that cannot be written (full disk, read-only) raises :class:`WeightsError` naming the
+    folder and the fix; a ``.part`` that could not be completed for that reason is deleted.
     """
     dest = Path(dest).expanduser()
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     meta_path = dest.with_name(dest.name + ".part.json")
     lock_path = dest.with_name(dest.name + ".lock")
     sha256 = sha256.lower() if sha256 else None
     hint = help_text if help_text is not None else offline_help(url, dest.name, dest)
-    callback, close_progress = _make_progress(progress, f"Downloading {dest.name}")
 
     def on_wait() -> None:
         logger.info("Another process is downloading %s; waiting for it to finish.", dest)
 
+    lock = DownloadLock(lock_path, timeout=lock_timeout, on_wait=on_wait)
     try:
-        with DownloadLock(lock_path, timeout=lock_timeout, on_wait=on_wait):
-            if dest.exists():
-                return _verify_existing(dest, expected_size, sha256)
-            return _download_locked(url, dest, part, meta_path, expected_size, sha256, callback, timeout,
-                                    retries, chunk_size, hint)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as exc:
+        raise _write_error(lock_path if dest.parent.is_dir() else dest.parent, exc) from None
+    callback, close_progress = _make_progress(progress, f"Downloading {dest.name}")
+    try:
+        if dest.exists():
+            return _verify_existing(dest, expected_size, sha256)
+        with _Watchdog(deadline, min_rate, stall_window) as watchdog:
+            try:
+                return _download_locked(url, dest, part, meta_path, expected_size, sha256, callback, timeout,
+                                        retries, chunk_size, hint, watchdog, validate)
+            except _WriteFailed as exc:
+                freed = part.stat().st_size if part.exists() else 0
+                _unlink_quiet(part, meta_path)
+                raise _write_error(exc.path, exc.error, freed) from None
     finally:
         close_progress()
+        lock.release()
+
+
+def _write_error(path: Path, exc: OSError, freed: Optional[int] = None) -> WeightsError:
+    """One line: what could not be written, why, what was cleaned up, and what to do."""
+    folder = path if path.is_dir() else path.parent
+    code = errno.errorcode.get(exc.errno or 0, "")
+    why = (exc.strerror or str(exc)) + (f" [{code}]" if code else "")
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        fix = (f"free space on the disk holding {folder}, or set ${ENV_HOME} to a folder on a disk with room, "
+               "then run the command again")
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = (f"set ${ENV_HOME} to a writable folder, or pass a local checkpoint file with --checkpoint PATH "
+               "(3D Slicer: \"Checkpoint file\")")
+    else:
+        fix = f"check the folder {folder}, or set ${ENV_HOME} to another folder"
+    deleted = f" The partial download ({_fmt_bytes(freed)}) was deleted." if freed else ""
+    return WeightsError(f"Cannot write {path} in the model cache: {why}.{deleted} To continue, {fix}.")
+
+
+class _Aborted(Exception):
+    """The watchdog stopped the transfer (deadline or stall)."""
+
+
+def _aborted_error(url: str, watchdog: "_Watchdog", part: Path, hint: str) -> WeightsError:
+    kept = part.stat().st_size if part.exists() else 0
+    tail = (f"The {_fmt_bytes(kept)} received are kept in {part} and the next run resumes from there; delete "
+            "it to free the space." if kept else "Nothing was saved.")
+    return WeightsError(f"Download of {url} was stopped: {watchdog.describe()}. {tail}\n{hint}")
 
 
 _fetch = download  # resolve_checkpoint's ``download`` flag shadows the function name
@@ -600,10 +818,13 @@ def _verify_existing(dest: Path, expected_size: Optional[int], sha256: Optional[
 
 
 def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback, timeout, retries,
-                     chunk_size, hint) -> DownloadResult:
+                     chunk_size, hint, watchdog: "_Watchdog",
+                     validate: Optional[Callable[[Path], Optional[str]]]) -> DownloadResult:
     result = DownloadResult(path=dest, size=0, sha256="")
     attempt = 0
     while True:
+        if watchdog.reason:
+            raise _aborted_error(url, watchdog, part, hint)
         # What we already have and whether it can be resumed.
         meta = _read_json(meta_path) if part.exists() else None
         offset = part.stat().st_size if part.exists() else 0
@@ -618,6 +839,7 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
                 headers["If-Range"] = validator
         request = urllib.request.Request(url, headers=headers)
         result.requests += 1
+        watchdog.new_request()
         try:
             response = _urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as err:
@@ -640,6 +862,8 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
             what = "not found (HTTP 404)" if err.code == 404 else f"HTTP error {err.code} {err.reason}"
             raise WeightsError(f"Could not download {url}: {what}.\n{hint}") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            if watchdog.reason:
+                raise _aborted_error(url, watchdog, part, hint) from None
             reason = getattr(err, "reason", err)
             transient = isinstance(reason, (socket.timeout, TimeoutError, ConnectionResetError))
             if transient and attempt < retries:
@@ -686,20 +910,28 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
                         f"mirror serves a different file.\n{hint}", str(expected_size), str(total))
 
                 if offset == 0:
-                    _write_json_atomic(meta_path, {
-                        "url": url,
-                        "etag": response.headers.get("ETag"),
-                        "last_modified": response.headers.get("Last-Modified"),
-                        "total": total,
-                        "started": _utc_now(),
-                    })
-                _stream_body(response, part, offset, total, chunk_size, callback)
+                    try:
+                        _write_json_atomic(meta_path, {
+                            "url": url,
+                            "etag": response.headers.get("ETag"),
+                            "last_modified": response.headers.get("Last-Modified"),
+                            "total": total,
+                            "started": _utc_now(),
+                        })
+                    except OSError as exc:
+                        raise _WriteFailed(meta_path, exc) from None
+                _stream_body(response, part, offset, total, chunk_size, callback, watchdog)
+        except _Aborted:
+            raise _aborted_error(url, watchdog, part, hint) from None
         except _Interrupted as exc:
+            if watchdog.reason:
+                raise _aborted_error(url, watchdog, part, hint) from None
             attempt += 1
             if attempt > retries:
                 raise WeightsError(
                     f"Download of {url} was interrupted ({exc}). The {part.stat().st_size if part.exists() else 0}"
-                    f" bytes received are kept in {part}; run the same command again to resume.\n{hint}"
+                    f" bytes received are kept in {part}; run the same command again to resume (or delete it to "
+                    f"free the space).\n{hint}"
                 ) from None
             time.sleep(min(0.1 * attempt, 2.0))
             continue
@@ -721,9 +953,19 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
             f"Checksum mismatch for {url}: expected sha256 {sha256}, got {digest}. The download was deleted. "
             "The file may have been corrupted in transit, replaced upstream, or a mirror serves a different "
             f"file.\n{hint}", sha256, digest)
-    with open(part, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(part, dest)
+    problem = validate(part) if validate is not None else None
+    if problem:
+        _unlink_quiet(part, meta_path)
+        raise WeightsError(
+            f"Download of {url} is not a usable checkpoint: {problem.rstrip('. ')}. It was deleted, not cached. A captive "
+            "portal, proxy login or error page can answer with status 200: check the network (open the URL in "
+            f"a browser), then run the command again.\n{hint}")
+    try:
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+    except OSError as exc:
+        raise _WriteFailed(dest, exc) from None
     _unlink_quiet(meta_path)
     result.size = size
     result.sha256 = digest
@@ -731,29 +973,50 @@ def _download_locked(url, dest, part, meta_path, expected_size, sha256, callback
 
 
 def _stream_body(response, part: Path, offset: int, total: Optional[int], chunk_size: int,
-                 callback: Optional[ProgressCallback]) -> int:
-    """Append the body to ``part`` (truncating first when ``offset`` is 0). Returns bytes on disk."""
+                 callback: Optional[ProgressCallback], watchdog: "_Watchdog") -> int:
+    """Append the body to ``part`` (truncating first when ``offset`` is 0). Returns bytes on disk.
+
+    Reads with ``read1`` (whatever one socket read brings, up to ``chunk_size``) so that the watchdog sees
+    progress on slow links. Raises :class:`_Aborted` when the watchdog stopped the transfer,
+    :class:`_Interrupted` when the body was cut short, :class:`_WriteFailed` when the disk refused it.
+    """
     done = offset
     mode = "ab" if offset else "wb"
-    with open(part, mode) as f:
+    read = getattr(response, "read1", None) or response.read
+    try:
+        f = open(part, mode, buffering=0)  # unbuffered: a failed write never resurfaces at close()
+    except OSError as exc:
+        raise _WriteFailed(part, exc) from None
+    with f:
         if offset and f.tell() != offset:  # "ab" positions at end; guard against a racing writer
             raise _Interrupted("partial file changed while resuming")
         if callback is not None:
             callback(done, total)
         while True:
             try:
-                block = response.read(chunk_size)
-            except (http.client.IncompleteRead, ConnectionError, socket.timeout, TimeoutError) as exc:
-                f.flush()
+                block = read(chunk_size)
+            except (http.client.HTTPException, OSError, ValueError) as exc:
+                if watchdog.reason:  # the watchdog shut the socket down
+                    raise _Aborted() from None
                 raise _Interrupted(f"{type(exc).__name__} after {done} bytes") from None
+            if watchdog.reason:
+                raise _Aborted()
             if not block:
                 break
-            f.write(block)
+            try:
+                view = memoryview(block)
+                while view:  # a raw write may be partial (for instance just before the disk fills)
+                    view = view[f.write(view):]
+            except OSError as exc:
+                raise _WriteFailed(part, exc) from None
             done += len(block)
+            watchdog.add(len(block))
             if callback is not None:
                 callback(done, total)
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            os.fsync(f.fileno())
+        except OSError as exc:
+            raise _WriteFailed(part, exc) from None
     if total is not None and done < total:
         raise _Interrupted(f"connection closed after {done} of {total} bytes")
     return done
@@ -783,40 +1046,82 @@ def _record(path: Path, digest: str, *, source: str, url: Optional[str], name: O
     return data
 
 
+def payload_problem(path: Union[str, Path]) -> Optional[str]:
+    """None when ``path`` is a ``torch.save`` file holding a SAM-Med3D-family state dict, else what is wrong.
+
+    Checked without torch and without reading the tensor data (:mod:`SAM3DSegmentLib.checkpoint_file`).
+    Used before a file without a published sha256 is trusted: an HTML page a captive portal answered
+    with status 200 must never be pinned as the model.
+    """
+    from .checkpoint_file import CheckpointError, inspect_checkpoint, sam_state_dict_problem
+
+    try:
+        return sam_state_dict_problem(inspect_checkpoint(path))
+    except CheckpointError as exc:
+        return str(exc)
+
+
+def repair_command(entry: Optional[ModelWeights]) -> str:
+    """The command that deletes a bad cached copy of ``entry`` and fetches it again."""
+    return f"sam3d download --repair {entry.name if entry else 'NAME'}"
+
+
+def _repair_advice(path: Path, entry: Optional[ModelWeights]) -> str:
+    if entry is not None and not entry.bundled:
+        return (f"Run `{repair_command(entry)}` to delete it and download it again, or pass a file you trust "
+                "with --checkpoint PATH (3D Slicer: \"Checkpoint file\").")
+    return f"Delete {path} and {sidecar_path(path)}, or pass a file you trust with --checkpoint PATH."
+
+
+def _check_cached(path: Path, entry: Optional[ModelWeights]) -> tuple:
+    """Hash ``path`` and compare it with the published sha256 or its first-use record; for files without a
+    published sha256 also check that the content is a SAM-Med3D-family checkpoint. Writes nothing.
+
+    Returns ``(problem, digest, record)``: ``problem`` is None or a message that says how to recover.
+    """
+    digest = sha256_file(path)
+    published = entry.sha256.lower() if entry and entry.sha256 else None
+    rec = _read_json(sidecar_path(path))
+    fix = _repair_advice(path, entry)
+    if published:
+        if digest != published:
+            return (f"The cached checkpoint {path} has sha256 {digest}, but the published sha256 of "
+                    f"{entry.filename} is {published}. {fix}", published, digest), digest, rec
+        if entry and entry.size is not None and path.stat().st_size != entry.size:
+            return (f"The cached checkpoint {path} has {path.stat().st_size} bytes, expected {entry.size}. "
+                    f"{fix}", str(entry.size), str(path.stat().st_size)), digest, rec
+        return None, digest, rec
+    problem = payload_problem(path)
+    if problem:
+        what = f"The cached copy of {entry.name!r}" if entry else "The cached checkpoint"
+        return (f"{what} is not usable: {problem.rstrip('. ')}. {fix}", None, None), digest, rec
+    if rec and rec.get("sha256") and rec["sha256"] != digest:
+        return (f"The cached checkpoint {path} changed since its sha256 was recorded on "
+                f"{rec.get('recorded', '?')}: expected {rec['sha256']}, now {digest}. No published checksum "
+                f"exists for this file, so the first download was trusted. {fix}", rec["sha256"], digest), \
+            digest, rec
+    return None, digest, rec
+
+
 def verify_cached(path: Union[str, Path], entry: Optional[ModelWeights] = None) -> dict:
     """Hash a cached file and check it against the published sha256 or the first-use record.
 
-    Records the hash in ``<file>.json`` when there was none (trust on first use, logged as a warning).
-    Returns the record. Raises :class:`ChecksumError` on a mismatch (the file is left in place).
+    A file without a published sha256 must also look like a SAM-Med3D-family checkpoint
+    (:func:`payload_problem`) before its hash is recorded in ``<file>.json`` (trust on first use, logged
+    as a warning), and on every later check. Returns the record. Raises :class:`ChecksumError` (the
+    file is left in place; the message names ``sam3d download --repair NAME``).
     """
     path = Path(path)
-    digest = sha256_file(path)
+    problem, digest, rec = _check_cached(path, entry)
+    if problem:
+        raise ChecksumError(*problem)
     url = entry.download_url() if entry else None
     name = entry.name if entry else None
-    published = entry.sha256.lower() if entry and entry.sha256 else None
-    if published:
-        if digest != published:
-            raise ChecksumError(
-                f"The cached checkpoint {path} has sha256 {digest}, but the published sha256 of "
-                f"{entry.filename} is {published}. Delete the file so it is downloaded again, or pass a file "
-                "you trust with --checkpoint PATH (Slicer: \"Checkpoint file\").", published, digest)
-        if entry and entry.size is not None and path.stat().st_size != entry.size:
-            raise ChecksumError(f"The cached checkpoint {path} has {path.stat().st_size} bytes, expected "
-                                f"{entry.size}. Delete it so it is downloaded again.",
-                                str(entry.size), str(path.stat().st_size))
-        rec = _read_json(sidecar_path(path))
+    if entry and entry.sha256:
         if not rec or rec.get("sha256") != digest or rec.get("verified") != "published-sha256":
             rec = _record(path, digest, source="published-sha256", url=url, name=name)
         return rec
-    rec = _read_json(sidecar_path(path))
     if rec and rec.get("sha256"):
-        if rec["sha256"] != digest:
-            raise ChecksumError(
-                f"The cached checkpoint {path} changed since its sha256 was recorded on "
-                f"{rec.get('recorded', '?')}: expected {rec['sha256']}, now {digest}. No published checksum "
-                f"exists for this file, so the first download was trusted. Delete {path} and "
-                f"{sidecar_path(path)} to download it again, or pass a file you trust with --checkpoint PATH.",
-                rec["sha256"], digest)
         return rec
     rec = _record(path, digest, source="trust-on-first-use", url=url, name=name)
     logger.warning(
@@ -839,11 +1144,42 @@ def checksum_status(path: Union[str, Path], entry: Optional[ModelWeights] = None
     changed = st.st_size != rec.get("size") or st.st_mtime_ns != rec.get("mtime_ns")
     published = entry.sha256.lower() if entry and entry.sha256 else None
     if published and rec["sha256"] != published:
-        return "sha256 does NOT match the published value"
+        return f"sha256 does NOT match the published value; run `{repair_command(entry)}`"
     kind = ("verified against the published sha256" if rec.get("verified") == "published-sha256"
             else "sha256 recorded at first use (no published checksum)")
     suffix = " - file modified since, re-checked on next load" if changed else ""
     return f"{kind} on {rec.get('recorded', '?')}{suffix}"
+
+
+def cache_state(entry: ModelWeights) -> tuple:
+    """``(state, detail)`` of a registered model's cached copy, checked now (the file is hashed).
+
+    ``state`` is one of ``"bundled"``, ``"absent"``, ``"partial"``, ``"verified"`` (matches the
+    published sha256), ``"unverified"`` (no published sha256: the content is a SAM-Med3D-family
+    checkpoint and matches its first-use record, if any) or ``"corrupt"`` (``detail`` says why and how
+    to repair). Nothing is written.
+    """
+    if entry.bundled:
+        path = entry.bundled_path()
+        return ("bundled", str(path)) if path is not None and path.is_file() else ("absent", "not in this build")
+    target = _cache_target(entry)
+    part = target.with_name(target.name + ".part")
+    if not target.exists():
+        if part.is_file():
+            return "partial", (f"{_fmt_bytes(part.stat().st_size)} of an interrupted download in {part}; "
+                               f"`sam3d download {entry.name}` resumes it")
+        return "absent", ""
+    if not target.is_file():
+        return "corrupt", f"{target} is not a regular file; remove it, then run `sam3d download {entry.name}`"
+    problem, _, rec = _check_cached(target, entry)
+    if problem:
+        return "corrupt", problem[0]
+    if entry.sha256:
+        return "verified", "sha256 matches the published value"
+    if rec and rec.get("sha256"):
+        return "unverified", (f"no published sha256; matches the sha256 recorded at first use on "
+                              f"{rec.get('recorded', '?')}")
+    return "unverified", "no published sha256; its sha256 is recorded on first load"
 
 
 def list_cache() -> List[dict]:
@@ -870,35 +1206,54 @@ def list_cache() -> List[dict]:
 # Name or path -> local file
 # --------------------------------------------------------------------------------------------------
 
+def _is_registered_name(name_or_path: Union[str, os.PathLike]) -> bool:
+    """A plain string naming a registered model (no folder separator): it resolves to the cache only."""
+    if not isinstance(name_or_path, str):
+        return False
+    if os.sep in name_or_path or (os.altsep and os.altsep in name_or_path):
+        return False
+    return name_or_path.lower() in REGISTRY
+
+
 def resolve_checkpoint(name_or_path: Union[str, os.PathLike], download: bool = True,
                        progress: ProgressArg = "auto", *, verify: bool = True, timeout: float = 30.0,
-                       retries: int = 3, lock_timeout: Optional[float] = 3600.0) -> Path:
+                       retries: int = 3, lock_timeout: Optional[float] = 3600.0,
+                       deadline: Optional[float] = None, min_rate: Optional[float] = DEFAULT_MIN_RATE,
+                       stall_window: float = DEFAULT_STALL_WINDOW) -> Path:
     """Turn a checkpoint name or path into an existing local file.
 
-    * An existing file path is returned as is (``~`` expanded); no checksum is imposed on user files.
-    * A registered name (see :func:`known_names`) is looked up in :func:`checkpoint_dir`; if absent it
-      is downloaded (``download=True``) from its URL or ``$SAM3D_WEIGHTS_BASE_URL``, verified, and its
-      sha256 recorded next to it. With ``verify`` the cached file is hashed and checked on every call.
+    * A registered name (a ``str`` in :func:`known_names`, case-insensitive, without a folder separator)
+      always means the cached copy, never a file of that name in the current folder (pass ``./NAME`` or a
+      ``Path`` for that). It is looked up in :func:`checkpoint_dir`; if absent it is downloaded
+      (``download=True``) from its URL or ``$SAM3D_WEIGHTS_BASE_URL``, checked (the published sha256, or
+      for files without one, that the content is a SAM-Med3D-family checkpoint) and its sha256 recorded
+      next to it. With ``verify`` the cached file is hashed and checked on every call.
     * The bundled ``"demo"`` model resolves to the file inside the package.
+    * Anything else is a path: an existing regular file is returned as is (``~`` expanded); no checksum
+      is imposed on user files.
 
+    ``deadline``, ``min_rate`` and ``stall_window`` bound the download (see :func:`download`).
     Raises :class:`WeightsError` with instructions (``--checkpoint PATH`` / Slicer "Checkpoint file" /
-    where to copy the file in the cache) when the file is missing and cannot be fetched.
+    where to copy the file in the cache / ``sam3d download --repair NAME``) when the file is missing,
+    cannot be fetched or is not trusted.
     """
-    raw = os.fspath(name_or_path)
-    if not isinstance(raw, str):
-        raw = os.fsdecode(raw)
-    path = Path(raw).expanduser()
-    looks_like_path = isinstance(name_or_path, Path) or os.sep in raw or (os.altsep and os.altsep in raw) \
-        or raw.lower() not in REGISTRY
-    if path.is_file():
-        return path
-    if path.exists():
-        raise WeightsError(f"Checkpoint path {path} is a directory, not a file; pass the .pth/.pt file itself.")
-    if looks_like_path:
+    if not _is_registered_name(name_or_path):
+        raw = os.fspath(name_or_path)
+        if not isinstance(raw, str):
+            raw = os.fsdecode(raw)
+        path = Path(raw).expanduser()
+        if path.is_file():
+            return path
+        if path.is_dir():
+            raise WeightsError(f"Checkpoint path {path} is a directory, not a file; pass the .pth/.pt file itself.")
+        if path.exists():
+            raise WeightsError(f"Checkpoint path {path} is not a regular file (a device, pipe or socket); pass "
+                               "the .pth/.pt file itself.")
         raise WeightsError(
             f"Checkpoint file not found: {path}. Pass an existing .pth/.pt file, or one of the model names "
             f"{', '.join(known_names())} to use the cached/downloaded weights.")
 
+    raw = str(name_or_path)
     entry = get_weights(raw)
     if entry.bundled:
         bundled = entry.bundled_path()
@@ -907,9 +1262,12 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike], download: bool = T
                                f"(expected at {bundled}). Use --checkpoint PATH with a checkpoint file instead.")
         return bundled
 
-    target = checkpoint_dir() / entry.filename
+    target = _cache_target(entry)
     url = entry.download_url()
     hint = offline_help(url, entry.filename, target)
+    if target.exists() and not target.is_file():
+        raise WeightsError(f"The cache entry {target} is not a regular file; remove it, then run "
+                           f"`sam3d download {entry.name}`.")
     if target.is_file():
         if verify:
             verify_cached(target, entry)
@@ -922,7 +1280,8 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike], download: bool = T
                 url, target)
     result = _fetch(url, target, expected_size=entry.size, sha256=entry.sha256,
                     progress=progress, timeout=timeout, retries=retries,
-                    lock_timeout=lock_timeout, help_text=hint)
+                    lock_timeout=lock_timeout, help_text=hint, deadline=deadline, min_rate=min_rate,
+                    stall_window=stall_window, validate=None if entry.sha256 else payload_problem)
     if result.already_present:
         # Another process finished it while we waited; check it like any cached file.
         if verify:
@@ -944,32 +1303,138 @@ def resolve_checkpoint(name_or_path: Union[str, os.PathLike], download: bool = T
     return target
 
 
+def repair(name: str, progress: ProgressArg = "auto", **download_options) -> tuple:
+    """Check the cached copy of ``name``; if it is corrupt (wrong or changed sha256, not a checkpoint, not a
+    regular file), delete it with its record and any partial download, then download it again.
+
+    Returns ``(path, removed)``: the good cached file and the paths deleted (empty when the copy was fine).
+    ``download_options`` go to :func:`resolve_checkpoint` (``timeout``, ``deadline``, ...).
+    """
+    entry = get_weights(name)
+    if entry.bundled:
+        raise WeightsError(f"{entry.name!r} is bundled with the package and never downloaded; reinstall "
+                           "SAM3DSegment if it is damaged.")
+    target = _cache_target(entry)
+    removed: List[Path] = []
+    lock_path = target.with_name(target.name + ".lock")
+    try:
+        lock = DownloadLock(lock_path, timeout=download_options.get("lock_timeout", 3600.0)).acquire()
+    except FileNotFoundError:
+        lock = None  # no cache folder yet: nothing to remove
+    except OSError as exc:
+        raise _write_error(lock_path, exc) from None
+    try:
+        if target.is_file():
+            problem, _, _ = _check_cached(target, entry)
+            if problem is None:
+                return target, removed
+            logger.warning("%s", problem[0])
+        elif target.exists():
+            raise WeightsError(f"The cache entry {target} is not a regular file; remove it yourself, then run "
+                               f"`sam3d download {entry.name}`.")
+        for p in (target, sidecar_path(target), target.with_name(target.name + ".part"),
+                  target.with_name(target.name + ".part.json")):
+            if p.is_file():
+                try:
+                    os.unlink(p)
+                except OSError as exc:
+                    raise _write_error(p, exc) from None
+                removed.append(p)
+    finally:
+        if lock is not None:
+            lock.release()
+    path = resolve_checkpoint(entry.name, progress=progress, **download_options)
+    return path, removed
+
+
 def iter_registry() -> Iterator[ModelWeights]:
     for key in known_names():
         yield REGISTRY[key]
 
 
+def _positive(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of bytes per second, got {text}")
+    return value
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """``sam3d download [NAME ...] [--list]``: fetch and verify registered checkpoints into the cache."""
+    """``sam3d download [NAME ...] [--list] [--repair]``: fetch and verify registered checkpoints into the
+    cache. Exit status 0 only when every named checkpoint is in the cache and verified."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="sam3d download", description=main.__doc__)
     ap.add_argument("names", nargs="*", help=f"model names (default: {DEFAULT_MODEL}); see --list")
-    ap.add_argument("--list", action="store_true", help="list the registered models and the cache state")
-    ap.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    ap.add_argument("--list", action="store_true",
+                    help="list the registered models and the state of their cached copies (hashes them)")
+    ap.add_argument("--repair", action="store_true",
+                    help="check the named cached models; delete any copy that is corrupt (wrong or changed "
+                         "sha256, not a checkpoint) with its record and partial download, and download it again")
+    ap.add_argument("--timeout", type=_positive, default=30.0,
+                    help="network timeout in seconds for each connect or read (default 30)")
+    ap.add_argument("--deadline", type=_positive, default=None,
+                    help="give up when one download takes longer than this many seconds in all (default: no "
+                         "limit); the partial file is kept for the next run to resume")
+    ap.add_argument("--min-rate", type=_non_negative, default=DEFAULT_MIN_RATE,
+                    help=f"give up when fewer than this many bytes per second arrive over --stall-window "
+                         f"(default {DEFAULT_MIN_RATE:g}; 0 switches the stall detector off)")
+    ap.add_argument("--stall-window", type=_positive, default=DEFAULT_STALL_WINDOW,
+                    help=f"seconds over which --min-rate is measured (default {DEFAULT_STALL_WINDOW:g})")
     args = ap.parse_args(argv)
     if args.list:
         print(f"cache: {checkpoint_dir()}")
         for entry in iter_registry():
-            where = entry.bundled_path() if entry.bundled else checkpoint_dir() / entry.filename
-            state = "present" if where is not None and Path(where).is_file() else "absent"
-            print(f"{entry.name:18s} {entry.architecture:10s} {state:8s} {entry.description}")
+            try:
+                state, detail = cache_state(entry)
+            except (OSError, WeightsError) as exc:
+                state, detail = "unreadable", str(exc)
+            print(f"{entry.name:18s} {entry.architecture:10s} {state:10s} {entry.description}")
+            if state in ("corrupt", "unreadable"):
+                print(f"    {state}: {' '.join(detail.split())}")
+                if not entry.bundled:
+                    print(f"    fix: {repair_command(entry)}")
+            elif state == "partial":
+                print(f"    {detail}")
         return 0
+    options = dict(timeout=args.timeout, deadline=args.deadline, min_rate=args.min_rate or None,
+                   stall_window=args.stall_window)
     try:
         for name in args.names or [DEFAULT_MODEL]:
-            path = resolve_checkpoint(name, progress="auto", timeout=args.timeout)
+            if args.repair:
+                path, removed = repair(name, progress="auto", **options)
+                for p in removed:
+                    print(f"{name}: deleted {p}")
+                if not removed:
+                    print(f"{name}: the cached copy is fine; nothing to repair")
+            else:
+                path = resolve_checkpoint(name, progress="auto", **options)
             print(f"{name}: {path} ({checksum_status(path, get_weights(name))})")
     except WeightsError as exc:
         print(f"sam3d download: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # anything the messages above did not foresee: still one line, non-zero
+        print(f"sam3d download: error: {exc.strerror or exc} ({getattr(exc, 'filename', '') or ''}); check the "
+              f"cache folder {checkpoint_dir()} or set ${ENV_HOME} to another folder", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sam3d download: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     return 0

@@ -156,7 +156,7 @@ def test_adapter_only_and_encoder_only_files_say_how_to_get_a_model(tiny, tmp_pa
 
 def test_untrusted_pickle_is_refused_then_loaded_when_trusted(tiny, tmp_path, caplog):
     torch.save({"model_state_dict": tiny.state_dict(), "extra": NotAllowed()}, tmp_path / "custom.pth")
-    with pytest.raises(CheckpointError, match="--trust-checkpoint"):
+    with pytest.raises(CheckpointError, match=r"NotAllowed.*load_checkpoint\(PATH, trusted=True\)"):
         load_checkpoint(tmp_path / "custom.pth", config=SamMed3DConfig.tiny())
     with caplog.at_level(logging.WARNING):
         loaded = load_checkpoint(tmp_path / "custom.pth", config=SamMed3DConfig.tiny(), trusted=True)

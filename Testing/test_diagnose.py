@@ -147,19 +147,23 @@ def test_cache_files_and_checksum_state(tmp_path):
     folder = W.checkpoint_dir()
     folder.mkdir(parents=True)
     ckpt = folder / "sam_med3d.pth"
-    ckpt.write_bytes(b"x" * 3000)
+    from _checkpoint_bytes import checkpoint_bytes  # a SAM-Med3D-like torch.save file (no published sha256
+    content = checkpoint_bytes()  # exists for sam-med3d, so its content must look like a checkpoint)
+    n = len(content)
+    ckpt.write_bytes(content)
     (folder / "sam_med3d_turbo.pth.part").write_bytes(b"y" * 10)
     (folder / "custom.pt").write_bytes(b"z" * 5)
     text = D.diagnose_report()
-    assert "sam_med3d.pth [sam-med3d]: 2.9 KiB (3000 bytes); not verified yet" in text
+    assert f"sam_med3d.pth [sam-med3d]: {n / 1024:.1f} KiB ({n} bytes); not verified yet" in text
     assert "sam_med3d_turbo.pth.part: 10 B (10 bytes); partial download" in text
     assert "custom.pt: 5 B (5 bytes)" in text
     text = D.diagnose_report(verify_checksums=True)
-    digest = hashlib.sha256(b"x" * 3000).hexdigest()
-    assert f"sam_med3d.pth [sam-med3d]: 2.9 KiB (3000 bytes); sha256 checked now: OK ({digest[:16]}" in text
+    digest = hashlib.sha256(content).hexdigest()
+    assert f"sam_med3d.pth [sam-med3d]: {n / 1024:.1f} KiB ({n} bytes); sha256 checked now: OK ({digest[:16]}" in text
     # Afterwards the recorded state is shown without hashing.
     assert "sha256 recorded at first use" in D.diagnose_report()
-    ckpt.write_bytes(b"x" * 2999 + b"!")
+    mid = n // 2  # one byte of tensor data changed: still a readable checkpoint, another sha256
+    ckpt.write_bytes(content[:mid] + bytes([content[mid] ^ 1]) + content[mid + 1:])
     assert "MISMATCH" in D.diagnose_report(verify_checksums=True)
 
 

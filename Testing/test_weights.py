@@ -17,6 +17,8 @@ import pytest
 
 from SAM3DSegmentLib import weights as W
 
+from _checkpoint_bytes import checkpoint_bytes  # noqa: E402  (Testing/ is on sys.path under pytest)
+
 SIZE = 3 * 1024 * 1024 + 12345  # a few MB, not a multiple of the chunk size
 
 
@@ -386,7 +388,7 @@ def test_resolve_local_path(tmp_path):
 
 
 def test_resolve_name_downloads_once_and_trusts_on_first_use(tmp_path, monkeypatch, caplog):
-    data = _payload(1_500_000, seed=1)
+    data = checkpoint_bytes(numel=120_000, seed=1)  # a SAM-Med3D-like torch.save file, 1.4 MB
     digest = hashlib.sha256(data).hexdigest()
     with LoopbackServer({"sam_med3d.pth": data}) as srv:
         monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", srv.base + "/")
@@ -403,7 +405,8 @@ def test_resolve_name_downloads_once_and_trusts_on_first_use(tmp_path, monkeypat
         assert W.resolve_checkpoint("sam-med3d", progress=None) == path
         assert len(srv.requests) == 1
     # A changed cached file is refused, left in place, and the message explains what to do.
-    path.write_bytes(data[:-1] + b"\x00")
+    middle = len(data) // 2  # inside the tensor data
+    path.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1:])
     with pytest.raises(W.ChecksumError) as info:
         W.resolve_checkpoint("sam-med3d")
     assert digest in str(info.value) and "--checkpoint" in str(info.value)
@@ -426,12 +429,13 @@ def test_resolve_enforces_published_checksum(tmp_path, monkeypatch):
 def test_resolve_manually_copied_file_is_picked_up(tmp_path, caplog):
     target = W.cached_path("sam-med3d")
     target.parent.mkdir(parents=True)
-    target.write_bytes(b"copied by hand")
+    copied = checkpoint_bytes(seed=4)
+    target.write_bytes(copied)
     with caplog.at_level(logging.WARNING, logger=W.__name__):
         assert W.resolve_checkpoint("sam-med3d", download=False) == target
     assert "trust on first use" in caplog.text
     rows = W.list_cache()
-    assert [(r["name"], r["size"]) for r in rows] == [("sam-med3d", len(b"copied by hand"))]
+    assert [(r["name"], r["size"]) for r in rows] == [("sam-med3d", len(copied))]
 
 
 def test_resolve_without_download_explains_offline_options(tmp_path):
@@ -490,7 +494,7 @@ def test_default_text_progress_bar_on_stderr(tmp_path, capsys):
 def test_read_only_cache_record_failure_is_not_fatal(tmp_path, monkeypatch, caplog):
     target = W.cached_path("sam-med3d")
     target.parent.mkdir(parents=True)
-    target.write_bytes(b"shared copy")
+    target.write_bytes(checkpoint_bytes(seed=5))
 
     def refuse(path, data):
         raise PermissionError(13, "Read-only file system", str(path))

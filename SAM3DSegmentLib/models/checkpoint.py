@@ -17,10 +17,13 @@ import argparse
 import collections
 import logging
 import pickle
+import re
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from ..checkpoint_file import CheckpointError, CheckpointSummary, inspect_checkpoint
 from .config import SamMed3DConfig
 
 log = logging.getLogger(__name__)
@@ -32,37 +35,22 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the problem and the fix."""
-
-
 # ---------------------------------------------------------------------------------------------- reading
-def _sniff(path: Path) -> None:
+def _sniff(path: Path) -> CheckpointSummary:
+    """Refuse what is not a ``torch.save`` file, or declares more data than it holds, before torch sees it."""
     if not path.exists():
         raise CheckpointError(f"checkpoint file not found: {path}. Pass an existing .pth/.pt file "
                               "(--checkpoint PATH) or a registered model name (--model NAME).")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a device, pipe or socket); pass the .pth/.pt "
+                              "checkpoint file itself")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the download or copy failed; fetch it again")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK"):
-        try:
-            with zipfile.ZipFile(path) as zf:
-                zf.namelist()
-        except zipfile.BadZipFile as exc:
-            raise CheckpointError(
-                f"checkpoint {path} is truncated or corrupt ({exc}; {size} bytes on disk). "
-                "Download it again (an interrupted download leaves a partial file).") from None
-        return
-    if head[:1] == b"\x80":  # a legacy (pre-zip) torch.save stream is a pickle
-        return
-    preview = head.decode("latin-1").strip()
-    hint = " It looks like an HTML page (a failed download?)." if preview.lower().startswith(("<!doc", "<html")) else ""
-    raise CheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {preview!r}).{hint} "
-                          "Pass the .pth file of a SAM-Med3D model.")
+    summary = inspect_checkpoint(path)
+    return summary
 
 
 def read_checkpoint(path, map_location: Any = "cpu", trusted: bool = False) -> Any:
@@ -76,10 +64,12 @@ def read_checkpoint(path, map_location: Any = "cpu", trusted: bool = False) -> A
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if not trusted:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            what = f"({found.group(1)})" if found else f"({type(exc).__name__})"
             raise CheckpointError(
-                f"checkpoint {path} contains Python objects that safe loading does not allow "
-                f"({str(exc).splitlines()[0][:200]}). If you trust where the file comes from, load it with "
-                "--trust-checkpoint (CLI) / trusted=True (API); untrusted pickles can run code.") from None
+                f"checkpoint {path} contains Python objects that safe loading does not allow {what}. If you trust where the file comes from, convert it once "
+                "in Python: SAM3DSegmentLib.models.save_checkpoint(load_checkpoint(PATH, trusted=True), "
+                "NEW.pt), then use NEW.pt; loading an untrusted pickle can run code.") from None
         log.warning("Loading %s with weights_only=False because the caller marked it trusted", path)
         return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
@@ -158,22 +148,100 @@ def _refuse_training_artifacts(path, obj: Any) -> None:
             "also needs the prompt encoder and mask decoder. Load the full checkpoint it was exported from.")
 
 
+#: Largest value a checkpoint's stored config may ask for, per field: four times the published vit_b_ori
+#: (SamMed3DConfig.vit_b_ori()) where it sets a size. Checked before anything is built.
+CONFIG_LIMITS = {
+    "image_size": 512, "encoder_embed_dim": 3072, "encoder_depth": 48, "encoder_num_heads": 48,
+    "encoder_mlp_ratio": 16.0, "window_size": 56, "prompt_embed_dim": 1536, "mask_in_chans": 64,
+    "decoder_depth": 8, "decoder_num_heads": 32, "decoder_mlp_dim": 8192, "decoder_attention_downsample": 8,
+    "num_multimask_outputs": 12, "iou_head_depth": 12, "iou_head_hidden_dim": 1024,
+}
+
+
+#: Bounds of an adapter config (models/adapters.py) stored in a checkpoint.
+ADAPTER_LIMITS = {"bottleneck_ratio": 4.0, "kernel_size": 9}
+
+
+def check_config_limits(config: SamMed3DConfig, path=None) -> None:
+    """Refuse a config outside the SAM-Med3D family's size envelope (:data:`CONFIG_LIMITS`)."""
+    problems = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in CONFIG_LIMITS or f.name == "patch_size":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+                problems.append(f"{f.name}={value!r} (must be a positive number)")
+            elif f.name in CONFIG_LIMITS and value > CONFIG_LIMITS[f.name]:
+                problems.append(f"{f.name}={value} (limit {CONFIG_LIMITS[f.name]})")
+    if any(not isinstance(i, int) or not 0 <= i < max(1, int(config.encoder_depth))
+           for i in config.encoder_global_attn_indexes):
+        problems.append(f"encoder_global_attn_indexes={list(config.encoder_global_attn_indexes)} (must be block "
+                        f"numbers below encoder_depth {config.encoder_depth})")
+    adapter = config.adapter if isinstance(config.adapter, Mapping) else None
+    if adapter is not None:
+        try:
+            ratio = float(adapter.get("bottleneck_ratio", 0.5))
+            kernel = int(adapter.get("kernel_size", 3))
+        except (TypeError, ValueError):
+            ratio, kernel = -1.0, -1
+        if not 0 < ratio <= ADAPTER_LIMITS["bottleneck_ratio"]:
+            problems.append(f"adapter bottleneck_ratio={adapter.get('bottleneck_ratio')!r} (must be in "
+                            f"(0, {ADAPTER_LIMITS['bottleneck_ratio']}])")
+        if not 1 <= kernel <= ADAPTER_LIMITS["kernel_size"]:
+            problems.append(f"adapter kernel_size={adapter.get('kernel_size')!r} (must be 1 to "
+                            f"{ADAPTER_LIMITS['kernel_size']})")
+    if problems:
+        where = f"the config stored in {path}" if path else "the config"
+        raise CheckpointError(
+            f"{where} does not describe a known SAM-Med3D-family architecture: {'; '.join(problems)}. "
+            "Nothing was built. Use a checkpoint saved by SAM3DSegment or a published SAM-Med3D file.")
+
+
+def _check_against_file(config: SamMed3DConfig, sd: Mapping[str, Any], path) -> None:
+    """Compare the state-dict shapes of ``config``'s model, built on torch's "meta" device (no memory),
+    with the file's tensors, before the real model is allocated.
+
+    Adapters (which fingerprint their initial weights and so cannot live on "meta") are left out of the
+    skeleton: the base model's keys are checked here, the adapters' (bounded by :data:`ADAPTER_LIMITS`
+    and the base width) after the real build by :func:`check_state_dict`.
+    """
+    import dataclasses
+
+    import torch
+
+    from .sam3d import build_sam_med3d
+
+    check_config_limits(config, path)
+    with torch.device("meta"):
+        skeleton = build_sam_med3d(dataclasses.replace(config, adapter=None) if config.adapter else config)
+    if config.adapter:
+        base_keys = set(skeleton.state_dict())
+        sd = {k: v for k, v in sd.items() if k in base_keys or ".adapter." not in k}
+    check_state_dict(skeleton, sd)
+
+
 def load_checkpoint(path, config: Optional[SamMed3DConfig] = None, map_location: Any = "cpu",
                     trusted: bool = False, attention_impl: Optional[str] = None):
     """Build the model a checkpoint describes and load it with ``strict=True``.
 
     The config comes from ``config``, else from the file (our format), else the published ``vit_b_ori``.
+    The file is inspected first (``checkpoint_file.inspect_checkpoint``: nothing it declares exceeds what it
+    holds), and the config is checked against :data:`CONFIG_LIMITS` and, on a memory-free "meta" copy of
+    the model, against the file's tensor shapes before the real model is built.
     """
     from .sam3d import build_sam_med3d
 
-    obj = read_checkpoint(path, map_location=map_location, trusted=trusted)
+    obj = read_checkpoint(path, map_location=map_location, trusted=trusted)  # bounded by the file size
     _refuse_training_artifacts(path, obj)
     sd, meta = extract_state_dict(obj)
     if config is None:
         cfg_dict = meta.get("config") if isinstance(meta.get("config"), Mapping) else None
-        config = SamMed3DConfig.from_dict(dict(cfg_dict)) if cfg_dict else SamMed3DConfig.vit_b_ori()
+        try:
+            config = SamMed3DConfig.from_dict(dict(cfg_dict)) if cfg_dict else SamMed3DConfig.vit_b_ori()
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"the config stored in {path} is invalid: {exc}") from None
     if attention_impl:
         config.attention_impl = attention_impl
+    _check_against_file(config, sd, path)  # before the real model is allocated
     model = build_sam_med3d(config)
     check_state_dict(model, sd)
     model.load_state_dict(sd, strict=True)
