@@ -80,9 +80,6 @@ PROMPT_MODES = ("newest", "all")
 Box = Tuple[slice, slice, slice]
 _MIN_WEIGHT = 1e-3
 _MISSING = object()
-#: Half-width (voxels) of the neighbourhood in which the click-honouring cleanup first looks for an include
-#: click connected to an exclude voxel, before labelling the object's whole box.
-_LOCAL_RADIUS = 8
 
 
 # ------------------------------------------------------------------------------------------ data types
@@ -197,6 +194,10 @@ class _Patch:
         crop = values[nz].copy()
         crop.flags.writeable = False
         return cls(box, _offset(nz, box), crop)
+
+    def moved_to(self, box: Box) -> "_Patch":
+        """The same voxels as a patch of the larger ``box`` (zero elsewhere)."""
+        return _Patch(box, self.sub, self.crop)
 
     @property
     def nbytes(self) -> int:
@@ -347,6 +348,10 @@ def _nonzero_box(arr: np.ndarray) -> Optional[Box]:
     j = np.flatnonzero(kj.any(axis=0))
     i = np.flatnonzero(np.bitwise_or.reduce(a[k[0]:k[-1] + 1], axis=0).any(axis=0))
     return (slice(int(k[0]), int(k[-1]) + 1), slice(int(j[0]), int(j[-1]) + 1), slice(int(i[0]), int(i[-1]) + 1))
+
+
+def _box_voxels(box: Box) -> int:
+    return int(np.prod(_box_shape(box)))
 
 
 def _voxels_box(voxels) -> Optional[Box]:
@@ -628,33 +633,41 @@ class Session:
             out[_relative(inter, box)] = obj.raw[_relative(inter, obj.raw_box)]
         return out
 
-    def _raw_set(self, obj: _Object, box: Box, values: np.ndarray) -> None:
-        """Set the model mask on ``box`` to ``values``; the store grows to new voxels and shrinks to the
-        bounding box of what is left."""
-        nz = _nonzero_box(values)
-        grow = None if nz is None else _offset(nz, box)
+    def _raw_patch(self, obj: _Object, box: Box) -> _Patch:
+        """The model mask on ``box`` as a patch (shares the store's array when the box holds all of it)."""
+        inter = _box_intersect(obj.raw_box, box)
+        if inter is None:
+            return _Patch(box)
+        if inter == obj.raw_box:
+            return _Patch(box, inter, obj.raw)         # the store is tight and never modified in place
+        return _Patch.of(obj.raw[_relative(inter, obj.raw_box)], inter).moved_to(box)
+
+    def _raw_set(self, obj: _Object, patch: _Patch) -> None:
+        """Set the model mask on ``patch.box`` to the patch. The store (``obj.raw``, read-only, never modified
+        in place, so patches may share it) is replaced by one holding exactly the mask's bounding box."""
         old = obj.raw_box
-        if old is None:
-            if grow is not None:
-                obj.raw_box, obj.raw = grow, np.ascontiguousarray(values[nz])
+        if old is None or _box_contains(patch.box, old):
+            obj.raw_box, obj.raw = patch.sub, patch.crop   # the patch covers everything there was
             return
-        union = _box_union(old, grow)
-        if union == old:
-            store = obj.raw
-        else:
-            store = np.zeros(_box_shape(union), dtype=np.uint8)
-            store[_relative(old, union)] = obj.raw
-        inter = _box_intersect(box, union)
-        if inter is not None:
-            store[_relative(inter, union)] = values[_relative(inter, box)]
-        obj.raw_box, obj.raw = union, store
-        # Voxels were cleared on a face of the store: its content may have shrunk away from that face.
-        if inter is not None and any(i.start == u.start or i.stop == u.stop for i, u in zip(inter, union)):
+        union = _box_union(old, patch.sub)
+        inter = _box_intersect(patch.box, union)
+        if inter is None:
+            return                                      # zeros written where there was nothing
+        store = np.zeros(_box_shape(union), dtype=np.uint8)
+        store[_relative(old, union)] = obj.raw
+        store[_relative(inter, union)] = 0
+        if patch.crop is not None:
+            store[_relative(patch.sub, union)] = patch.crop
+        # Voxels were written on a face of the store: its content may have shrunk away from that face.
+        if any(i.start == u.start or i.stop == u.stop for i, u in zip(inter, union)):
             tight = _nonzero_box(store)
             if tight is None:
                 obj.raw_box = obj.raw = None
-            elif tight != tuple(slice(0, n) for n in store.shape):
-                obj.raw_box, obj.raw = _offset(tight, union), np.ascontiguousarray(store[tight])
+                return
+            if tight != tuple(slice(0, n) for n in store.shape):
+                union, store = _offset(tight, union), np.ascontiguousarray(store[tight])
+        store.flags.writeable = False
+        obj.raw_box, obj.raw = union, store
 
     def _mask_extent(self, obj: _Object) -> Optional[Box]:
         """A box holding every voxel of the object's mask (model mask and forced include voxels)."""
@@ -708,7 +721,11 @@ class Session:
             m[v] = False
         for v in on_rel:
             m[v] = True
-        if all(self._kept_locally(m, e, on_rel) for e in cut_rel):
+        # Cheap certificate first: connectivity inside the box spanned by the clicks (a path found there is a
+        # path in the whole mask); the whole box is labelled only when that does not settle it.
+        span = tuple(slice(max(b.start - 2, 0), min(b.stop + 2, n))
+                     for b, n in zip(_voxels_box(cut_rel + on_rel), m.shape))
+        if _box_voxels(span) <= m.size // 2 and self._nothing_cut_off(m, span, cut_rel, on_rel):
             return None, None
         from scipy import ndimage
 
@@ -727,23 +744,21 @@ class Session:
         return _offset(nz, work), crop
 
     @staticmethod
-    def _kept_locally(m: np.ndarray, e: Tuple[int, int, int], on_rel) -> bool:
-        """True when the neighbourhood of exclude voxel ``e`` proves that removing it drops nothing: its
-        remaining face neighbours in the mask are connected to each other and to an include voxel within
-        :data:`_LOCAL_RADIUS` voxels (or it has none: an isolated voxel)."""
+    def _nothing_cut_off(m: np.ndarray, box: Box, cut_rel, on_rel) -> bool:
+        """True when ``m[box]`` alone proves that removing the exclude voxels ``cut_rel`` drops nothing: the
+        remaining face neighbours of each are connected to each other and to an include voxel inside the
+        box (or it has none: it was an isolated voxel)."""
         from scipy import ndimage
 
-        near = tuple(slice(max(x - _LOCAL_RADIUS, 0), min(x + _LOCAL_RADIUS + 1, n)) for x, n in zip(e, m.shape))
-        labels, _ = ndimage.label(m[near])
-        e_rel = tuple(x - b.start for x, b in zip(e, near))
-        found = {int(labels[n]) for n in _face_neighbours(e_rel, labels.shape)} - {0}
-        if not found:
-            return True
-        if len(found) > 1:
-            return False
-        inc = {int(labels[tuple(x - b.start for x, b in zip(v, near))]) for v in on_rel
-               if all(b.start <= x < b.stop for x, b in zip(v, near))}
-        return bool(found & inc)
+        labels, _ = ndimage.label(m[box])
+        inside = lambda v: all(b.start <= x < b.stop for x, b in zip(v, box))  # noqa: E731
+        local = lambda v: tuple(x - b.start for x, b in zip(v, box))           # noqa: E731
+        inc = {int(labels[local(v)]) for v in on_rel if inside(v)}
+        for e in cut_rel:
+            found = {int(labels[n]) for n in _face_neighbours(local(e), labels.shape)} - {0}
+            if len(found) > 1 or (found and not found & inc):
+                return False
+        return True
 
     def _normalise_click(self, click: Click) -> Click:
         vol = self._require_volume()
@@ -1091,18 +1106,23 @@ class Session:
         vol_box = tuple(slice(0, n) for n in self._require_volume().array.shape)
         if dirty is not None:
             dirty = _box_intersect(dirty, vol_box)
+        after = None
         if dirty is not None:
             after = self._render(regions, dirty)
-            before = self._raw_get(obj, dirty)
-            self._raw_set(obj, dirty, after)
-            patch_before, patch_after = _Patch.of(before, dirty), _Patch.of(after, dirty)
+            patch_before, patch_after = self._raw_patch(obj, dirty), _Patch.of(after, dirty)
+            self._raw_set(obj, patch_after)
         else:
             patch_before = patch_after = _Patch((slice(0, 0),) * 3)
         honour_before = obj.honour
         obj.honour = self._honour(obj, clicks)
         box = _box_intersect(_box_union(dirty, _honour_changes(honour_before, obj.honour)), vol_box)
         box = (slice(0, 0),) * 3 if box is None else box
-        mask_box = self._view(obj, box)
+        if after is not None and box == dirty:
+            mask_box = after                   # our own array (the store holds a copy)
+            if obj.honour is not None:
+                obj.honour.apply(mask_box, box)
+        else:
+            mask_box = self._view(obj, box)
         mask_box.flags.writeable = False
         paste_s = time.perf_counter() - t
         obj.undo.append(_Edit(tuple(obj.clicks), tuple(obj.regions), tuple(clicks), tuple(regions),
@@ -1125,7 +1145,7 @@ class Session:
         patch = edit.patch_after if forward else edit.patch_before
         honour = edit.honour_after if forward else edit.honour_before
         if edit.box is not None:
-            self._raw_set(obj, edit.box, patch.full())
+            self._raw_set(obj, patch)
         box = _box_union(edit.box, _honour_changes(obj.honour, honour))
         obj.honour = honour
         box = (slice(0, 0),) * 3 if box is None else box
