@@ -271,10 +271,20 @@ class _Edit:
     def mask_after(self) -> np.ndarray:
         return self.patch_after.full()
 
-    @property
-    def nbytes(self) -> int:
-        return (self.patch_before.nbytes + self.patch_after.nbytes
-                + sum(h.nbytes for h in (self.honour_before, self.honour_after) if h is not None))
+    def arrays(self) -> List[np.ndarray]:
+        """The mask arrays this entry holds (patches may share them with each other and the live mask)."""
+        out = [p.crop for p in (self.patch_before, self.patch_after) if p.crop is not None]
+        return out + [h.drop for h in (self.honour_before, self.honour_after) if h is not None and h.drop is not None]
+
+
+def _unique_bytes(arrays, seen: set) -> int:
+    """Bytes of the arrays not in ``seen`` (by identity), each counted once; adds them to ``seen``."""
+    total = 0
+    for a in arrays:
+        if id(a) not in seen:
+            seen.add(id(a))
+            total += int(a.nbytes)
+    return total
 
 
 @dataclass
@@ -509,20 +519,28 @@ class Session:
         out.flags.writeable = False
         return box, out
 
+    @staticmethod
+    def _history_bytes(obj: _Object) -> int:
+        """What the object's undo/redo entries hold beyond its live mask (shared arrays counted once)."""
+        seen = {id(a) for a in (obj.raw, None if obj.honour is None else obj.honour.drop) if a is not None}
+        return sum(_unique_bytes(e.arrays(), seen) for e in obj.undo + obj.redo)
+
     def memory_bytes(self, oid: Optional[str] = None) -> Dict[str, int]:
         """Memory held for one object (``oid``) or for all (None), in bytes: ``masks`` (the cropped masks and
-        the click-honouring state), ``history`` (undo/redo mask patches), ``logits`` (the regions' low-res
+        the click-honouring state), ``history`` (undo/redo mask patches beyond those shared with the live
+        masks; each array counted once), ``logits`` (the regions' low-res
         logits, current and in the history, each array counted once), their ``total``, the ``objects``
         counted and ``full_grid_mask_bytes`` (what one uncropped uint8 mask would take, for comparison).
         Embeddings are in :attr:`cache` (``cache.stats()``), bounded by ``SessionOptions.cache_size``."""
         objs = [self._object(oid)] if oid is not None else list(self._objects.values())
         masks = history = logits = 0
-        seen = set()
+        seen: set = set()
         for obj in objs:
-            masks += (0 if obj.raw is None else int(obj.raw.nbytes)) + (obj.honour.nbytes if obj.honour else 0)
+            live = [a for a in (obj.raw, None if obj.honour is None else obj.honour.drop) if a is not None]
+            masks += _unique_bytes(live, seen)
+            history += self._history_bytes(obj)
             states = list(obj.regions)
             for e in obj.undo + obj.redo:
-                history += e.nbytes
                 states += list(e.regions_before) + list(e.regions_after)
             for r in states:
                 if r.logits is not None and id(r.logits) not in seen:
@@ -681,20 +699,22 @@ class Session:
         return out
 
     # ------------------------------------------------------------------ internals: honouring the clicks
-    def _click_voxel(self, click: Click) -> Tuple[int, int, int]:
-        """The (k, j, i) voxel whose centre is nearest to the click."""
+    def _click_voxels(self, clicks: Sequence[Click]) -> List[Tuple[int, int, int]]:
+        """The (k, j, i) voxel whose centre is nearest to each click."""
         vol = self.volume
-        ijk = np.floor(vol.ras_to_ijk_points(np.asarray(click.ras, dtype=np.float64)) + 0.5).astype(int)
+        ras = np.asarray([c.ras for c in clicks], dtype=np.float64).reshape(-1, 3)
+        ijk = np.floor(vol.ras_to_ijk_points(ras) + 0.5).astype(int).reshape(-1, 3)
         ijk = np.clip(ijk, 0, np.asarray(vol.shape_ijk) - 1)
-        return int(ijk[2]), int(ijk[1]), int(ijk[0])
+        return [(int(i[2]), int(i[1]), int(i[0])) for i in ijk]
 
     def _honour(self, obj: _Object, clicks: Sequence[Click]) -> Optional[_Honour]:
         """The click-honouring state for ``clicks`` on the object's current model mask (None: off)."""
         if not self.options.honour_clicks or not clicks:
             return None
         sign: Dict[Tuple[int, int, int], bool] = {}
-        for c in clicks:                     # in click order: the later click wins a shared voxel
-            sign[self._click_voxel(c)] = bool(c.positive)
+        for v, c in zip(self._click_voxels(clicks), clicks):   # in click order: the later click wins a voxel
+            sign.pop(v, None)
+            sign[v] = bool(c.positive)
         on = frozenset(v for v, p in sign.items() if p)
         off = frozenset(v for v, p in sign.items() if not p)
         drop_box, drop = self._dropped(obj, on, off)
@@ -1129,9 +1149,8 @@ class Session:
                               dirty, patch_before, patch_after, honour_before, obj.honour))
         del obj.undo[:-self.options.history_limit]
         budget = self.options.history_mb * 2 ** 20
-        used = sum(e.nbytes for e in obj.undo)
-        while len(obj.undo) > 1 and used > budget:
-            used -= obj.undo.pop(0).nbytes
+        while len(obj.undo) > 1 and self._history_bytes(obj) > budget:
+            obj.undo.pop(0)
         obj.redo.clear()
         obj.clicks = list(clicks)
         obj.regions = list(regions)
