@@ -731,22 +731,24 @@ class Session:
                and obj.raw[tuple(x - b.start for x, b in zip(v, rb))]]
         if not cut:
             return None, None          # the model already left every exclude voxel out: nothing is cut
+        # Cheap certificates first: connectivity inside a small box (a path found there is a path in the whole
+        # mask). For each cut voxel, the box spanning it and its nearest include voxel; then the box spanning
+        # all of them. The object's whole box is labelled only when neither settles it.
+        if on:
+            inc = np.asarray(sorted(on), dtype=np.int64)
+            boxes = [_voxels_box([e, tuple(inc[np.argmin(np.abs(inc - e).sum(axis=1))])]) for e in cut]
+            if all(self._nothing_cut_off(obj, b_, [e], on, off) for b_, e in zip(boxes, cut)):
+                return None, None
         shape = self.volume.array.shape
         work = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(rb, shape))
-        m = self._raw_get(obj, work).view(bool)
+        span = _voxels_box(list(cut) + list(on))
+        if (_box_voxels(span) <= _box_voxels(work) // 2
+                and self._nothing_cut_off(obj, span, cut, on, off)):
+            return None, None
+        m = self._forced(obj, work, on, off)
         rel = lambda vs: [tuple(x - b.start for x, b in zip(v, work)) for v in vs  # noqa: E731
                           if all(b.start <= x < b.stop for x, b in zip(v, work))]
-        on_rel, off_rel, cut_rel = rel(on), rel(off), rel(cut)
-        for v in off_rel:
-            m[v] = False
-        for v in on_rel:
-            m[v] = True
-        # Cheap certificate first: connectivity inside the box spanned by the clicks (a path found there is a
-        # path in the whole mask); the whole box is labelled only when that does not settle it.
-        span = tuple(slice(max(b.start - 2, 0), min(b.stop + 2, n))
-                     for b, n in zip(_voxels_box(cut_rel + on_rel), m.shape))
-        if _box_voxels(span) <= m.size // 2 and self._nothing_cut_off(m, span, cut_rel, on_rel):
-            return None, None
+        on_rel, cut_rel = rel(on), rel(cut)
         from scipy import ndimage
 
         labels, _ = ndimage.label(m)
@@ -763,18 +765,29 @@ class Session:
         crop.flags.writeable = False
         return _offset(nz, work), crop
 
-    @staticmethod
-    def _nothing_cut_off(m: np.ndarray, box: Box, cut_rel, on_rel) -> bool:
-        """True when ``m[box]`` alone proves that removing the exclude voxels ``cut_rel`` drops nothing: the
-        remaining face neighbours of each are connected to each other and to an include voxel inside the
-        box (or it has none: it was an isolated voxel)."""
+    def _forced(self, obj: _Object, box: Box, on, off) -> np.ndarray:
+        """The model mask on ``box`` as bool with the include voxels ``on`` set and the exclude voxels ``off``
+        cleared (a new array)."""
+        m = self._raw_get(obj, box).view(bool)
+        for voxels, value in ((off, False), (on, True)):
+            for v in voxels:
+                if all(b.start <= x < b.stop for x, b in zip(v, box)):
+                    m[tuple(x - b.start for x, b in zip(v, box))] = value
+        return m
+
+    def _nothing_cut_off(self, obj: _Object, box: Box, cut, on, off) -> bool:
+        """True when the mask inside ``box`` (grown by 2 voxels) alone proves that clearing the exclude voxels
+        ``cut`` drops nothing: the remaining face neighbours of each are connected to each other and to an
+        include voxel inside the box (or it has none: it was an isolated voxel)."""
         from scipy import ndimage
 
-        labels, _ = ndimage.label(m[box])
+        shape = self.volume.array.shape
+        box = tuple(slice(max(b.start - 2, 0), min(b.stop + 2, n)) for b, n in zip(box, shape))
+        labels, _ = ndimage.label(self._forced(obj, box, on, off))
         inside = lambda v: all(b.start <= x < b.stop for x, b in zip(v, box))  # noqa: E731
         local = lambda v: tuple(x - b.start for x, b in zip(v, box))           # noqa: E731
-        inc = {int(labels[local(v)]) for v in on_rel if inside(v)}
-        for e in cut_rel:
+        inc = {int(labels[local(v)]) for v in on if inside(v)}
+        for e in cut:
             found = {int(labels[n]) for n in _face_neighbours(local(e), labels.shape)} - {0}
             if len(found) > 1 or (found and not found & inc):
                 return False
