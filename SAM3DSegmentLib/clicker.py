@@ -18,6 +18,14 @@ Ties between voxels at the same (maximal) distance are broken deterministically:
 the centroid of all maximal voxels wins, then the first in C (array) order. The same inputs always
 give the same click.
 
+Never the same voxel twice: pass the voxels clicked so far as ``avoid``. When the policy above picks one
+of them (the model ignored that click, so the error there is unchanged), the clicked voxels are taken
+out of both error regions, i.e. they count as border, and the policy runs again: the click goes to the
+deepest error voxel that is also far from the earlier clicks, in whichever region is then the deeper
+one (the next-best point of the same region, or the other region). Without a repeat the click is the
+one the plain policy gives. When every error voxel has been clicked already there is no new click
+(None).
+
 Axis orders — be careful:
 
 * :func:`next_click_index` works on any 3D arrays and returns an index in the ARRAY's own axis order;
@@ -30,7 +38,7 @@ Requires scipy (bundled with 3D Slicer; a test/eval dependency of the headless p
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -96,15 +104,21 @@ def error_regions(gt_mask: np.ndarray, pred_mask: Optional[np.ndarray]) -> Tuple
     return gt & ~pred, pred & ~gt
 
 
-def next_click_index(gt_mask: np.ndarray, pred_mask: Optional[np.ndarray],
-                     spacing: Optional[Sequence[float]] = None) -> Optional[SimulatedClick]:
-    """The next corrective click, as an index in the ARRAY's axis order (``spacing`` per array axis).
+def _avoid_mask(shape: Tuple[int, ...], avoid: Optional[Iterable[Sequence[int]]]) -> Optional[np.ndarray]:
+    """Boolean array marking the ``avoid`` voxels (array axis order) that lie inside ``shape``."""
+    if avoid is None:
+        return None
+    pts = np.asarray([tuple(int(v) for v in p) for p in avoid], dtype=np.int64).reshape(-1, 3)
+    pts = pts[np.all((pts >= 0) & (pts < np.asarray(shape)), axis=1)]
+    if len(pts) == 0:
+        return None
+    out = np.zeros(shape, dtype=bool)
+    out[pts[:, 0], pts[:, 1], pts[:, 2]] = True
+    return out
 
-    Returns None when there is nothing to correct (prediction equals ground truth, including both
-    empty). An empty ground truth with false positives yields a negative click at the deepest false
-    positive.
-    """
-    fn, fp = error_regions(gt_mask, pred_mask)
+
+def _pick(fn: np.ndarray, fp: np.ndarray, spacing) -> Optional[SimulatedClick]:
+    """The RITM choice between the two error regions (see the module docstring)."""
     p_fn, d_fn = deepest_point(fn, spacing)
     p_fp, d_fp = deepest_point(fp, spacing)
     if p_fn is None and p_fp is None:
@@ -120,16 +134,38 @@ def next_click_index(gt_mask: np.ndarray, pred_mask: Optional[np.ndarray],
     return SimulatedClick(p_fn, True) if positive else SimulatedClick(p_fp, False)  # type: ignore[arg-type]
 
 
+def next_click_index(gt_mask: np.ndarray, pred_mask: Optional[np.ndarray],
+                     spacing: Optional[Sequence[float]] = None,
+                     avoid: Optional[Iterable[Sequence[int]]] = None) -> Optional[SimulatedClick]:
+    """The next corrective click, as an index in the ARRAY's axis order (``spacing`` per array axis).
+
+    ``avoid``: voxels clicked before (array axis order); the click is never one of them (see the module
+    docstring). Returns None when there is nothing to correct (prediction equals ground truth, including
+    both empty) or when every error voxel is in ``avoid``. An empty ground truth with false positives
+    yields a negative click at the deepest false positive.
+    """
+    fn, fp = error_regions(gt_mask, pred_mask)
+    click = _pick(fn, fp, spacing)
+    taken = _avoid_mask(fn.shape, avoid)
+    if click is None or taken is None or not taken[click.ijk]:
+        return click
+    return _pick(fn & ~taken, fp & ~taken, spacing)
+
+
 def next_click(gt_mask: np.ndarray, pred_mask: Optional[np.ndarray],
-               spacing_kji: Optional[Sequence[float]] = None) -> Optional[SimulatedClick]:
+               spacing_kji: Optional[Sequence[float]] = None,
+               avoid_ijk: Optional[Iterable[Sequence[int]]] = None) -> Optional[SimulatedClick]:
     """The next corrective click on a VOLUME grid.
 
     ``gt_mask``, ``pred_mask``: arrays indexed ``[k, j, i]`` (``pred_mask`` None or all-zero before the
-    first click); ``spacing_kji``: mm per array axis, i.e. ``Volume.spacing[::-1]``.
+    first click); ``spacing_kji``: mm per array axis, i.e. ``Volume.spacing[::-1]``; ``avoid_ijk``: the
+    voxels ``(i, j, k)`` clicked so far (as returned by earlier calls), never clicked again.
     Returns ``SimulatedClick(ijk=(i, j, k), positive)`` — note the REVERSED order, ready for
-    ``Session.add_click(ijk=...)`` — or None when the prediction is already perfect.
+    ``Session.add_click(ijk=...)`` — or None when the prediction is already perfect (or every error voxel
+    was clicked before).
     """
-    click = next_click_index(gt_mask, pred_mask, spacing_kji)
+    avoid = None if avoid_ijk is None else [tuple(int(v) for v in p)[::-1] for p in avoid_ijk]
+    click = next_click_index(gt_mask, pred_mask, spacing_kji, avoid)
     if click is None:
         return None
     k, j, i = click.ijk

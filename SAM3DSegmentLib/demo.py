@@ -278,7 +278,8 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
         oid = session.new_object(name)
         steps = []
         for step in range(1 + int(corrections)):
-            click = next_click(gt, None if step == 0 else session.mask(oid), spacing_kji)
+            click = next_click(gt, None if step == 0 else session.mask(oid), spacing_kji,
+                               avoid_ijk=[st["ijk"] for st in steps])   # never the same voxel twice
             if click is None:
                 break
             t = time.perf_counter()

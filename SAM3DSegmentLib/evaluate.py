@@ -303,11 +303,13 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
             continue
         oid = session.new_object(name=target)
         pred = np.zeros_like(gt)
+        clicked = []
         for n in range(1, config.clicks + 1):
-            click = next_click(gt, pred, spacing_kji)
+            click = next_click(gt, pred, spacing_kji, avoid_ijk=clicked)   # never the same voxel twice
             t0 = time.perf_counter()
             encodes = 0
-            if click is not None:  # None: already perfect; the user would stop, the score stays
+            if click is not None:  # None: perfect (or every error voxel clicked): the score stays
+                clicked.append(click.ijk)
                 update = session.add_click(ijk=tuple(int(v) for v in click.ijk), positive=bool(click.positive))
                 encodes = int(getattr(update, "encoded_regions", 0))
                 pred = np.asarray(session.mask(oid)) != 0

@@ -45,10 +45,21 @@ single region covers a voxel the mask is that region's logits thresholded, exact
 The mask is therefore a pure function of the regions' logits: incremental clicks, :meth:`Session.set_clicks`
 and undo/redo agree voxel for voxel.
 
+7. Honour the clicks (``SessionOptions.honour_clicks``, on by default): the voxel of every include click is
+   in the mask and the voxel of every exclude click is not, whatever the model says (the later click wins
+   where two share a voxel); mask parts that an exclude click cuts off from every include click, or the
+   model's island an exclude click lies on, are dropped (6-connected components, ``scipy.ndimage.label``).
+   Off, the mask is the merged model output alone (what the reference pipeline pastes back).
+
 Undo/redo: every mutating call (``add_click``, ``add_clicks``, ``set_clicks``, ``reset``) pushes one history entry holding
 the object's clicks and region states before and after (logit arrays are never modified in place, so they
-are shared, not copied) and the mask patch of the changed box before and after. ``undo`` restores the exact
-previous mask and logits; ``redo`` re-applies.
+are shared, not copied), the model-mask patch of the changed box before and after (cropped to its non-zero
+part) and the click-honouring state before and after. ``undo`` restores the exact previous mask and logits;
+``redo`` re-applies.
+
+Memory: an object's mask is stored cropped to the bounding box of its voxels (a small object on a large CT
+costs its box, not the volume); :meth:`Session.mask` assembles the full-grid array on request and
+:meth:`Session.memory_bytes` reports what masks, history and logits take.
 """
 from __future__ import annotations
 
@@ -102,6 +113,15 @@ class SessionOptions:
     history_limit: int = 100
     #: ... and the most memory their mask patches may take per object, in MiB (at least one entry is kept).
     history_mb: float = 512.0
+    #: Honour the clicks: the voxel under each include click is always in the mask, the voxel under each
+    #: exclude click never (the later click wins where two share a voxel), even where the model disagrees.
+    #: Cleanup that implies: the parts of the mask that forcing an exclude voxel off cuts off from every
+    #: include click are dropped, and so is a model island (a part touching no include click) that an
+    #: exclude click lies on: the user said "not this". Parts no exclude click touches stay as the model
+    #: predicted them, islands included (they may be real parts of the object). Components are
+    #: 6-connected (face neighbours), on the volume grid. False is the reference mode: the mask is the
+    #: merged, thresholded model output and nothing else, as the reference pipeline produces it.
+    honour_clicks: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -129,6 +149,7 @@ class SessionOptions:
         self.spacing_mm = float(self.spacing_mm)
         self.max_regions = int(self.max_regions)
         self.cache_size = int(self.cache_size)
+        self.honour_clicks = bool(self.honour_clicks)
 
 
 @dataclass
@@ -157,6 +178,78 @@ class _RegionState:
     seeds: Tuple[Tuple[Tuple[float, float, float], bool], ...] = ()  # extension points (ras, positive)
 
 
+@dataclass(frozen=True)
+class _Patch:
+    """A uint8 mask on a box of the volume grid, stored cropped to its non-zero voxels (zero elsewhere)."""
+
+    box: Box                               # the box the patch covers
+    sub: Optional[Box] = None              # the part of ``box`` holding its non-zero voxels (None: all zero)
+    crop: Optional[np.ndarray] = None      # the mask on ``sub`` (read-only)
+
+    @classmethod
+    def of(cls, values: np.ndarray, box: Box) -> "_Patch":
+        nz = _nonzero_box(values)
+        if nz is None:
+            return cls(box)
+        crop = values[nz].copy()
+        crop.flags.writeable = False
+        return cls(box, _offset(nz, box), crop)
+
+    def moved_to(self, box: Box) -> "_Patch":
+        """The same voxels as a patch of the larger ``box`` (zero elsewhere)."""
+        return _Patch(box, self.sub, self.crop)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.crop is None else int(self.crop.nbytes)
+
+    def full(self) -> np.ndarray:
+        """The patch as an array of ``box``'s shape."""
+        out = np.zeros(_box_shape(self.box), dtype=np.uint8)
+        if self.crop is not None:
+            out[_relative(self.sub, self.box)] = self.crop
+        return out
+
+
+@dataclass(frozen=True)
+class _Honour:
+    """What honouring the clicks changes on top of the model's mask (``SessionOptions.honour_clicks``):
+    voxels ``(k, j, i)`` forced on (include clicks) and off (exclude clicks), and the voxels dropped by the
+    connected-component cleanup (``drop`` on ``drop_box``, read-only bool)."""
+
+    on: frozenset = frozenset()
+    off: frozenset = frozenset()
+    drop_box: Optional[Box] = None
+    drop: Optional[np.ndarray] = None
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.drop is None else int(self.drop.nbytes)
+
+    def apply(self, arr: np.ndarray, box: Box) -> None:
+        """Apply to ``arr``, the mask on ``box``, in place."""
+        if self.drop is not None:
+            inter = _box_intersect(self.drop_box, box)
+            if inter is not None:
+                arr[_relative(inter, box)][self.drop[_relative(inter, self.drop_box)]] = 0
+        for voxels, value in ((self.off, 0), (self.on, 1)):
+            for v in voxels:
+                if all(b.start <= x < b.stop for x, b in zip(v, box)):
+                    arr[tuple(x - b.start for x, b in zip(v, box))] = value
+
+
+_NO_HONOUR = _Honour()
+
+
+def _honour_changes(a: Optional[_Honour], b: Optional[_Honour]) -> Optional[Box]:
+    """Box of the voxels whose value can differ between applying ``a`` and applying ``b`` to one mask."""
+    a, b = a or _NO_HONOUR, b or _NO_HONOUR
+    box = _voxels_box((a.on ^ b.on) | (a.off ^ b.off))
+    if a.drop is not b.drop:
+        box = _box_union(box, _box_union(a.drop_box, b.drop_box))
+    return box
+
+
 @dataclass
 class _Edit:
     clicks_before: Tuple[Click, ...]
@@ -164,8 +257,34 @@ class _Edit:
     clicks_after: Tuple[Click, ...]
     regions_after: Tuple[_RegionState, ...]
     box: Optional[Box]
-    mask_before: Optional[np.ndarray]
-    mask_after: Optional[np.ndarray]
+    patch_before: _Patch                   # the model mask on ``box`` before and after (cropped)
+    patch_after: _Patch
+    honour_before: Optional[_Honour] = None
+    honour_after: Optional[_Honour] = None
+
+    @property
+    def mask_before(self) -> np.ndarray:
+        """The model mask on ``box`` before the edit (a new array)."""
+        return self.patch_before.full()
+
+    @property
+    def mask_after(self) -> np.ndarray:
+        return self.patch_after.full()
+
+    def arrays(self) -> List[np.ndarray]:
+        """The mask arrays this entry holds (patches may share them with each other and the live mask)."""
+        out = [p.crop for p in (self.patch_before, self.patch_after) if p.crop is not None]
+        return out + [h.drop for h in (self.honour_before, self.honour_after) if h is not None and h.drop is not None]
+
+
+def _unique_bytes(arrays, seen: set) -> int:
+    """Bytes of the arrays not in ``seen`` (by identity), each counted once; adds them to ``seen``."""
+    total = 0
+    for a in arrays:
+        if id(a) not in seen:
+            seen.add(id(a))
+            total += int(a.nbytes)
+    return total
 
 
 @dataclass
@@ -174,9 +293,20 @@ class _Object:
     name: str
     clicks: List[Click] = field(default_factory=list)
     regions: List[_RegionState] = field(default_factory=list)
-    mask: Optional[np.ndarray] = None
+    #: the model mask (merged, thresholded logits), cropped: ``raw`` (uint8) on ``raw_box`` of the volume
+    #: grid, zero elsewhere; None when empty.
+    raw_box: Optional[Box] = None
+    raw: Optional[np.ndarray] = None
+    honour: Optional[_Honour] = None
     undo: List[_Edit] = field(default_factory=list)
     redo: List[_Edit] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.clicks.clear()
+        self.regions.clear()
+        self.raw_box = self.raw = self.honour = None
+        self.undo.clear()
+        self.redo.clear()
 
 
 class _Stats:
@@ -207,6 +337,40 @@ def _box_intersect(a: Optional[Box], b: Optional[Box]) -> Optional[Box]:
 
 def _box_shape(b: Box) -> Tuple[int, int, int]:
     return tuple(s.stop - s.start for s in b)
+
+
+def _box_contains(outer: Box, inner: Box) -> bool:
+    return all(o.start <= i.start and i.stop <= o.stop for o, i in zip(outer, inner))
+
+
+def _offset(inner: Box, outer: Box) -> Box:
+    """``inner``, given relative to ``outer``, in ``outer``'s frame (the inverse of :func:`_relative`)."""
+    return tuple(slice(i.start + o.start, i.stop + o.start) for i, o in zip(inner, outer))
+
+
+def _nonzero_box(arr: np.ndarray) -> Optional[Box]:
+    """Bounding box (relative to ``arr``) of the non-zero voxels of a uint8/bool 3D array; None if none."""
+    a = arr.view(np.uint8) if arr.dtype == bool else arr
+    kj = np.bitwise_or.reduce(a, axis=2)
+    k = np.flatnonzero(kj.any(axis=1))
+    if k.size == 0:
+        return None
+    j = np.flatnonzero(kj.any(axis=0))
+    i = np.flatnonzero(np.bitwise_or.reduce(a[k[0]:k[-1] + 1], axis=0).any(axis=0))
+    return (slice(int(k[0]), int(k[-1]) + 1), slice(int(j[0]), int(j[-1]) + 1), slice(int(i[0]), int(i[-1]) + 1))
+
+
+def _box_voxels(box: Box) -> int:
+    return int(np.prod(_box_shape(box)))
+
+
+def _voxels_box(voxels) -> Optional[Box]:
+    """Bounding box of a collection of (k, j, i) voxels; None when empty."""
+    if not voxels:
+        return None
+    v = np.asarray(list(voxels), dtype=np.int64).reshape(-1, 3)
+    lo, hi = v.min(axis=0), v.max(axis=0) + 1
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def _relative(inner: Box, outer: Box) -> Box:
@@ -248,6 +412,18 @@ def _trilinear(grid: np.ndarray, coords: np.ndarray, outside: float = 0.0) -> np
     return out
 
 
+def _face_neighbours(v: Tuple[int, int, int], shape) -> List[Tuple[int, int, int]]:
+    """The 6 face neighbours of voxel ``v`` inside an array of ``shape``."""
+    out = []
+    for axis in range(3):
+        for d in (-1, 1):
+            n = list(v)
+            n[axis] += d
+            if 0 <= n[axis] < shape[axis]:
+                out.append(tuple(n))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ the session
 class Session:
     """Interactive click-based segmentation of one volume with a promptable model behind ``backend``."""
@@ -283,11 +459,7 @@ class Session:
         self.volume = volume
         self.volume_key = volume_content_key(arr, volume.ijk_to_ras)
         for obj in self._objects.values():
-            obj.clicks.clear()
-            obj.regions.clear()
-            obj.mask = None
-            obj.undo.clear()
-            obj.redo.clear()
+            obj.clear()
         return self.volume_key
 
     def new_object(self, name: Optional[str] = None) -> str:
@@ -322,11 +494,61 @@ class Session:
         return self._object(oid).name
 
     def mask(self, oid: Optional[str] = None) -> np.ndarray:
-        """The object's mask, uint8 0/1, (k, j, i) on the full volume grid (read-only view)."""
+        """The object's mask, uint8 0/1, (k, j, i) on the full volume grid (read-only; assembled on each call
+        from the cropped store: use :meth:`mask_cropped` where the bounding box is enough)."""
         obj = self._object(oid)
-        view = self._mask_array(obj).view()
-        view.flags.writeable = False
-        return view
+        out = self._view(obj, tuple(slice(0, n) for n in self._require_volume().array.shape))
+        out.flags.writeable = False
+        return out
+
+    def mask_cropped(self, oid: Optional[str] = None) -> Tuple[Box, np.ndarray]:
+        """``(box, mask_in_box)``: the (k, j, i) bounding box of the object's mask and the mask inside it
+        (uint8, read-only); an all-zero mask gives an empty box and a (0, 0, 0) array."""
+        obj = self._object(oid)
+        self._require_volume()
+        box = self._mask_extent(obj)
+        if box is None:
+            box = (slice(0, 0),) * 3
+        out = self._view(obj, box)
+        nz = _nonzero_box(out) if out.size else None
+        if nz is None:
+            out = np.zeros((0, 0, 0), dtype=np.uint8)
+            box = (slice(0, 0),) * 3
+        else:
+            out, box = np.ascontiguousarray(out[nz]), _offset(nz, box)
+        out.flags.writeable = False
+        return box, out
+
+    @staticmethod
+    def _history_bytes(obj: _Object) -> int:
+        """What the object's undo/redo entries hold beyond its live mask (shared arrays counted once)."""
+        seen = {id(a) for a in (obj.raw, None if obj.honour is None else obj.honour.drop) if a is not None}
+        return sum(_unique_bytes(e.arrays(), seen) for e in obj.undo + obj.redo)
+
+    def memory_bytes(self, oid: Optional[str] = None) -> Dict[str, int]:
+        """Memory held for one object (``oid``) or for all (None), in bytes: ``masks`` (the cropped masks and
+        the click-honouring state), ``history`` (undo/redo mask patches beyond those shared with the live
+        masks; each array counted once), ``logits`` (the regions' low-res
+        logits, current and in the history, each array counted once), their ``total``, the ``objects``
+        counted and ``full_grid_mask_bytes`` (what one uncropped uint8 mask would take, for comparison).
+        Embeddings are in :attr:`cache` (``cache.stats()``), bounded by ``SessionOptions.cache_size``."""
+        objs = [self._object(oid)] if oid is not None else list(self._objects.values())
+        masks = history = logits = 0
+        seen: set = set()
+        for obj in objs:
+            live = [a for a in (obj.raw, None if obj.honour is None else obj.honour.drop) if a is not None]
+            masks += _unique_bytes(live, seen)
+            history += self._history_bytes(obj)
+            states = list(obj.regions)
+            for e in obj.undo + obj.redo:
+                states += list(e.regions_before) + list(e.regions_after)
+            for r in states:
+                if r.logits is not None and id(r.logits) not in seen:
+                    seen.add(id(r.logits))
+                    logits += int(r.logits.nbytes)
+        full = int(np.prod(self.volume.array.shape)) if self.volume is not None else 0
+        return {"masks": masks, "history": history, "logits": logits, "total": masks + history + logits,
+                "objects": len(objs), "full_grid_mask_bytes": full}
 
     def clicks(self, oid: Optional[str] = None) -> List[Click]:
         return list(self._object(oid).clicks)
@@ -404,7 +626,7 @@ class Session:
             return self._empty_update(obj)
         e = obj.undo.pop()
         obj.redo.append(e)
-        return self._restore(obj, e.clicks_before, e.regions_before, e.box, e.mask_before)
+        return self._restore(obj, e, forward=False)
 
     def redo(self, oid: Optional[str] = None) -> MaskUpdate:
         """Re-apply the last undone edit."""
@@ -413,7 +635,7 @@ class Session:
             return self._empty_update(obj)
         e = obj.redo.pop()
         obj.undo.append(e)
-        return self._restore(obj, e.clicks_after, e.regions_after, e.box, e.mask_after)
+        return self._restore(obj, e, forward=True)
 
     # ------------------------------------------------------------------ internals: objects & clicks
     def _object(self, oid: Optional[str] = None) -> _Object:
@@ -435,11 +657,156 @@ class Session:
             raise RuntimeError("no volume: call Session.set_volume(volume) before clicking")
         return self.volume
 
-    def _mask_array(self, obj: _Object) -> np.ndarray:
-        vol = self._require_volume()
-        if obj.mask is None:
-            obj.mask = np.zeros(vol.array.shape, dtype=np.uint8)
-        return obj.mask
+    # ------------------------------------------------------------------ internals: the cropped mask store
+    def _raw_get(self, obj: _Object, box: Box) -> np.ndarray:
+        """The model mask on ``box`` (a new uint8 array)."""
+        out = np.zeros(_box_shape(box), dtype=np.uint8)
+        inter = _box_intersect(obj.raw_box, box)
+        if inter is not None:
+            out[_relative(inter, box)] = obj.raw[_relative(inter, obj.raw_box)]
+        return out
+
+    def _raw_patch(self, obj: _Object, box: Box) -> _Patch:
+        """The model mask on ``box`` as a patch (shares the store's array when the box holds all of it)."""
+        inter = _box_intersect(obj.raw_box, box)
+        if inter is None:
+            return _Patch(box)
+        if inter == obj.raw_box:
+            return _Patch(box, inter, obj.raw)         # the store is tight and never modified in place
+        return _Patch.of(obj.raw[_relative(inter, obj.raw_box)], inter).moved_to(box)
+
+    def _raw_set(self, obj: _Object, patch: _Patch) -> None:
+        """Set the model mask on ``patch.box`` to the patch. The store (``obj.raw``, read-only, never modified
+        in place, so patches may share it) is replaced by one holding exactly the mask's bounding box."""
+        old = obj.raw_box
+        if old is None or _box_contains(patch.box, old):
+            obj.raw_box, obj.raw = patch.sub, patch.crop   # the patch covers everything there was
+            return
+        union = _box_union(old, patch.sub)
+        inter = _box_intersect(patch.box, union)
+        if inter is None:
+            return                                      # zeros written where there was nothing
+        store = np.zeros(_box_shape(union), dtype=np.uint8)
+        store[_relative(old, union)] = obj.raw
+        store[_relative(inter, union)] = 0
+        if patch.crop is not None:
+            store[_relative(patch.sub, union)] = patch.crop
+        # Voxels were written on a face of the store: its content may have shrunk away from that face.
+        if any(i.start == u.start or i.stop == u.stop for i, u in zip(inter, union)):
+            tight = _nonzero_box(store)
+            if tight is None:
+                obj.raw_box = obj.raw = None
+                return
+            if tight != tuple(slice(0, n) for n in store.shape):
+                union, store = _offset(tight, union), np.ascontiguousarray(store[tight])
+        store.flags.writeable = False
+        obj.raw_box, obj.raw = union, store
+
+    def _mask_extent(self, obj: _Object) -> Optional[Box]:
+        """A box holding every voxel of the object's mask (model mask and forced include voxels)."""
+        return _box_union(obj.raw_box, None if obj.honour is None else _voxels_box(obj.honour.on))
+
+    def _view(self, obj: _Object, box: Box) -> np.ndarray:
+        """The object's mask (clicks honoured) on ``box`` (a new uint8 array)."""
+        out = self._raw_get(obj, box)
+        if obj.honour is not None:
+            obj.honour.apply(out, box)
+        return out
+
+    # ------------------------------------------------------------------ internals: honouring the clicks
+    def _click_voxels(self, clicks: Sequence[Click]) -> List[Tuple[int, int, int]]:
+        """The (k, j, i) voxel whose centre is nearest to each click."""
+        vol = self.volume
+        ras = np.asarray([c.ras for c in clicks], dtype=np.float64).reshape(-1, 3)
+        ijk = np.floor(vol.ras_to_ijk_points(ras) + 0.5).astype(int).reshape(-1, 3)
+        ijk = np.clip(ijk, 0, np.asarray(vol.shape_ijk) - 1)
+        return [(int(i[2]), int(i[1]), int(i[0])) for i in ijk]
+
+    def _honour(self, obj: _Object, clicks: Sequence[Click]) -> Optional[_Honour]:
+        """The click-honouring state for ``clicks`` on the object's current model mask (None: off)."""
+        if not self.options.honour_clicks or not clicks:
+            return None
+        sign: Dict[Tuple[int, int, int], bool] = {}
+        for v, c in zip(self._click_voxels(clicks), clicks):   # in click order: the later click wins a voxel
+            sign.pop(v, None)
+            sign[v] = bool(c.positive)
+        on = frozenset(v for v, p in sign.items() if p)
+        off = frozenset(v for v, p in sign.items() if not p)
+        drop_box, drop = self._dropped(obj, on, off)
+        return _Honour(on, off, drop_box, drop)
+
+    def _dropped(self, obj: _Object, on: frozenset, off: frozenset) -> Tuple[Optional[Box], Optional[np.ndarray]]:
+        """The cleanup of :attr:`SessionOptions.honour_clicks`: the 6-connected components of the mask (model
+        mask, include voxels on, exclude voxels off) that touch an exclude voxel the model had in its mask
+        and hold no include voxel. Returns ``(box, bool array)`` or ``(None, None)``."""
+        if obj.raw_box is None or not off:
+            return None, None
+        rb = obj.raw_box
+        cut = [v for v in off if all(b.start <= x < b.stop for x, b in zip(v, rb))
+               and obj.raw[tuple(x - b.start for x, b in zip(v, rb))]]
+        if not cut:
+            return None, None          # the model already left every exclude voxel out: nothing is cut
+        # Cheap certificates first: connectivity inside a small box (a path found there is a path in the whole
+        # mask). For each cut voxel, the box spanning it and its nearest include voxel; then the box spanning
+        # all of them. The object's whole box is labelled only when neither settles it.
+        if on:
+            inc = np.asarray(sorted(on), dtype=np.int64)
+            boxes = [_voxels_box([e, tuple(inc[np.argmin(np.abs(inc - e).sum(axis=1))])]) for e in cut]
+            if all(self._nothing_cut_off(obj, b_, [e], on, off) for b_, e in zip(boxes, cut)):
+                return None, None
+        shape = self.volume.array.shape
+        work = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(rb, shape))
+        span = _voxels_box(list(cut) + list(on))
+        if (_box_voxels(span) <= _box_voxels(work) // 2
+                and self._nothing_cut_off(obj, span, cut, on, off)):
+            return None, None
+        m = self._forced(obj, work, on, off)
+        rel = lambda vs: [tuple(x - b.start for x, b in zip(v, work)) for v in vs  # noqa: E731
+                          if all(b.start <= x < b.stop for x, b in zip(v, work))]
+        on_rel, cut_rel = rel(on), rel(cut)
+        from scipy import ndimage
+
+        labels, _ = ndimage.label(m)
+        touching = set()
+        for e in cut_rel:
+            touching.update(int(labels[n]) for n in _face_neighbours(e, m.shape))
+        keep = {int(labels[v]) for v in on_rel}
+        gone = sorted(touching - keep - {0})
+        if not gone:
+            return None, None
+        drop = np.isin(labels, gone)
+        nz = _nonzero_box(drop)
+        crop = np.ascontiguousarray(drop[nz])
+        crop.flags.writeable = False
+        return _offset(nz, work), crop
+
+    def _forced(self, obj: _Object, box: Box, on, off) -> np.ndarray:
+        """The model mask on ``box`` as bool with the include voxels ``on`` set and the exclude voxels ``off``
+        cleared (a new array)."""
+        m = self._raw_get(obj, box).view(bool)
+        for voxels, value in ((off, False), (on, True)):
+            for v in voxels:
+                if all(b.start <= x < b.stop for x, b in zip(v, box)):
+                    m[tuple(x - b.start for x, b in zip(v, box))] = value
+        return m
+
+    def _nothing_cut_off(self, obj: _Object, box: Box, cut, on, off) -> bool:
+        """True when the mask inside ``box`` (grown by 2 voxels) alone proves that clearing the exclude voxels
+        ``cut`` drops nothing: the remaining face neighbours of each are connected to each other and to an
+        include voxel inside the box (or it has none: it was an isolated voxel)."""
+        from scipy import ndimage
+
+        shape = self.volume.array.shape
+        box = tuple(slice(max(b.start - 2, 0), min(b.stop + 2, n)) for b, n in zip(box, shape))
+        labels, _ = ndimage.label(self._forced(obj, box, on, off))
+        inside = lambda v: all(b.start <= x < b.stop for x, b in zip(v, box))  # noqa: E731
+        local = lambda v: tuple(x - b.start for x, b in zip(v, box))           # noqa: E731
+        inc = {int(labels[local(v)]) for v in on if inside(v)}
+        for e in cut:
+            found = {int(labels[n]) for n in _face_neighbours(local(e), labels.shape)} - {0}
+            if len(found) > 1 or (found and not found & inc):
+                return False
+        return True
 
     def _normalise_click(self, click: Click) -> Click:
         vol = self._require_volume()
@@ -784,47 +1151,59 @@ class Session:
     def _commit(self, obj: _Object, clicks: List[Click], regions: List[_RegionState], dirty: Optional[Box],
                 stats: _Stats, t0: float) -> MaskUpdate:
         t = time.perf_counter()
-        mask = self._mask_array(obj)
+        vol_box = tuple(slice(0, n) for n in self._require_volume().array.shape)
         if dirty is not None:
-            dirty = _box_intersect(dirty, tuple(slice(0, n) for n in mask.shape))
+            dirty = _box_intersect(dirty, vol_box)
+        after = None
         if dirty is not None:
             after = self._render(regions, dirty)
-            before = mask[dirty].copy()
-            mask[dirty] = after
-            after.flags.writeable = False
-            before.flags.writeable = False
+            patch_before, patch_after = self._raw_patch(obj, dirty), _Patch.of(after, dirty)
+            self._raw_set(obj, patch_after)
         else:
-            dirty = (slice(0, 0),) * 3
-            before = after = np.zeros((0, 0, 0), dtype=np.uint8)
-            after.flags.writeable = False
+            patch_before = patch_after = _Patch((slice(0, 0),) * 3)
+        honour_before = obj.honour
+        obj.honour = self._honour(obj, clicks)
+        box = _box_intersect(_box_union(dirty, _honour_changes(honour_before, obj.honour)), vol_box)
+        box = (slice(0, 0),) * 3 if box is None else box
+        if after is not None and box == dirty:
+            mask_box = after                   # our own array (the store holds a copy)
+            if obj.honour is not None:
+                obj.honour.apply(mask_box, box)
+        else:
+            mask_box = self._view(obj, box)
+        mask_box.flags.writeable = False
         paste_s = time.perf_counter() - t
         obj.undo.append(_Edit(tuple(obj.clicks), tuple(obj.regions), tuple(clicks), tuple(regions),
-                              dirty, before, after))
+                              dirty, patch_before, patch_after, honour_before, obj.honour))
         del obj.undo[:-self.options.history_limit]
         budget = self.options.history_mb * 2 ** 20
-        used = sum(e.mask_before.nbytes + e.mask_after.nbytes for e in obj.undo)
-        while len(obj.undo) > 1 and used > budget:
-            dropped = obj.undo.pop(0)
-            used -= dropped.mask_before.nbytes + dropped.mask_after.nbytes
+        while len(obj.undo) > 1 and self._history_bytes(obj) > budget:
+            obj.undo.pop(0)
         obj.redo.clear()
         obj.clicks = list(clicks)
         obj.regions = list(regions)
         timings = {"encode_s": stats.encode_s, "decode_s": stats.decode_s, "paste_s": paste_s,
                    "total_s": time.perf_counter() - t0, "regions": len(regions),
                    "max_regions_reached": bool(stats.truncated)}
-        return MaskUpdate(obj.oid, dirty, after, stats.encoded, timings, len(regions), stats.truncated)
+        return MaskUpdate(obj.oid, box, mask_box, stats.encoded, timings, len(regions), stats.truncated)
 
-    def _restore(self, obj: _Object, clicks, regions, box, patch) -> MaskUpdate:
+    def _restore(self, obj: _Object, edit: _Edit, forward: bool) -> MaskUpdate:
         t0 = time.perf_counter()
-        mask = self._mask_array(obj)
-        if patch is not None and patch.size:
-            mask[box] = patch
-        obj.clicks = list(clicks)
-        obj.regions = list(regions)
+        patch = edit.patch_after if forward else edit.patch_before
+        honour = edit.honour_after if forward else edit.honour_before
+        if edit.box is not None:
+            self._raw_set(obj, patch)
+        box = _box_union(edit.box, _honour_changes(obj.honour, honour))
+        obj.honour = honour
+        box = (slice(0, 0),) * 3 if box is None else box
+        mask_box = self._view(obj, box)
+        mask_box.flags.writeable = False
+        obj.clicks = list(edit.clicks_after if forward else edit.clicks_before)
+        obj.regions = list(edit.regions_after if forward else edit.regions_before)
         dt = time.perf_counter() - t0
-        return MaskUpdate(obj.oid, box, patch, 0,
+        return MaskUpdate(obj.oid, box, mask_box, 0,
                           {"encode_s": 0.0, "decode_s": 0.0, "paste_s": dt, "total_s": dt,
-                           "regions": len(regions), "max_regions_reached": False}, len(regions), False)
+                           "regions": len(obj.regions), "max_regions_reached": False}, len(obj.regions), False)
 
     def _empty_update(self, obj: _Object) -> MaskUpdate:
         empty = np.zeros((0, 0, 0), dtype=np.uint8)
