@@ -467,7 +467,7 @@ class CustomObject:  # not on the safe-loading allow-list
 def _cli_options() -> set:
     found = set()
     for path in (REPO / "SAM3DSegmentLib").rglob("*.py"):
-        found.update(re.findall(r"add_argument\(\s*(?:\"-\w\",\s*)?\"(--[a-z][a-z0-9-]*)\"", path.read_text()))
+        found.update(re.findall(r"add_argument\(\s*(?:\"-\w\",\s*)?\"(--[a-z][a-z0-9-]*)\"", path.read_text(encoding="utf-8")))
     return found
 
 

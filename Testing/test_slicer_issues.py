@@ -365,6 +365,9 @@ def test_reading_and_exporting_leave_no_nodes_in_the_scene(scene, tmp_path):
     def node_ids():
         return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
 
+    # The subject hierarchy node is the scene's own singleton (a Slicer application always has it); the
+    # exporter creates it on first use, so resolve it first: it is not a node we leak.
+    slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(scene)
     before = node_ids()
     assert sb.read_segment(seg, a, volume).sum() == 60
     assert sb.read_segment(seg, offgrid, volume).any()
