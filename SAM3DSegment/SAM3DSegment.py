@@ -44,7 +44,7 @@ class SAM3DSegment(ScriptedLoadableModule):
 
 
 class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
-    """Owns the engine: the model runs in a child process (SAM3DSegmentLib.engine_process, docs/slicer.md "How the
+    """Owns the engine: the model runs in a child process (SAM3DSegmentLib.inference.engine_process, docs/slicer.md "How the
     engine runs"); only the GUI thread calls these methods; jobs come back through :meth:`poll`. Cancel
     (engine.cancel_all) never drops a queued volume, so engine and GUI agree on it."""
 
@@ -52,7 +52,7 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self, engine=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        from SAM3DSegmentLib.engine_process import ProcessEngine
+        from SAM3DSegmentLib.inference.engine_process import ProcessEngine
         self.engine = engine if engine is not None else ProcessEngine()
         self.modelName = self.volumeToken = None  # volumeToken: the volume the engine has or will have
 
@@ -60,14 +60,14 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
         return SAM3DSegmentParameterNode(super().getParameterNode()) if parameterNodeWrapper else super().getParameterNode()
 
     def loadModel(self, nameOrPath, device):
-        from SAM3DSegmentLib.diagnose import recommended_device
+        from SAM3DSegmentLib.cli.diagnose import recommended_device
         device = recommended_device() if device == "auto" else device
         self.volumeToken = None  # a new session forgets the volume
         return self.engine.submit("load", nameOrPath, str(device), context={"kind": "load", "name": nameOrPath, "device": device})
 
     def syncClicks(self, volumeNode, segmentationNode, segmentId, clicks):
         """Queue: (re)send the volume if it changed, then bring the segment's object to ``clicks``."""
-        from SAM3DSegmentLib import slicer_bridge as sb
+        from SAM3DSegmentLib import slicer as sb
         parent = volumeNode.GetParentTransformNode()
         token = (volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), parent.GetTransformToWorldMTime() if parent else 0)
         if token != self.volumeToken:  # never cancelled: engine and GUI must agree on the volume
@@ -94,7 +94,7 @@ class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
 
     def writeUpdate(self, kind, update, changed, segmentationNode, segmentId, volumeNode, history):
         """Bring the segment to an engine result, history in step with the engine (slicer_bridge.apply_engine_result)."""
-        from SAM3DSegmentLib import slicer_bridge as sb
+        from SAM3DSegmentLib import slicer as sb
         settings = sb.editor_settings(slicer.mrmlScene, segmentationNode)
         return sb.apply_engine_result(kind, update, changed, segmentationNode, segmentId, volumeNode, history, **settings)
 
@@ -126,7 +126,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        from SAM3DSegmentLib import slicer_bridge as sb
+        from SAM3DSegmentLib import slicer as sb
         self._target = sb.TargetSegment()  # the segment the points belong to; tells user choices from the module's own
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SAM3DSegment.ui"))
         self.layout.addWidget(uiWidget)
@@ -199,7 +199,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._target.reset()
 
     def initializeParameterNode(self):
-        from SAM3DSegmentLib import slicer_bridge as sb
+        from SAM3DSegmentLib import slicer as sb
         if self._parameterNode is not None and parameterNodeWrapper is not None:
             self._parameterNode.disconnectGui(self._guiTag)
         p = self._parameterNode = self.logic.getParameterNode()
@@ -215,7 +215,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._setMarkupsObserver(self.onPointsChanged)
 
     def _setMarkupsObserver(self, callback):
-        from SAM3DSegmentLib import slicer_bridge as sb
+        from SAM3DSegmentLib import slicer as sb
         if self._markupsObserver is not None:
             self._markupsObserver.remove()
         self._markupsObserver = sb.MarkupsObserver([self.positivePoints, self.negativePoints], callback) if callback else None
@@ -232,7 +232,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def ensureSegment(self, newSegment=False):
         """Segmentation and target segment, created when missing (never moving a user's); Next object: no points."""
-        from SAM3DSegmentLib import slicer_bridge as sb
+        from SAM3DSegmentLib import slicer as sb
         volume, seg, segId = self.currentNodes()
         with self._target.module_change():
             seg, segId = sb.prepare_target(slicer.mrmlScene, volume, seg, None if newSegment else segId)
@@ -262,7 +262,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Select a volume first."
             return
         with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not use the click", waitCursor=False):
-            from SAM3DSegmentLib import slicer_bridge as sb
+            from SAM3DSegmentLib import slicer as sb
             unused = sb.reject_points_outside(volume, [self.positivePoints, self.negativePoints], self._markupsObserver)
             if reason == "defined" and index is not None and not node.GetNthControlPointSelected(index):
                 self.ui.statusLabel.text = unused[-1]  # nothing changed for the model
@@ -277,7 +277,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.startPump()
 
     def rewritePoints(self, clicks):
-        from SAM3DSegmentLib import slicer_bridge as sb
+        from SAM3DSegmentLib import slicer as sb
         sb.show_clicks(self.positivePoints, self.negativePoints, clicks, self._markupsObserver)
 
     def onEdit(self, kind):
@@ -354,7 +354,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if clicks is not None and ctx["segment"] == self._target.segment_id:
                 self.rewritePoints(clicks)
             if update is not None and kind == "clicks":
-                from SAM3DSegmentLib.worker import describe_update
+                from SAM3DSegmentLib.inference.worker import describe_update
                 self.ui.latencyLabel.text = describe_update(update, job.wall_s)
 
     def onLoadModel(self):
@@ -364,24 +364,24 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startPump()
 
     def showDeviceWarning(self, device):
-        from SAM3DSegmentLib import diagnose
+        from SAM3DSegmentLib.cli import diagnose
         warning = getattr(device, "warning", None) or (diagnose.CPU_WARNING if device == "cpu" else None)
         self.ui.deviceWarningLabel.text = warning or ""
         self.ui.deviceWarningLabel.visible = bool(warning)
 
     def onInstallDependencies(self):
         with slicer.util.tryWithErrorDisplay("Installing dependencies failed.", waitCursor=True):
-            from SAM3DSegmentLib import slicer_bridge as sb
+            from SAM3DSegmentLib import slicer as sb
             sb.ensure_dependencies()
             self.ui.modelStatusLabel.text = "Dependencies are installed."
 
     def onDiagnose(self):
-        from SAM3DSegmentLib.diagnose import diagnose_report
+        from SAM3DSegmentLib.cli.diagnose import diagnose_report
         text = diagnose_report({"loaded model": self.logic.modelName or "none", "module": __file__})
         slicer.util.infoDisplay("SAM3DSegment diagnostics (details: copy into bug reports).", detailedText=text)
 
     def onExport(self, kind):
-        from SAM3DSegmentLib import slicer_bridge as sb
+        from SAM3DSegmentLib import slicer as sb
         volume, seg, segId = self.currentNodes()
         if kind == "dicom":
             path = qt.QFileDialog.getExistingDirectory(None, "DICOM SEG output folder")
@@ -408,7 +408,7 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
         if importlib.util.find_spec("torch") is None:  # e.g. the extension build machines
             self.skipTest("torch is not installed (press 'Install dependencies' in the module to run this test)")
         import numpy as np
-        from SAM3DSegmentLib import slicer_bridge as sb
+        from SAM3DSegmentLib import slicer as sb
         k, j, i = np.indices((40, 64, 64))
         ijkToRas = np.diag([0.9, 0.9, 2.0, 1.0])
         phantom = np.where((k - 20) ** 2 / 4 + (j - 32) ** 2 + (i - 30) ** 2 < 144, 300, -100).astype(np.int16)

@@ -7,8 +7,8 @@ from typing import Dict
 
 import numpy as np
 
-from SAM3DSegmentLib.io import write_volume
-from SAM3DSegmentLib.phantoms import synthetic_case
+from SAM3DSegmentLib.io.volumes import write_volume
+from SAM3DSegmentLib.data.phantoms import synthetic_case
 
 #: The tiny model used by the training tests: the SAM-Med3D family at 32^3 input (2^3 tokens, 8^3 logits).
 TINY_ARCH = {"image_size": 32, "encoder_embed_dim": 24, "encoder_depth": 2, "encoder_num_heads": 2,

@@ -1,12 +1,12 @@
-"""Embedding cache and its keys (SAM3DSegmentLib.cache)."""
+"""Embedding cache and its keys (SAM3DSegmentLib.inference.cache)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.cache import EmbeddingCache, region_key, volume_content_key
-from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.regions import Region
+from SAM3DSegmentLib.inference.cache import EmbeddingCache, region_key, volume_content_key
+from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
+from SAM3DSegmentLib.inference.regions import Region
 
 
 def _array(seed=0, shape=(20, 24, 28), dtype=np.int16):

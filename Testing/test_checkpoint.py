@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from SAM3DSegmentLib.backends import LocalBackend  # noqa: E402
+from SAM3DSegmentLib.inference.backends import LocalBackend  # noqa: E402
 from SAM3DSegmentLib.models import (CheckpointError, SamMed3DConfig, build_sam_med3d,  # noqa: E402
                                     load_checkpoint, save_checkpoint)
 from SAM3DSegmentLib.models.device import resolve_device, resolve_dtype  # noqa: E402

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from SAM3DSegmentLib import cli
-from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.io import read_segmentation, read_volume, write_volume
+from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
+from SAM3DSegmentLib.io.volumes import read_segmentation, read_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -225,7 +225,8 @@ def test_diagnose_is_dispatched(capsys):
 
 # ------------------------------------------------------------------------------------------ demo
 def test_demo_without_the_embedded_model_asks_for_a_checkpoint(monkeypatch, tmp_path, capsys):
-    from SAM3DSegmentLib import demo, weights
+    from SAM3DSegmentLib import weights
+    from SAM3DSegmentLib.cli import demo
 
     def missing(name, *a, **k):
         raise weights.WeightsError("The bundled 'demo' model is not included in this installation")
@@ -241,8 +242,8 @@ def test_demo_without_the_embedded_model_asks_for_a_checkpoint(monkeypatch, tmp_
 def test_run_demo_writes_masks_overlay_and_report(inputs, tmp_path):
     from PIL import Image
 
-    from SAM3DSegmentLib.demo import run_demo
-    from SAM3DSegmentLib.io import read_segmentation
+    from SAM3DSegmentLib.cli.demo import run_demo
+    from SAM3DSegmentLib.io.volumes import read_segmentation
 
     vol = inputs["volume"]
     backend, info = cli.load_backend(None, str(inputs["ckpt"]), "cpu")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from SAM3DSegmentLib.clicker import next_click, next_click_index
+from SAM3DSegmentLib.eval.clicker import next_click, next_click_index
 
 
 def _box(shape, lo, hi):

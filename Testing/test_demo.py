@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib import demo
-from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
+from SAM3DSegmentLib.cli import demo
+from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
 
 
 class IntensityOracle:
@@ -42,7 +42,7 @@ def test_demo_geometry_puts_an_oracle_mask_on_the_lungs_of_the_real_chest_ct(tmp
     """Why the demo masks look wrong: not the geometry. With a perfect-intensity oracle instead of the
     bundled model, one click in the lung gives both lungs (joined by the airways) at Dice > 0.8 through
     the very same click, region, extension and paste-back code."""
-    from SAM3DSegmentLib.sample_data import chest_ct, chest_segments
+    from SAM3DSegmentLib.data.sample_data import chest_ct, chest_segments
 
     ct = chest_ct()
     refs = chest_segments(ct)

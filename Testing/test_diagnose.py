@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAM3DSegmentLib import diagnose as D
+from SAM3DSegmentLib.cli import diagnose as D
 from SAM3DSegmentLib import weights as W
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def test_torch_import_failing_in_a_fresh_interpreter():
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = fake\n"
             "sys.modules['torch'] = None\n"
-            "from SAM3DSegmentLib.diagnose import diagnose_report, recommended_device\n"
+            "from SAM3DSegmentLib.cli.diagnose import diagnose_report, recommended_device\n"
             "print(diagnose_report({'probe': 'ok'}))\n"
             "print('DEVICE', recommended_device())\n"
             "print('TORCH_LOADED', 'torch' in sys.modules and sys.modules['torch'] is not None)\n")

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.engine_process import EngineCrashed, ProcessEngine, decode, encode
-from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.worker import CANCELLED, DONE, FAILED, ThreadEngine
+from SAM3DSegmentLib.inference.engine_process import EngineCrashed, ProcessEngine, decode, encode
+from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
+from SAM3DSegmentLib.inference.worker import CANCELLED, DONE, FAILED, ThreadEngine
 
 from test_worker import BallBackend, make_engine
 
@@ -43,7 +43,7 @@ class CountingBackend(BallBackend):
 
 # ------------------------------------------------------------------------------------------ payloads
 def test_encode_decode_round_trip_uses_plain_payloads():
-    from SAM3DSegmentLib.session import MaskUpdate
+    from SAM3DSegmentLib.inference.session import MaskUpdate
 
     vol = phantom()
     upd = MaskUpdate("object_1", (slice(1, 3), slice(2, 5), slice(0, 4)), np.ones((2, 3, 4), np.uint8), 1,
@@ -132,7 +132,7 @@ def test_child_exits_when_its_parent_dies(tmp_path):
     code = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {ROOT!r})
-        from SAM3DSegmentLib.engine_process import ProcessEngine
+        from SAM3DSegmentLib.inference.engine_process import ProcessEngine
         pe = ProcessEngine(); pe.start()
         print(pe.pid, flush=True)
         os.kill(os.getpid(), 9)
@@ -204,7 +204,7 @@ def test_clicks_for_another_volume_are_refused():
 
 
 def test_cancelled_click_keeps_the_redo_entry():
-    from SAM3DSegmentLib.worker import Cancelled, Job
+    from SAM3DSegmentLib.inference.worker import Cancelled, Job
 
     backend = HookBackend()
     eng = make_engine(backend)
@@ -225,7 +225,7 @@ def test_cancelled_click_keeps_the_redo_entry():
 
 def test_job_that_returned_is_done_even_if_cancel_came_late():
     """Its change is made: reporting it cancelled would leave the segment behind the engine."""
-    from SAM3DSegmentLib.worker import Worker
+    from SAM3DSegmentLib.inference.worker import Worker
 
     worker = Worker()
     started, release = threading.Event(), threading.Event()
@@ -247,7 +247,7 @@ def test_job_that_returned_is_done_even_if_cancel_came_late():
 
 # ------------------------------------------------------------------------------------------ suffix (issue 9.5)
 def test_appended_clicks_decode_only_the_new_ones_and_match_set_clicks():
-    from SAM3DSegmentLib.session import Click
+    from SAM3DSegmentLib.inference.session import Click
 
     backend = CountingBackend()
     eng = make_engine(backend)

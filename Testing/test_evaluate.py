@@ -8,10 +8,10 @@ import os
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.clicker import deepest_point, next_click, next_click_index, random_error_click
-from SAM3DSegmentLib.evaluate import (LEGACY_LABEL, Case, EvalConfig, EvaluationError, discover_dataset,
+from SAM3DSegmentLib.eval.clicker import deepest_point, next_click, next_click_index, random_error_click
+from SAM3DSegmentLib.eval.evaluate import (LEGACY_LABEL, Case, EvalConfig, EvaluationError, discover_dataset,
                                       label_names, load_case, main, run_evaluation, upsample_logits)
-from SAM3DSegmentLib.phantoms import sphere_phantom
+from SAM3DSegmentLib.data.phantoms import sphere_phantom
 
 
 # ------------------------------------------------------------------------------------ the stub
@@ -198,7 +198,7 @@ def test_prompt_mode_all_and_legacy_reproducible(tmp_path):
 
 
 def test_sample_chest_cases_and_label_filter():
-    from SAM3DSegmentLib.evaluate import _filter_targets, sample_cases
+    from SAM3DSegmentLib.eval.evaluate import _filter_targets, sample_cases
 
     (case,) = sample_cases("chest")
     assert len(case.targets) == 7

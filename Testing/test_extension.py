@@ -1,4 +1,4 @@
-"""Objects larger than one model-input region: the 50 %-overlap extension of SAM3DSegmentLib.session.
+"""Objects larger than one model-input region: the 50 %-overlap extension of SAM3DSegmentLib.inference.session.
 
 The backend is an ORACLE test double of the model only: its encode learns which region it is looking at
 (through a side channel: a wrapper around ``regions.model_input`` that the engine calls just before
@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib import regions as regions_module
-from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.phantoms import oblique_rotation
-from SAM3DSegmentLib.session import Session, SessionOptions
+from SAM3DSegmentLib.inference import regions as regions_module
+from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
+from SAM3DSegmentLib.data.phantoms import oblique_rotation
+from SAM3DSegmentLib.inference.session import Session, SessionOptions
 
 CENTRE = np.array([5.0, -8.0, 12.0])
 SEMI_AXES = np.array([60.0, 55.0, 180.0])   # 360 mm long: almost twice the 192 mm region
@@ -191,7 +191,7 @@ def test_overlap_merge_is_a_tent_weighted_average(oracle):
     obj = s._object()
     r0, r1 = obj.regions[0], obj.regions[1]
     # a box in the overlap of the first two regions
-    from SAM3DSegmentLib.session import _box_intersect
+    from SAM3DSegmentLib.inference.session import _box_intersect
     box = _box_intersect(r0.box, r1.box)
     assert box is not None
     l0 = regions_module.logits_to_volume(r0.logits, r0.region, volume, box=box)

@@ -62,7 +62,7 @@ def test_every_citation_of_the_reference_notes_names_the_copy_in_the_repository(
 
 
 def test_evaluation_summary_note_cites_a_file_in_the_repository():
-    import SAM3DSegmentLib.evaluate as ev
+    import SAM3DSegmentLib.eval.evaluate as ev
 
     src = Path(ev.__file__).read_text(encoding="utf-8")
     cited = re.findall(r"(docs/[\w/]+\.md)", src)
@@ -84,7 +84,7 @@ def _benchmark_summary():
 
 
 def test_cpu_speed_figures_have_one_source_the_benchmarks_summary():
-    from SAM3DSegmentLib import diagnose
+    from SAM3DSegmentLib.cli import diagnose
 
     rows = _benchmark_summary()
     encode = rows["encode one 128³ region (once per region: the first click in it)"]

@@ -1,16 +1,16 @@
 """Geometry acceptance: clicks land where they should on oblique, LPS-flipped, anisotropic volumes;
 phantoms and the real sample data are where they claim to be in physical (RAS) space.
 
-Frames: ``Volume.array[k, j, i]``; RAS mm; region arrays ``[a, b, c]`` (see SAM3DSegmentLib.regions).
+Frames: ``Volume.array[k, j, i]``; RAS mm; region arrays ``[a, b, c]`` (see SAM3DSegmentLib.inference.regions).
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib import phantoms as P
-from SAM3DSegmentLib.geometry import GeometryError, Volume
-from SAM3DSegmentLib.regions import Region, model_input, sample_volume
+from SAM3DSegmentLib.data import phantoms as P
+from SAM3DSegmentLib.core.geometry import GeometryError, Volume
+from SAM3DSegmentLib.inference.regions import Region, model_input, sample_volume
 
 OBLIQUE = P.oblique_rotation((12.0, -8.0, 25.0))
 
@@ -194,7 +194,7 @@ def _centroid_ras(mask: Volume) -> np.ndarray:
 def test_sample_chest_ct_and_segments_are_in_place():
     import slicerio
 
-    from SAM3DSegmentLib import sample_data
+    from SAM3DSegmentLib.data import sample_data
 
     ct = sample_data.chest_ct()
     assert ct.array.shape == (34, 128, 128)
@@ -207,7 +207,7 @@ def test_sample_chest_ct_and_segments_are_in_place():
     # The raw segmentation grid coincides with the CT grid (so no resampling shift is possible).
     with sample_data.slicerio_data_file("Segmentation.seg.nrrd") as path:
         raw = slicerio.read_segmentation(path)
-    from SAM3DSegmentLib.geometry import LPS_TO_RAS
+    from SAM3DSegmentLib.core.geometry import LPS_TO_RAS
     np.testing.assert_allclose(LPS_TO_RAS @ np.asarray(raw["ijkToLPS"]), ct.ijk_to_ras, atol=1e-4)
     # Anatomy in RAS. RAS = LPS with x and y negated; DICOM PS3.3 C.7.6.2.1.1 defines LPS +x as
     # "increasing to the left hand side of the patient", so RAS +x (R) increases toward the patient's
@@ -225,7 +225,7 @@ def test_sample_chest_ct_and_segments_are_in_place():
 
 
 def test_mask_bounds_and_spacing_validation():
-    from SAM3DSegmentLib.geometry import mask_bounds, spacing_mm
+    from SAM3DSegmentLib.core.geometry import mask_bounds, spacing_mm
 
     m = np.zeros((5, 6, 7), bool)
     assert mask_bounds(m) is None

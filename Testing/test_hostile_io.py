@@ -25,8 +25,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAM3DSegmentLib import atomic, cli, io
-from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
+from SAM3DSegmentLib import cli
+from SAM3DSegmentLib.core import atomic
+from SAM3DSegmentLib.io import volumes as io
+from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from SAM3DSegmentLib import weights as W
-from SAM3DSegmentLib.checkpoint_file import CheckpointError, inspect_checkpoint
+from SAM3DSegmentLib.models.checkpoint_file import CheckpointError, inspect_checkpoint
 
 from _checkpoint_bytes import checkpoint_bytes  # noqa: E402  (Testing/ is on sys.path under pytest)
 
@@ -499,7 +499,7 @@ def test_advice_in_loader_and_download_messages_names_existing_options(tmp_path,
 def _spy_builds(monkeypatch):
     """Record the default device of every model build (the real one must never run for a bad file)."""
     torch = pytest.importorskip("torch")
-    from SAM3DSegmentLib.models import sam3d
+    from SAM3DSegmentLib.models.sam_med3d import model as sam3d
 
     devices = []
     real = sam3d.build_sam_med3d

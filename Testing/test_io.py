@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAM3DSegmentLib import io
-from SAM3DSegmentLib import phantoms as P
-from SAM3DSegmentLib.geometry import Volume
-from SAM3DSegmentLib.io import VolumeReadError, VolumeWriteError
+from SAM3DSegmentLib.io import volumes as io
+from SAM3DSegmentLib.data import phantoms as P
+from SAM3DSegmentLib.core.geometry import Volume
+from SAM3DSegmentLib.io.volumes import VolumeReadError, VolumeWriteError
 
 OBLIQUE = P.oblique_rotation((12.0, -8.0, 25.0))
 
@@ -295,7 +295,7 @@ def test_mhd_with_separate_raw_file(tmp_path):
 
 
 def test_atomic_write_permissions_extension_and_failure(tmp_path):
-    from SAM3DSegmentLib import atomic
+    from SAM3DSegmentLib.core import atomic
 
     assert [atomic.path_extension(p) for p in ("a/ct.nii.gz", "x.seg.nrrd", "best.pt", "README", ".hidden")] == \
         [".nii.gz", ".seg.nrrd", ".pt", "", ""]

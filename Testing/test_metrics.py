@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.metrics import dice, hd95, normalized_surface_dice, score, surface, surface_distances
+from SAM3DSegmentLib.eval.metrics import dice, hd95, normalized_surface_dice, score, surface, surface_distances
 
 
 def cube(shape=(20, 20, 30), lo=(5, 5, 5), side=10):

@@ -80,12 +80,12 @@ def test_packaging_check_catches_unlisted_and_missing_files(tmp_path):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     before = set(packaging_problems(tmp_path))
     (tmp_path / "SAM3DSegmentLib" / "brand_new.py").write_text("")
-    (tmp_path / "SAM3DSegmentLib" / "geometry.py").unlink()
+    (tmp_path / "SAM3DSegmentLib" / "core" / "geometry.py").unlink()
     (tmp_path / "SAM3DSegment" / "Resources" / "UI" / "Extra.ui").write_text("<ui/>")
     assert set(packaging_problems(tmp_path)) - before == {
         "add Resources/UI/Extra.ui to MODULE_PYTHON_RESOURCES in SAM3DSegment/CMakeLists.txt",
         "add SAM3DSegmentLib/brand_new.py to LIB_PYTHON_SCRIPTS in SAM3DSegment/CMakeLists.txt",
-        "LIB_PYTHON_SCRIPTS lists SAM3DSegmentLib/geometry.py, which does not exist"}
+        "LIB_PYTHON_SCRIPTS lists SAM3DSegmentLib/core/geometry.py, which does not exist"}
     write_lib_lists(tmp_path)  # the fixer below lists the Lib's files again
     assert [p for p in packaging_problems(tmp_path) if "LIB_PYTHON" in p] == []
 
@@ -212,7 +212,7 @@ STUBS = textwrap.dedent('''
     assert (m.parameterNodeWrapper is not None) == WITH_WRAPPER
     heavy = sorted(k for k in sys.modules if k.startswith("SAM3DSegmentLib.") or k == "torch" and sys.modules[k])
     logic = m.SAM3DSegmentLogic()          # creates the engine client (no process yet); no torch, no model code
-    after = sorted(k for k in sys.modules if k.startswith("SAM3DSegmentLib.models") or k in ("SAM3DSegmentLib.session",))
+    after = sorted(k for k in sys.modules if k.startswith("SAM3DSegmentLib.models") or k in ("SAM3DSegmentLib.inference.session",))
     logic.shutdown()
     print("HEAVY", heavy, "AFTER", after, "ROOT_ON_PATH", {root!r} in sys.path)
 ''')

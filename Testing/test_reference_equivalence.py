@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib import phantoms as P
-from SAM3DSegmentLib.geometry import apply_affine
-from SAM3DSegmentLib.reference_pipeline import (reference_canonical, reference_crop_or_pad,
+from SAM3DSegmentLib.data import phantoms as P
+from SAM3DSegmentLib.core.geometry import apply_affine
+from SAM3DSegmentLib.eval.reference_pipeline import (reference_canonical, reference_crop_or_pad,
                                                 reference_model_input, reference_paste_back,
                                                 reference_resample, torchio_mask_centre)
-from SAM3DSegmentLib.regions import Region, footprint, logits_to_volume, model_input
+from SAM3DSegmentLib.inference.regions import Region, footprint, logits_to_volume, model_input
 
 torch = pytest.importorskip("torch")
 medim = pytest.importorskip("medim")

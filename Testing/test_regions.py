@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SAM3DSegmentLib import phantoms as P
-from SAM3DSegmentLib.geometry import GeometryError, Volume
-from SAM3DSegmentLib.reference_pipeline import reference_crop, reference_paste_back
-from SAM3DSegmentLib.regions import (OUTSIDE_LOGIT, Region, footprint, logits_to_volume, model_input,
+from SAM3DSegmentLib.data import phantoms as P
+from SAM3DSegmentLib.core.geometry import GeometryError, Volume
+from SAM3DSegmentLib.eval.reference_pipeline import reference_crop, reference_paste_back
+from SAM3DSegmentLib.inference.regions import (OUTSIDE_LOGIT, Region, footprint, logits_to_volume, model_input,
                                      normalize_like_reference, sample_volume)
 
 OBLIQUE = P.oblique_rotation((12.0, -8.0, 25.0))
@@ -232,7 +232,7 @@ def test_mask_round_trip_through_the_region_keeps_dice(directions, flip):
 
 
 def test_numpy_trilinear_fallback_matches_scipy():
-    from SAM3DSegmentLib.regions import trilinear_gather
+    from SAM3DSegmentLib.inference.regions import trilinear_gather
 
     rng = np.random.default_rng(5)
     arr = rng.normal(size=(7, 9, 11)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The interactive engine (SAM3DSegmentLib.session) with stub backends: undo/redo, objects, caching, prompts.
+"""The interactive engine (SAM3DSegmentLib.inference.session) with stub backends: undo/redo, objects, caching, prompts.
 
 The stub is a test double of the MODEL only (encode/decode); regions, caching, paste-back and history are
 the real engine. Small volumes and a 32^3 model input keep every test well under a second.
@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.geometry import GeometryError, Volume, make_ijk_to_ras
-from SAM3DSegmentLib.session import Click, MaskUpdate, Session, SessionOptions
+from SAM3DSegmentLib.core.geometry import GeometryError, Volume, make_ijk_to_ras
+from SAM3DSegmentLib.inference.session import Click, MaskUpdate, Session, SessionOptions
 
 
 class BlobBackend:
@@ -380,7 +380,7 @@ def test_coarser_spacing_gives_a_larger_field_of_view():
 def test_real_tiny_model_end_to_end():
     import torch
 
-    from SAM3DSegmentLib.backends import LocalBackend
+    from SAM3DSegmentLib.inference.backends import LocalBackend
     from SAM3DSegmentLib.models import SamMed3DConfig, build_sam_med3d
 
     torch.manual_seed(0)

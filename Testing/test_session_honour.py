@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.session import Click, Session, SessionOptions
+from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
+from SAM3DSegmentLib.inference.session import Click, Session, SessionOptions
 
 CELLS = 8
 

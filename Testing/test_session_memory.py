@@ -6,8 +6,8 @@ import tracemalloc
 
 import numpy as np
 
-from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.session import Click, Session, SessionOptions
+from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
+from SAM3DSegmentLib.inference.session import Click, Session, SessionOptions
 
 from test_session import BlobBackend
 

@@ -1,4 +1,4 @@
-"""SAM3DSegmentLib.slicer_bridge on real MRML (PyPI ``slicer-core``: Slicer's own C++ libraries, no GUI).
+"""SAM3DSegmentLib.slicer on real MRML (PyPI ``slicer-core``: Slicer's own C++ libraries, no GUI).
 
 Volumes are small (64 x 48 x 20 voxels) and oblique/anisotropic on purpose: orientation and spacing mistakes
 show up as wrong voxels.
@@ -13,8 +13,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (test dependency) is required")
 import vtk  # noqa: E402  (installed with slicer-core)
 
-from SAM3DSegmentLib import slicer_bridge as sb  # noqa: E402
-from SAM3DSegmentLib.geometry import GeometryError, Volume  # noqa: E402
+from SAM3DSegmentLib import slicer as sb  # noqa: E402
+from SAM3DSegmentLib.core.geometry import GeometryError, Volume  # noqa: E402
 
 SHAPE_KJI = (20, 48, 64)
 
@@ -264,7 +264,7 @@ class _BallBackend:
 
 def test_click_to_session_to_segment_end_to_end(scene):
     """Markups click (world, transformed oblique volume) -> Session -> bridge: segment == engine mask."""
-    from SAM3DSegmentLib.session import Session, SessionOptions
+    from SAM3DSegmentLib.inference.session import Session, SessionOptions
 
     node = add_volume(scene)
     add_parent_transform(scene, node)

@@ -10,8 +10,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (test dependency) is required")
 import vtk  # noqa: E402  (installed with slicer-core)
 
-from SAM3DSegmentLib import slicer_bridge as sb  # noqa: E402
-from SAM3DSegmentLib.geometry import GeometryError  # noqa: E402
+from SAM3DSegmentLib import slicer as sb  # noqa: E402
+from SAM3DSegmentLib.core.geometry import GeometryError  # noqa: E402
 from test_slicer_bridge import (SHAPE_KJI, add_parent_transform, add_volume, box_of, local_ijk_to_ras,  # noqa: E402
                                 rotation, scene)  # noqa: F401  (scene: the fixture)
 
@@ -173,7 +173,7 @@ def test_removing_a_scripted_or_loaded_point_is_a_change(scene):
 
 # ------------------------------------------------------------------------------------------------ issue 8.2
 def test_click_outside_the_volume_is_marked_unused_and_later_clicks_work(scene):
-    from SAM3DSegmentLib.session import Session, SessionOptions
+    from SAM3DSegmentLib.inference.session import Session, SessionOptions
     from test_slicer_bridge import _BallBackend
 
     volume = add_volume(scene)
@@ -190,7 +190,7 @@ def test_click_outside_the_volume_is_marked_unused_and_later_clicks_work(scene):
         session.set_clicks([Click(ras=tuple(r), positive=p) for r, p in sb.clicks_from_markups(pos, neg, volume)])
         return messages
 
-    from SAM3DSegmentLib.session import Click
+    from SAM3DSegmentLib.inference.session import Click
 
     assert click(pos, (30, 24, 10)) == []
     messages = click(pos, (30, 24, 25))  # k = 25 is beyond the 20 slices: outside
@@ -210,7 +210,7 @@ def test_click_outside_the_volume_is_marked_unused_and_later_clicks_work(scene):
 
 # ------------------------------------------------------------------------------------------------ issue 10.5
 def _engine_and_segmentation(scene):
-    from SAM3DSegmentLib.session import Session, SessionOptions
+    from SAM3DSegmentLib.inference.session import Session, SessionOptions
     from test_slicer_bridge import _BallBackend, add_segmentation
 
     volume = add_volume(scene, oblique=False)

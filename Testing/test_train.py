@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_fixtures import TINY_ARCH, tiny_config, write_config, write_nnunet_dataset  # noqa: E402
 
-from SAM3DSegmentLib.geometry import Volume  # noqa: E402
-from SAM3DSegmentLib.io import read_volume, write_volume  # noqa: E402
+from SAM3DSegmentLib.core.geometry import Volume  # noqa: E402
+from SAM3DSegmentLib.io.volumes import read_volume, write_volume  # noqa: E402
 from SAM3DSegmentLib.train import checkpointing, main  # noqa: E402
 from SAM3DSegmentLib.train.config import ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
 from SAM3DSegmentLib.train.data import (DataError, TrainTargets, canonical_reorient,  # noqa: E402
@@ -77,7 +77,7 @@ def test_preprocessing_reorients_resamples_and_caches(dataset, tmp_path, monkeyp
     centre_new = m[:3, :3] @ ((np.array(img.shape) - 1) / 2) + m[:3, 3]
     assert np.allclose(centre_new, (lo + hi) / 2, atol=0.8)  # same field of view
     # second run reuses the cache without reading any file
-    import SAM3DSegmentLib.io as io
+    import SAM3DSegmentLib.io.volumes as io
 
     def boom(path):
         raise AssertionError("cache miss")
@@ -323,7 +323,7 @@ def _write_case(root, name, image: Volume, label: np.ndarray, binary=False):
 
 
 def _small_case(seed=0):
-    from SAM3DSegmentLib.geometry import make_ijk_to_ras
+    from SAM3DSegmentLib.core.geometry import make_ijk_to_ras
 
     rng = np.random.default_rng(seed)
     img = Volume(rng.integers(-100, 100, size=(20, 24, 24)).astype(np.int16), make_ijk_to_ras((1.5, 1.5, 1.5)))
@@ -420,7 +420,7 @@ def test_partial_adapter_checkpoints_resume_exactly(dataset, tmp_path):
 def test_shipped_demo_model_loads_and_segments_an_unseen_phantom():
     """docs/demo_model.md: the embedded model is a full checkpoint with its config and does segment."""
     from SAM3DSegmentLib.models import load_checkpoint
-    from SAM3DSegmentLib.phantoms import synthetic_case
+    from SAM3DSegmentLib.data.phantoms import synthetic_case
     from SAM3DSegmentLib.train.data import crop_centered
     from SAM3DSegmentLib.train.loop import interact
     from SAM3DSegmentLib.train.losses import dice_score

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(__file__))
 from _train_fixtures import tiny_config, write_config, write_nnunet_dataset  # noqa: E402
 
-from SAM3DSegmentLib.train import checkpointing, demo_data, main  # noqa: E402
+from SAM3DSegmentLib.data import demo_data  # noqa: E402
+from SAM3DSegmentLib.train import checkpointing, main  # noqa: E402
 from SAM3DSegmentLib.train.config import load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

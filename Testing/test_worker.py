@@ -1,4 +1,4 @@
-"""SAM3DSegmentLib.worker: the persistent worker thread and the engine it drives (no Slicer, no torch)."""
+"""SAM3DSegmentLib.inference.worker: the persistent worker thread and the engine it drives (no Slicer, no torch)."""
 from __future__ import annotations
 
 import threading
@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.worker import (CANCELLED, DONE, FAILED, Cancelled, Engine, Worker,
+from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
+from SAM3DSegmentLib.inference.worker import (CANCELLED, DONE, FAILED, Cancelled, Engine, Worker,
                                     plan_click_update)
 
 
@@ -133,7 +133,7 @@ class BallBackend:
 
 
 def make_engine(backend):
-    from SAM3DSegmentLib.session import SessionOptions
+    from SAM3DSegmentLib.inference.session import SessionOptions
 
     eng = Engine(SessionOptions(region_size=16, spacing_mm=1.0, extend=False, max_regions=1))
     eng.set_backend(backend)
@@ -200,7 +200,7 @@ def test_engine_loads_checkpoint_on_worker_and_segments(worker, tmp_path):
     """The real path: checkpoint file -> LocalBackend -> Session, all on the worker thread."""
     pytest.importorskip("torch")
     from SAM3DSegmentLib.models import SamMed3DConfig, build_sam_med3d, save_checkpoint
-    from SAM3DSegmentLib.session import SessionOptions
+    from SAM3DSegmentLib.inference.session import SessionOptions
 
     path = save_checkpoint(build_sam_med3d(SamMed3DConfig.tiny()), tmp_path / "tiny.pt")
     eng = Engine(SessionOptions(region_size=128, spacing_mm=1.5, extend=False, max_regions=1))
@@ -219,7 +219,7 @@ def test_engine_loads_checkpoint_on_worker_and_segments(worker, tmp_path):
 
 
 def test_describe_update():
-    from SAM3DSegmentLib.worker import describe_update
+    from SAM3DSegmentLib.inference.worker import describe_update
 
     upd = type("U", (), {"timings": {"encode_s": 1.5, "decode_s": 0.02}, "encoded_regions": 1})()
     assert describe_update(upd, 1.6) == "Last click: 1600 ms (encode 1.50 s, decode 0.02 s, 1 new region(s))"

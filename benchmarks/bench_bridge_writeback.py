@@ -38,7 +38,7 @@ def _build():
     import vtk
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from SAM3DSegmentLib import slicer_bridge as sb
+    from SAM3DSegmentLib import slicer as sb
 
     scene = slicer.vtkMRMLScene()
     logic = sb.segmentations_logic(scene)
@@ -64,7 +64,7 @@ def run_path(path: str, repeats: int) -> dict:
     import numpy as np
 
     scene, logic, volume, seg, segment_id, masks = _build()
-    from SAM3DSegmentLib import slicer_bridge as sb
+    from SAM3DSegmentLib import slicer as sb
 
     times, first = [], None
     if path == "baseline":

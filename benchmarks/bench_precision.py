@@ -20,7 +20,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from SAM3DSegmentLib.backends import LocalBackend
+    from SAM3DSegmentLib.inference.backends import LocalBackend
     from SAM3DSegmentLib.models import build_sam_med3d, load_checkpoint
     from SAM3DSegmentLib.models.device import available_devices
 

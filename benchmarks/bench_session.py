@@ -1,4 +1,4 @@
-"""Interactive click latency of the engine (SAM3DSegmentLib.session) with the full-size ViT-B model.
+"""Interactive click latency of the engine (SAM3DSegmentLib.inference.session) with the full-size ViT-B model.
 
 Prints one JSON object. For each volume — a 512x512x300 int16 synthetic CT (phantoms.ct_body_phantom) and the
 slicerio sample chest CT — it measures, on ``--threads`` CPU threads (default 2):
@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from SAM3DSegmentLib.session import Session, SessionOptions  # noqa: E402
+from SAM3DSegmentLib.inference.session import Session, SessionOptions  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from SAM3DSegmentLib.phantoms import ct_body_phantom
-    from SAM3DSegmentLib.sample_data import chest_ct
+    from SAM3DSegmentLib.data.phantoms import ct_body_phantom
+    from SAM3DSegmentLib.data.sample_data import chest_ct
 
     shape = tuple(int(v) for v in args.phantom_shape.split(","))
     t = time.perf_counter()
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         "volumes": {},
     }
     if not args.skip_model:
-        from SAM3DSegmentLib.backends import LocalBackend
+        from SAM3DSegmentLib.inference.backends import LocalBackend
         from SAM3DSegmentLib.models import SamMed3DConfig, build_sam_med3d
 
         torch.manual_seed(0)

@@ -23,8 +23,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from ..checkpoint_file import CheckpointError, CheckpointSummary, inspect_checkpoint
-from .config import SamMed3DConfig
+from .checkpoint_file import CheckpointError, CheckpointSummary, inspect_checkpoint
+from .sam_med3d.config import SamMed3DConfig
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _check_against_file(config: SamMed3DConfig, sd: Mapping[str, Any], path) -> 
 
     import torch
 
-    from .sam3d import build_sam_med3d
+    from .sam_med3d.model import build_sam_med3d
 
     check_config_limits(config, path)
     with torch.device("meta"):
@@ -228,7 +228,7 @@ def load_checkpoint(path, config: Optional[SamMed3DConfig] = None, map_location:
     holds), and the config is checked against :data:`CONFIG_LIMITS` and, on a memory-free "meta" copy of
     the model, against the file's tensor shapes before the real model is built.
     """
-    from .sam3d import build_sam_med3d
+    from .sam_med3d.model import build_sam_med3d
 
     obj = read_checkpoint(path, map_location=map_location, trusted=trusted)  # bounded by the file size
     _refuse_training_artifacts(path, obj)
@@ -256,10 +256,10 @@ def load_checkpoint(path, config: Optional[SamMed3DConfig] = None, map_location:
 
 # ---------------------------------------------------------------------------------------------- writing
 def atomic_torch_save(obj: Any, path) -> None:
-    """``torch.save`` through :func:`SAM3DSegmentLib.atomic.atomic_write` (parent folders created)."""
+    """``torch.save`` through :func:`SAM3DSegmentLib.core.atomic.atomic_write` (parent folders created)."""
     import torch
 
-    from ..atomic import atomic_write
+    from ..core.atomic import atomic_write
 
     atomic_write(path, lambda tmp: torch.save(obj, tmp), make_dirs=True)
 

@@ -67,7 +67,7 @@ def _sub_main(argv: List[str]) -> int:
         p.add_argument("output")
         p.add_argument("--phantoms", type=int, default=8)
         a = p.parse_args(rest)
-        from .demo_data import make_demo_dataset
+        from ..data.demo_data import make_demo_dataset
 
         print(f"wrote {make_demo_dataset(a.output, n_phantoms=a.phantoms)}")
         return 0

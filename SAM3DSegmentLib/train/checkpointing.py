@@ -108,7 +108,7 @@ def _write_error(err: RuntimeError, folder: str) -> OSError:
 
 def atomic_save(obj: Any, path: str) -> str:
     """Atomically replace ``path`` with ``torch.save(obj)``; raises :class:`CheckpointWriteError`."""
-    from ..atomic import atomic_write
+    from ..core.atomic import atomic_write
 
     path = os.path.abspath(path)
 

@@ -6,7 +6,7 @@ Two samplers, both taking the CURRENT PREDICTION as a boolean mask (``logits > 0
 * ``"deepest"`` (RITM, used by the published first click and by our evaluation): the first click is the
   deepest point of the object (Euclidean distance transform); later clicks go to the deepest point of
   the larger (deeper) error region, positive in FN = gt & ~pred, negative in FP = pred & ~gt. The
-  single-sample maths lives in :mod:`SAM3DSegmentLib.clicker` (shared with the evaluation tools).
+  single-sample maths lives in :mod:`SAM3DSegmentLib.eval.clicker` (shared with the evaluation tools).
 * ``"random"`` (the reference's training sampler): one voxel drawn uniformly from FN | FP; positive when
   it is in FN. Deterministic given the numpy ``Generator``.
 
@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..clicker import SimulatedClick, deepest_point, next_click_index, random_error_click
+from ..eval.clicker import SimulatedClick, deepest_point, next_click_index, random_error_click
 
 __all__ = ["SimulatedClick", "deepest_point", "next_click_index", "random_error_click",
            "prediction_mask", "sample_click", "sample_clicks"]

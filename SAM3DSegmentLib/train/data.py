@@ -8,7 +8,7 @@ Layouts:
 * binary: ``imagesTr/<name>`` and ``labelsTr/<name>`` with equal names; every label > 0 is the target.
 
 Preprocessing (cached once per case, see :func:`preprocess_case`): read with
-``SAM3DSegmentLib.io.read_volume``, check the label is on the image grid, reorient to the closest RAS
+``SAM3DSegmentLib.io.volumes.read_volume``, check the label is on the image grid, reorient to the closest RAS
 canonical axes (a pure permutation/flip; any residual rotation stays in the matrix), resample to
 ``spacing`` mm isotropic (linear for the image, nearest for the label; same field of view), store the
 image (int16 rounded HU or float32), the label map and the ijk->RAS matrix. The cache key hashes the
@@ -29,8 +29,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..atomic import atomic_write, write_json
-from ..geometry import GeometryError, Volume, closest_canonical_axes, mask_bounds
+from ..core.atomic import atomic_write, write_json
+from ..core.geometry import GeometryError, Volume, closest_canonical_axes, mask_bounds
 
 __all__ = [
     "DataError", "CaseSpec", "CachedCase", "Target", "discover_cases", "preprocess_case",
@@ -183,7 +183,7 @@ def canonical_reorient(vol: Volume) -> Volume:
 
 def resample_isotropic(vol: Volume, spacing: float, interpolation: str, out_dtype) -> Volume:
     """Resample to ``spacing`` mm along each (kept) axis direction over the same field of view."""
-    from ..io import resample_like
+    from ..io.volumes import resample_like
 
     sp = vol.spacing
     n = np.asarray(vol.shape_ijk, dtype=np.float64)
@@ -219,7 +219,7 @@ def _atomic_savez(path: str, **arrays) -> None:
 
 
 def _read(path: str, what: str, case_id: str) -> Volume:
-    from ..io import read_volume
+    from ..io.volumes import read_volume
 
     try:
         return read_volume(path)

@@ -475,7 +475,7 @@ class Trainer:
                       split_seed=d.split_seed, log=self.log)
         if self.info.is_main:
             if d.make_demo_data:
-                from .demo_data import ensure_demo_dataset
+                from ..data.demo_data import ensure_demo_dataset
 
                 for root in d.roots:
                     ensure_demo_dataset(root, log=self.log)
@@ -601,8 +601,7 @@ class Trainer:
     def _resume(self, path: str) -> None:
         import torch
 
-        from .checkpointing import (FULL_FORMAT, PARTIAL_FORMAT, load_partial_into, read_training_checkpoint,
-                                    set_rng_state, strip_prefixes)
+        from .checkpointing import (FULL_FORMAT, PARTIAL_FORMAT, load_partial_into, read_training_checkpoint, set_rng_state, strip_prefixes)
 
         payload = read_training_checkpoint(path)
         fmt = payload.get("format")

@@ -10,7 +10,7 @@ partial file.
 ``sam3d segment`` checks every output path before it reads the image or loads the model (file type,
 existing folder, not a folder, not the input image, a file can be created in the folder). The mask and
 the ``--timings`` JSON are then staged as complete, checked temporary files and put in place together
-(:class:`SAM3DSegmentLib.atomic.AtomicGroup`): either both are written or neither replaces anything,
+(:class:`SAM3DSegmentLib.core.atomic.AtomicGroup`): either both are written or neither replaces anything,
 and the exit status is 1.
 """
 from __future__ import annotations
@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .atomic import write_json
+from ..core.atomic import write_json
 
 PROG = "sam3d"
 #: Output file types ``sam3d segment`` writes.
 SEGMENT_OUTPUTS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
-#: ``--sample`` names of ``sam3d segment`` (bundled images, read by :mod:`SAM3DSegmentLib.sample_data`).
+#: ``--sample`` names of ``sam3d segment`` (bundled images, read by :mod:`SAM3DSegmentLib.data.sample_data`).
 SAMPLES = ("chest",)
 #: Colour of the segment in a ``.seg.nrrd`` written by ``sam3d segment`` (the demo's first colour).
 DEFAULT_SEGMENT_COLOR = (230 / 255.0, 75 / 255.0, 60 / 255.0)
@@ -37,8 +37,8 @@ DEFAULT_SEGMENT_COLOR = (230 / 255.0, 75 / 255.0, 60 / 255.0)
 #: Sub-commands provided by other modules: name -> (module, attribute, one-line help).
 EXTERNAL_COMMANDS = {
     "train": ("SAM3DSegmentLib.train", "main", "fine-tune or train a model on a labelled dataset"),
-    "evaluate": ("SAM3DSegmentLib.evaluate", "main", "score a model with simulated clicks (Dice, NSD, HD95)"),
-    "diagnose": ("SAM3DSegmentLib.diagnose", None, "print a report of the system, torch, devices and caches"),
+    "evaluate": ("SAM3DSegmentLib.eval.evaluate", "main", "score a model with simulated clicks (Dice, NSD, HD95)"),
+    "diagnose": ("SAM3DSegmentLib.cli.diagnose", None, "print a report of the system, torch, devices and caches"),
     "download": ("SAM3DSegmentLib.weights", "main", "download and verify published checkpoints"),
 }
 OWN_COMMANDS = {
@@ -176,8 +176,8 @@ def _check_output_path(path: str, allowed: Sequence[str], flag: str, inputs: Seq
     absolute path."""
     import tempfile
 
-    from .atomic import resolve_target
-    from .io import file_extension
+    from ..core.atomic import resolve_target
+    from ..io.volumes import file_extension
 
     ext = file_extension(path)
     if ext not in allowed:
@@ -208,7 +208,7 @@ def _check_output_path(path: str, allowed: Sequence[str], flag: str, inputs: Seq
 def load_backend(model: Optional[str], checkpoint: Optional[str], device: str = "auto",
                  threads: Optional[int] = None, dtype: str = "float32"):
     """Resolve the checkpoint, load it and wrap it in a :class:`LocalBackend`. Returns (backend, info)."""
-    from .weights import DEFAULT_MODEL, get_weights, resolve_checkpoint
+    from ..weights import DEFAULT_MODEL, get_weights, resolve_checkpoint
 
     name = checkpoint or model or DEFAULT_MODEL
     try:  # --checkpoint is always a path (a Path never means a model name); --model only a registered name
@@ -224,13 +224,13 @@ def load_backend(model: Optional[str], checkpoint: Optional[str], device: str = 
                        "extension) to run the model") from err
     if threads:
         torch.set_num_threads(int(threads))
-    from .models.device import resolve_device
+    from ..models.device import resolve_device
 
     try:
         dev = resolve_device(device)
     except Exception as err:
         raise CliError(f"--device {device}: {err}") from err
-    from .models import load_checkpoint
+    from ..models import load_checkpoint
 
     try:
         net = load_checkpoint(str(path), map_location="cpu")
@@ -238,7 +238,7 @@ def load_backend(model: Optional[str], checkpoint: Optional[str], device: str = 
         hint = "" if "Pass " in str(err) else (" Pass a SAM-Med3D (.pth) checkpoint or one saved by sam3d train "
                                                "with --checkpoint, or a model name with --model")
         raise CliError(f"could not load checkpoint {path}: {err}{hint}") from err
-    from .backends import LocalBackend
+    from ..inference.backends import LocalBackend
 
     label = model or (os.path.basename(str(path)) if checkpoint else name)
     try:
@@ -261,7 +261,7 @@ def _model_missing_error(model: Optional[str], name: str, err: BaseException) ->
                "for trying things out)",
                "--checkpoint PATH   a SAM-Med3D .pth checkpoint file you already have"]
     try:
-        from .weights import checkpoint_dir, get_weights
+        from ..weights import checkpoint_dir, get_weights
 
         entry = get_weights(name)
         url = entry.download_url()
@@ -304,7 +304,7 @@ def write_output_mask(path: str, mask_volume, reference, name: str = "Segment_1"
                       color: Optional[Sequence[float]] = None, group=None) -> str:
     """Write the mask as a label map (NIfTI/NRRD/MHA) or a one-segment ``.seg.nrrd`` (with ``color``,
     default :data:`DEFAULT_SEGMENT_COLOR`). ``group``: stage into an ``AtomicGroup`` instead of writing now."""
-    from .io import file_extension, write_mask, write_segmentation
+    from ..io.volumes import file_extension, write_mask, write_segmentation
 
     if file_extension(path) == ".seg.nrrd":
         rgb = tuple(color) if color is not None else DEFAULT_SEGMENT_COLOR
@@ -314,11 +314,11 @@ def write_output_mask(path: str, mask_volume, reference, name: str = "Segment_1"
 
 def _read_input(args):
     """The input volume (file, DICOM folder or ``--sample``), with ``meta["source"]`` its path."""
-    from .io import read_volume
+    from ..io.volumes import read_volume
 
     try:
         if args.sample == "chest":
-            from .sample_data import chest_ct
+            from ..data.sample_data import chest_ct
 
             return chest_ct()
         return read_volume(args.image, series_uid=args.series)
@@ -352,7 +352,7 @@ def _segment(args) -> int:
 
     import numpy as np
 
-    from .geometry import GeometryError
+    from ..core.geometry import GeometryError
 
     t = time.perf_counter()
     volume = _read_input(args)
@@ -393,7 +393,7 @@ def _segment(args) -> int:
     if not args.quiet:
         print(f"model: {backend.name}; checkpoint: {info['checkpoint']}")
 
-    from .session import Session, SessionOptions
+    from ..inference.session import Session, SessionOptions
 
     opts = SessionOptions(prompt_mode=args.prompt_mode, region_size=backend.image_size, spacing_mm=args.spacing,
                           extend=not args.no_extend, max_regions=args.max_regions, clamp_hu=clamp)
@@ -412,7 +412,7 @@ def _segment(args) -> int:
         per_click.append({"click": list(xyz), "positive": positive, "encoded_regions": u.encoded_regions,
                           **{k: v for k, v in u.timings.items()}})
     mask = session.mask()
-    from .atomic import AtomicGroup
+    from ..core.atomic import AtomicGroup
 
     # Mask and timings are staged (written, checked) first and put in place together: both or neither.
     with AtomicGroup() as group:
@@ -454,7 +454,7 @@ def segment_main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return fail(prog, "interrupted", 130)
     except Exception as err:  # noqa: BLE001 - last resort: still one clear line, non-zero exit
-        from .geometry import GeometryError
+        from ..core.geometry import GeometryError
 
         if isinstance(err, (GeometryError, ValueError, OSError, RuntimeError)):
             return fail(prog, err, 1)
@@ -506,7 +506,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.write(_usage())
         return 0 if argv else 2
     if argv[0] in ("--version", "-V"):
-        from . import __version__
+        from .. import __version__
 
         print(f"{PROG} {__version__}")
         return 0

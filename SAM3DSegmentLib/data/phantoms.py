@@ -1,11 +1,11 @@
-"""Synthetic CT phantoms as :class:`~SAM3DSegmentLib.geometry.Volume` objects (tests, benchmarks, training).
+"""Synthetic CT phantoms as :class:`~SAM3DSegmentLib.core.geometry.Volume` objects (tests, benchmarks, training).
 
 Conventions (as everywhere in the library):
 
 * ``Volume.array`` is ``[k, j, i]``; ``shape_ijk`` arguments are ``(n_i, n_j, n_k)`` — the reverse.
 * Geometry is given as ``spacing`` (mm along i, j, k), ``directions`` (3x3, the unit i, j, k axis
   directions in RAS as COLUMNS) and ``origin`` (RAS mm of voxel (0, 0, 0)); see
-  :func:`SAM3DSegmentLib.geometry.make_ijk_to_ras`.
+  :func:`SAM3DSegmentLib.core.geometry.make_ijk_to_ras`.
 * Objects are defined in physical space (RAS mm): a voxel belongs to an object when its CENTRE lies
   inside it. So the same physical phantom can be sampled on any grid (oblique, flipped, anisotropic)
   and the masks agree in physical space.
@@ -22,7 +22,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .geometry import Volume, make_ijk_to_ras
+from ..core.geometry import Volume, make_ijk_to_ras
 
 __all__ = [
     "Ellipsoid", "oblique_rotation", "make_volume_grid", "sphere_phantom", "ellipsoid_mask",

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm3d, MLPBlock, interleave_blocks, patchwise_conv_transpose
+from ..common import MLP, LayerNorm3d, MLPBlock, interleave_blocks, patchwise_conv_transpose
 from .config import SamMed3DConfig
 
 

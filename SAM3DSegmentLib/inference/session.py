@@ -4,14 +4,14 @@ One :class:`Session` holds one volume and any number of objects (segments). Each
 its model-input regions (each with the latest 32^3 low-res logits) and its mask on the full volume grid
 (uint8, ``[k, j, i]``). Coordinates: clicks are RAS mm (or voxel ``ijk`` indices of the volume); regions
 have their own (a, b, c) axes (the volume's axes permuted/flipped to the closest RAS-canonical order, see
-:mod:`SAM3DSegmentLib.regions`), and prompt points cross the backend interface as continuous (a, b, c)
+:mod:`SAM3DSegmentLib.inference.regions`), and prompt points cross the backend interface as continuous (a, b, c)
 indices of the 128^3 region grid.
 
 Per click (the reference protocol, docs/reference/SAM_MED3D.md section 5):
 
 1. Pick the click's region: the object's region that contains the click and whose centre is nearest to it;
    when none contains it (or it is the object's first click) a new region centred on the click.
-2. Embedding: from the LRU cache (:mod:`SAM3DSegmentLib.cache`), else ``backend.encode`` once.
+2. Embedding: from the LRU cache (:mod:`SAM3DSegmentLib.inference.cache`), else ``backend.encode`` once.
 3. Prompt. ``prompt_mode="newest"`` (default, what the model was trained with): ONLY the newest click plus
    the region's previous low-res logits (zeros(32^3) at the region's first step, never None).
    ``prompt_mode="all"``: every point of the object inside the region so far (extension seed points first,
@@ -72,7 +72,7 @@ import numpy as np
 
 from . import regions as _regions
 from .cache import EmbeddingCache, region_key, volume_content_key
-from .geometry import GeometryError, Volume
+from ..core.geometry import GeometryError, Volume
 
 __all__ = ["Click", "SessionOptions", "MaskUpdate", "Session", "PROMPT_MODES"]
 

@@ -2,7 +2,7 @@
 
 ``make_demo_dataset(out)`` (CLI: ``sam3d train make-demo-data OUT``) writes an nnU-Net raw dataset:
 
-* ``chest000``: ``SAM3DSegmentLib.sample_data.chest_ct()`` with ``chest_segments()`` (ribs, cervical /
+* ``chest000``: ``SAM3DSegmentLib.data.sample_data.chest_ct()`` with ``chest_segments()`` (ribs, cervical /
   thoracic / lumbar vertebral column, right lung, left lung, tissue; labels 1..7);
 * ``body000..`` : ``phantoms.ct_body_phantom`` torsos with varied field of view and spacing (body, lungs,
   liver, spine, kidneys, lesion, low-contrast sphere);
@@ -18,7 +18,7 @@ from typing import Dict
 
 import numpy as np
 
-from ..atomic import write_json
+from ..core.atomic import write_json
 
 __all__ = ["make_demo_dataset", "ensure_demo_dataset", "DEMO_VAL_CASES"]
 
@@ -30,8 +30,8 @@ _BODY_ORDER = ["body", "right_lung", "left_lung", "liver", "spine", "right_kidne
 
 
 def _cases(n_phantoms: int):
-    from ..phantoms import ct_body_phantom, synthetic_case
-    from ..sample_data import CHEST_SEGMENT_NAMES, chest_ct, chest_segments
+    from .phantoms import ct_body_phantom, synthetic_case
+    from .sample_data import CHEST_SEGMENT_NAMES, chest_ct, chest_segments
 
     ct = chest_ct()
     segs = chest_segments(ct)
@@ -49,7 +49,7 @@ def _cases(n_phantoms: int):
 
 def make_demo_dataset(out: str, n_phantoms: int = 8) -> str:
     """Write the dataset to ``out`` (nnU-Net raw layout); returns ``out``."""
-    from ..io import write_volume
+    from ..io.volumes import write_volume
 
     os.makedirs(os.path.join(out, "imagesTr"), exist_ok=True)
     os.makedirs(os.path.join(out, "labelsTr"), exist_ok=True)

@@ -36,12 +36,12 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Runs a :class:`~SAM3DSegmentLib.models.sam3d.SamMed3D` in this process (CPU, CUDA or MPS)."""
+    """Runs a :class:`~SAM3DSegmentLib.models.sam_med3d.model.SamMed3D` in this process (CPU, CUDA or MPS)."""
 
     def __init__(self, model, device: str = "cpu", dtype: str = "float32", name: Optional[str] = None):
         import torch
 
-        from .models.device import resolve_dtype, tune_cpu_allocator
+        from ..models.device import resolve_dtype, tune_cpu_allocator
 
         self.model = model.eval().to(device)
         self.device = torch.device(device)

@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .geometry import GeometryError, Volume, apply_affine, closest_canonical_axes
+from ..core.geometry import GeometryError, Volume, apply_affine, closest_canonical_axes
 
 __all__ = ["Region", "model_input", "footprint", "logits_to_volume", "normalize_like_reference",
            "OUTSIDE_LOGIT", "sample_volume", "trilinear_gather"]

@@ -14,7 +14,7 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from .common import LayerNorm3d, patchwise_conv
+from ..common import LayerNorm3d, patchwise_conv
 from .config import SamMed3DConfig
 
 

@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .geometry import mask_bounds, spacing_mm
+from ..core.geometry import mask_bounds, spacing_mm
 
 __all__ = ["dice", "surface", "surface_distances", "normalized_surface_dice", "hd95",
            "SegmentationScores", "score"]

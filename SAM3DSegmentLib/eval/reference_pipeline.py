@@ -1,6 +1,6 @@
 """The SAM-Med3D reference pre/post-processing, re-implemented step by step for parity checks.
 
-This is NOT the path our tool uses (see :mod:`SAM3DSegmentLib.regions`); it reproduces what the
+This is NOT the path our tool uses (see :mod:`SAM3DSegmentLib.inference.regions`); it reproduces what the
 reference inference did (docs/reference/SAM_MED3D.md section 5), including its quirks, so benchmarks and tests can
 compare against it. Written from the documented behaviour of torchio/SimpleITK (facts only):
 
@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .geometry import Volume, closest_canonical_axes
+from ..core.geometry import Volume, closest_canonical_axes
 
 __all__ = ["reference_resample", "reference_canonical", "reference_crop_or_pad", "reference_znorm",
            "torchio_mask_centre", "reference_crop", "reference_model_input", "reference_paste_back",
@@ -178,7 +178,7 @@ def reference_upsampled_mask(low_res_logits: np.ndarray, size: int = 128) -> np.
 def reference_paste_back(low_res_logits: np.ndarray, roi_to_ras: np.ndarray, volume: Volume,
                          size: int = 128) -> np.ndarray:
     """Reference paste-back: uint8 mask ``[k, j, i]`` on ``volume``'s grid (see step 5)."""
-    from .io import resample_like
+    from ..io.volumes import resample_like
 
     mask_abc = reference_upsampled_mask(low_res_logits, size)
     roi = Volume(np.ascontiguousarray(mask_abc.transpose(2, 1, 0)), roi_to_ras)

@@ -53,7 +53,7 @@ def build_sam_med3d(config: Optional[SamMed3DConfig] = None) -> SamMed3D:
     config = config or SamMed3DConfig.vit_b_ori()
     model = SamMed3D(config)
     if config.adapter:
-        from .adapters import apply_adapters
+        from ..adapters import apply_adapters
 
         apply_adapters(model, config.adapter)
     return model

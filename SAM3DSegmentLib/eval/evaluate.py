@@ -3,9 +3,9 @@
 Two protocols (see docs/evaluation.md):
 
 ``engine`` (the honest number)
-    The interactive engine end to end: :class:`~SAM3DSegmentLib.session.Session` on the FULL volume
+    The interactive engine end to end: :class:`~SAM3DSegmentLib.inference.session.Session` on the FULL volume
     (click-centred regions, region extension, paste-back onto the original grid), N clicks from the
-    deterministic RITM-style simulator :func:`~SAM3DSegmentLib.clicker.next_click`, Dice and NSD on the
+    deterministic RITM-style simulator :func:`~SAM3DSegmentLib.eval.clicker.next_click`, Dice and NSD on the
     full volume after EACH of clicks 1..N.
 
 ``legacy`` (comparable with SAM-Med3D's published tables)
@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from .clicker import next_click, next_click_index, random_error_click
-from .geometry import Volume
+from ..core.geometry import Volume
 from .metrics import score
 
 __all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "EvalConfig", "Case", "CaseRef", "EvaluationError",
@@ -206,7 +206,7 @@ def _select(available: Sequence[str], values: Dict[str, int], wanted: Optional[S
 
 def load_case(ref: CaseRef, names: Optional[Dict[int, str]], wanted: Optional[Sequence[str]] = None) -> Case:
     """Read one case; every label value present (or in ``names``) becomes a binary target."""
-    from .io import read_volume, resample_like
+    from ..io.volumes import read_volume, resample_like
 
     image = read_volume(ref.image_path)
     label = read_volume(ref.label_path)
@@ -228,7 +228,7 @@ def sample_cases(name: str = "chest") -> List[Case]:
     """The bundled sample data (``--sample chest``: slicerio's chest CT with its 7 segments)."""
     if name != "chest":
         raise EvaluationError(f"--sample {name!r}: the only sample is 'chest'")
-    from . import sample_data
+    from ..data import sample_data
 
     image = sample_data.chest_ct()
     segs = sample_data.chest_segments(image)
@@ -287,7 +287,7 @@ def _row(protocol: str, case: str, target: str, click: int, positive: Optional[b
 def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m: None) -> List[Row]:
     """Engine protocol for every target of ``case``: one Session (so the embedding cache is shared
     between the targets of a case), one object per target, ``config.clicks`` simulated clicks each."""
-    from .session import Session, SessionOptions
+    from ..inference.session import Session, SessionOptions
 
     opts = SessionOptions(prompt_mode=config.prompt_mode, region_size=int(backend.image_size),
                           spacing_mm=float(config.spacing_mm), extend=bool(config.extend),
@@ -358,7 +358,7 @@ def _reference_grid(volume: Volume, spacing: float, interpolation: str,
 
 def _normalise_crop(crop: np.ndarray) -> np.ndarray:
     from .reference_pipeline import reference_znorm
-    from .regions import normalize_like_reference
+    from ..inference.regions import normalize_like_reference
 
     try:
         return reference_znorm(crop.astype(np.float32))
@@ -372,7 +372,7 @@ def _stable_seed(*parts: Any) -> int:
 
 def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m: None) -> List[Row]:
     """Legacy protocol (:data:`LEGACY_LABEL`) for every target of ``case``, with the reference's own
-    pre-processing (:mod:`SAM3DSegmentLib.reference_pipeline`): image and label resampled to
+    pre-processing (:mod:`SAM3DSegmentLib.eval.reference_pipeline`): image and label resampled to
     ``config.spacing_mm`` (linear / nearest) and reoriented RAS-canonical, a ``backend.image_size``^3
     crop (zero padding) centred the way torchio ``CropOrPad(mask_name=label)`` centres it, the image
     z-normalised over the crop's voxels > 0. Dice/NSD/HD95 are computed inside the crop."""
@@ -435,7 +435,7 @@ def _stats(rows: List[Row]) -> Dict[str, Any]:
 
 def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None) -> Dict[str, Any]:
     """The summary JSON object (see docs/evaluation.md)."""
-    from . import __version__
+    from .. import __version__
 
     out: Dict[str, Any] = {
         "tool": "sam3d evaluate", "version": __version__,
@@ -516,7 +516,7 @@ def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: st
     """
     from PIL import Image, ImageDraw
 
-    from .io import atomic_write
+    from ..io.volumes import atomic_write
 
     W, H = 960, 560
     left, right, top, bottom = 80, 300, 56, 70
@@ -629,7 +629,7 @@ def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------- writing
 def _write_text(path: str, text: str) -> str:
-    from .io import atomic_write
+    from ..io.volumes import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -742,8 +742,8 @@ def build_parser(prog: str = "sam3d evaluate") -> argparse.ArgumentParser:
 
 
 def _load_backend(args) -> Tuple[Any, Dict[str, Any]]:
-    from .cli import CliError, load_backend
-    from .weights import DEFAULT_MODEL, sha256_file
+    from ..cli import CliError, load_backend
+    from ..weights import DEFAULT_MODEL, sha256_file
 
     try:
         backend, info = load_backend(args.model, args.checkpoint, args.device, dtype=args.dtype)
@@ -817,5 +817,5 @@ def _print_table(summary: Dict[str, Any], stream) -> None:
             stream.write(f"  best Dice over clicks (published-style number): {entry['best_dice_mean']:.4f}\n")
 
 
-if __name__ == "__main__":  # python -m SAM3DSegmentLib.evaluate
+if __name__ == "__main__":  # python -m SAM3DSegmentLib.eval.evaluate
     sys.exit(main())

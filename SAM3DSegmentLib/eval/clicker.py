@@ -42,7 +42,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .geometry import mask_bounds, spacing_mm
+from ..core.geometry import mask_bounds, spacing_mm
 
 __all__ = ["SimulatedClick", "next_click", "next_click_index", "deepest_point", "error_regions",
            "random_error_click"]

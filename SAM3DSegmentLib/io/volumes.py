@@ -2,16 +2,16 @@
 
 Conventions:
 
-* Everything returned is a :class:`~SAM3DSegmentLib.geometry.Volume`: ``array[k, j, i]`` plus an
+* Everything returned is a :class:`~SAM3DSegmentLib.core.geometry.Volume`: ``array[k, j, i]`` plus an
   ``ijk_to_ras`` 4x4 matrix (RAS mm). Files on disk are LPS (ITK, NRRD, DICOM, ``.seg.nrrd``); the
   LPS<->RAS flip happens in ``Volume.from_sitk`` / ``Volume.to_sitk`` and, for ``.seg.nrrd``, here.
 * slicerio's ``voxels`` are ``(i, j, k)``; they are transposed to ``[k, j, i]`` on the way in and back
   on the way out.
-* Every write is atomic (:mod:`SAM3DSegmentLib.atomic`): a temporary file with the same extension in the
+* Every write is atomic (:mod:`SAM3DSegmentLib.core.atomic`): a temporary file with the same extension in the
   destination directory (so ITK picks the right format), flushed and fsync'ed, checked (the header read
   back; NIfTI: every promised byte present, since SimpleITK's NIfTI writer does not raise on a full disk),
   then ``os.replace``; the temporary is removed on failure and the old file kept. A symlinked output is
-  written through. ``group=`` stages a file into an :class:`~SAM3DSegmentLib.atomic.AtomicGroup`.
+  written through. ``group=`` stages a file into an :class:`~SAM3DSegmentLib.core.atomic.AtomicGroup`.
 * Bad input raises :class:`VolumeReadError` (a ``ValueError``) whose message names the file, the problem
   and what to do.
 """
@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
-from .geometry import LPS_TO_RAS, RAS_TO_LPS, GeometryError, Volume
+from ..core.geometry import LPS_TO_RAS, RAS_TO_LPS, GeometryError, Volume
 
 __all__ = [
     "VolumeReadError", "VolumeWriteError", "READ_EXTENSIONS", "WRITE_EXTENSIONS", "file_extension",
@@ -335,11 +335,11 @@ def _check_dicom_slices(reader, names: Sequence[str], what: str) -> None:
 # -------------------------------------------------------------------------------- writing
 def atomic_write(path: str, write: Callable[[str], None], verify: Optional[Callable[[str], None]] = None,
                  group=None) -> str:
-    """:func:`SAM3DSegmentLib.atomic.atomic_write` (temporary beside ``path`` with the same extension, fsync,
+    """:func:`SAM3DSegmentLib.core.atomic.atomic_write` (temporary beside ``path`` with the same extension, fsync,
     check, rename; a symlink is written through) with the folder checks reported as
-    :class:`VolumeWriteError`. ``group``: an :class:`~SAM3DSegmentLib.atomic.AtomicGroup` to stage into."""
-    from .atomic import atomic_write as _atomic_write
-    from .atomic import resolve_target
+    :class:`VolumeWriteError`. ``group``: an :class:`~SAM3DSegmentLib.core.atomic.AtomicGroup` to stage into."""
+    from ..core.atomic import atomic_write as _atomic_write
+    from ..core.atomic import resolve_target
 
     path = os.path.abspath(os.fspath(path))
     target = resolve_target(path)
@@ -365,7 +365,7 @@ def write_volume(volume: Volume, path: str, compress: bool = True, group=None) -
 
     Before the file replaces ``path``, its header is read back and must describe the image written (size,
     one component); a NIfTI file must also hold all its voxel data (SimpleITK's NIfTI writer does not
-    raise on a short write). ``group``: stage into an :class:`~SAM3DSegmentLib.atomic.AtomicGroup`.
+    raise on a short write). ``group``: stage into an :class:`~SAM3DSegmentLib.core.atomic.AtomicGroup`.
     """
     import SimpleITK as sitk
 
@@ -489,7 +489,7 @@ def write_segmentation(path: str, masks: Dict[str, Volume], reference: Volume,
 
     Masks on another grid are resampled onto it by nearest neighbour. Overlapping masks go to separate
     layers (as Slicer stores them). ``colors``: optional ``{name: (r, g, b)}`` in 0..1. ``group``: stage
-    into an :class:`~SAM3DSegmentLib.atomic.AtomicGroup`.
+    into an :class:`~SAM3DSegmentLib.core.atomic.AtomicGroup`.
     """
     import slicerio
 

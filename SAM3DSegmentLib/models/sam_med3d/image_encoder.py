@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .attention import EncoderAttention
-from .common import LayerNorm3d, MLPBlock
+from ..common import LayerNorm3d, MLPBlock
 from .config import SamMed3DConfig
 
 

@@ -1,7 +1,7 @@
 """Real, offline sample data: the chest CT and its 7-segment segmentation shipped in slicerio's wheel.
 
 * ``chest_ct()``: ``slicerio/data/CTChest4.nrrd`` (128x128x34 voxels along i, j, k; 3.05x3.05x10 mm;
-  LPS on disk, converted to RAS here) as a :class:`~SAM3DSegmentLib.geometry.Volume` (``array[k, j, i]``).
+  LPS on disk, converted to RAS here) as a :class:`~SAM3DSegmentLib.core.geometry.Volume` (``array[k, j, i]``).
 * ``chest_segments()``: ``slicerio/data/Segmentation.seg.nrrd`` as ``{name: uint8 mask Volume}`` on the
   CT grid: ribs, cervical / thoracic / lumbar vertebral column, right lung, left lung, tissue.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Dict, Iterator, Optional
 
-from .geometry import Volume
+from ..core.geometry import Volume
 
 __all__ = ["CHEST_SEGMENT_NAMES", "chest_ct", "chest_segments", "slicerio_data_file"]
 
@@ -44,7 +44,7 @@ def slicerio_data_file(name: str) -> Iterator[str]:
 
 def chest_ct() -> Volume:
     """The sample chest CT (HU, int32 on disk) as a RAS ``Volume``."""
-    from .io import read_volume
+    from ..io.volumes import read_volume
 
     with slicerio_data_file("CTChest4.nrrd") as path:
         vol = read_volume(path)
@@ -54,7 +54,7 @@ def chest_ct() -> Volume:
 
 def chest_segments(reference: Optional[Volume] = None) -> Dict[str, Volume]:
     """The 7 sample segments as uint8 masks on the chest CT grid (or on ``reference``'s grid)."""
-    from .io import read_segmentation
+    from ..io.volumes import read_segmentation
 
     ref = chest_ct() if reference is None else reference
     with slicerio_data_file("Segmentation.seg.nrrd") as path:

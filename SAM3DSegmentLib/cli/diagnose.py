@@ -107,12 +107,12 @@ def _section(title: str) -> List[str]:
 
 
 def _system_lines() -> List[str]:
-    from . import __version__
+    from .. import __version__
 
     lines = _section("System")
     lines.append(f"OS: {platform.platform()} ({platform.machine() or '?'})")
     lines.append(f"Python: {sys.version.split()[0]} ({platform.python_implementation()}) at {sys.executable}")
-    lines.append(f"SAM3DSegmentLib: {__version__} at {os.path.dirname(os.path.abspath(__file__))}")
+    lines.append(f"SAM3DSegmentLib: {__version__} at {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}")
     lines.append(f"CPU cores (os.cpu_count): {os.cpu_count()}")
     return lines
 
@@ -181,7 +181,7 @@ def _device_lines() -> List[str]:
 
 
 def _cache_lines(verify_checksums: bool) -> List[str]:
-    from . import weights
+    from .. import weights
 
     lines = _section("Model cache")
     try:
@@ -271,5 +271,5 @@ def diagnose_report(extra: Optional[Dict[str, Any]] = None, *, verify_checksums:
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # python -m SAM3DSegmentLib.diagnose
+if __name__ == "__main__":  # python -m SAM3DSegmentLib.cli.diagnose
     print(diagnose_report(verify_checksums="--verify" in sys.argv[1:]), end="")

@@ -3,7 +3,7 @@
 For each reference segment the first click is a POSITIVE click at its deepest interior point (the voxel
 farthest from the segment's border, in mm), then ``--corrections`` clicks each at the deepest point of
 the larger error region (positive in a miss, negative in a leak) — the RITM / SAM-Med3D evaluation
-policy of :mod:`SAM3DSegmentLib.clicker`. Writes into ``--out``:
+policy of :mod:`SAM3DSegmentLib.eval.clicker`. Writes into ``--out``:
 
 * ``demo.seg.nrrd`` — the predicted masks (one segment per structure, on the CT grid; Slicer opens it);
 * ``overlay.png`` — per structure an axial and a coronal CT slice through its first click with the
@@ -25,8 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .atomic import write_json
-from .cli import CliError, UsageError, _join_click_values, _parse_clamp, _Parser, fail, load_backend
+from ..core.atomic import write_json
+from . import CliError, UsageError, _join_click_values, _parse_clamp, _Parser, fail, load_backend
 
 #: The segments of slicerio's sample chest CT segmentation.
 ALL_STRUCTURES = ("ribs", "cervical vertebral column", "thoracic vertebral column", "lumbar vertebral column",
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------ overlay
 def _canonical(array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Array reoriented to (R, A, S) axis order (closest canonical axes) and its spacing."""
-    from .geometry import closest_canonical_axes
+    from ..core.geometry import closest_canonical_axes
 
     spacing = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
     perm, signs = closest_canonical_axes(ijk_to_ras[:3, :3] / spacing[None, :])
@@ -75,7 +75,7 @@ def _canonical_frame(volume) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     """``(perm, signs, spacing, first)``: how :func:`_canonical` reorders the volume, the spacing per R/A/S
     axis and the RAS position (mm) of canonical voxel (0, 0, 0) along each axis (exact for volumes whose
     axes are aligned with RAS; for oblique ones the panels' mm labels are the closest-axis approximation)."""
-    from .geometry import closest_canonical_axes
+    from ..core.geometry import closest_canonical_axes
 
     m = np.asarray(volume.ijk_to_ras, dtype=np.float64)
     spacing = np.linalg.norm(m[:3, :3], axis=0)
@@ -187,7 +187,7 @@ def overlay_png(path: str, volume, preds: Dict[str, np.ndarray], refs: Dict[str,
     """Write :func:`overlay_figure` as a PNG (atomically); returns the absolute path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from .atomic import atomic_write
+    from ..core.atomic import atomic_write
 
     fig = overlay_figure(volume, preds, refs, window, **figure_kwargs)
     FigureCanvasAgg(fig)
@@ -217,7 +217,7 @@ def choose_model(checkpoint: Optional[str], model: Optional[str]) -> Tuple[Optio
     the model cache (``sam3d download`` puts it there; nothing is downloaded here), else the bundled
     ``demo`` model with :data:`DEMO_BANNER`.
     """
-    from .weights import cached_path, resolve_checkpoint
+    from ..weights import cached_path, resolve_checkpoint
 
     if checkpoint or model:
         return model, []
@@ -251,13 +251,13 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
     """Segment ``structures`` of the chest CT (or of ``volume`` with ``references``); write the outputs.
 
     ``title``: lines printed on top of the overlay picture (which model ran, ...)."""
-    from .clicker import next_click
-    from .io import write_segmentation
-    from .metrics import dice
-    from .session import Session, SessionOptions
+    from ..eval.clicker import next_click
+    from ..io.volumes import write_segmentation
+    from ..eval.metrics import dice
+    from ..inference.session import Session, SessionOptions
 
     if volume is None:
-        from .sample_data import chest_ct, chest_segments
+        from ..data.sample_data import chest_ct, chest_segments
 
         volume = chest_ct()
         references = chest_segments(volume)

@@ -4,7 +4,7 @@ Why: inside Slicer the GUI thread holds the Python interpreter lock while Qt idl
 runs while the GUI runs Python and clicks crawl. A child process has its own interpreter (nothing to starve),
 and torch, CUDA and out-of-memory crashes stay out of Slicer's process.
 
-* :class:`ProcessEngine` (GUI side, torch-free) has the job API of :class:`~SAM3DSegmentLib.worker.ThreadEngine`:
+* :class:`ProcessEngine` (GUI side, torch-free) has the job API of :class:`~SAM3DSegmentLib.inference.worker.ThreadEngine`:
   ``submit(op, *args, tag=, supersede=, context=, cancellable=) -> Job``, ``poll(wait)``, ``busy``, ``current``,
   ``cancel_all()``, ``call(op, ...)``, ``shutdown()``. The child starts on the first ``submit``.
 * The child (``python -c ... engine_process.main()``: ``sys.executable``, or ``PythonSlicer`` inside Slicer,
@@ -48,7 +48,7 @@ import numpy as np
 from .worker import CANCELLED, DONE, FAILED, PENDING, RUNNING, OPS, Job, _job_result
 
 PROTOCOL = 1
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class EngineError(RuntimeError):
@@ -66,7 +66,7 @@ class EngineCrashed(RuntimeError):
 # ------------------------------------------------------------------------------------------ payloads
 def encode(obj: Any) -> Any:
     """Builtins + numpy arrays only: ``Volume`` and ``MaskUpdate`` become tagged dicts, boxes lists of pairs."""
-    from .geometry import Volume
+    from ..core.geometry import Volume
     from .session import MaskUpdate
 
     if isinstance(obj, Volume):
@@ -91,7 +91,7 @@ def decode(obj: Any) -> Any:
     if isinstance(obj, dict):
         kind = obj.get("__type__")
         if kind == "Volume":
-            from .geometry import Volume
+            from ..core.geometry import Volume
             return Volume(obj["array"], obj["ijk_to_ras"], dict(obj.get("meta") or {}))
         if kind == "MaskUpdate":
             from .session import MaskUpdate
@@ -279,7 +279,7 @@ class ProcessEngine:
         authkey = os.urandom(32)
         fd, self.log_path = tempfile.mkstemp(prefix="SAM3DSegment-engine-", suffix=".log")
         self._log = os.fdopen(fd, "wb")
-        code = f"import sys; sys.path.insert(0, {_ROOT!r}); from SAM3DSegmentLib.engine_process import main; main()"
+        code = f"import sys; sys.path.insert(0, {_ROOT!r}); from SAM3DSegmentLib.inference.engine_process import main; main()"
         try:
             self._proc = subprocess.Popen([python, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                           stderr=self._log, cwd=tempfile.gettempdir())

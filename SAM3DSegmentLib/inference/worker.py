@@ -2,7 +2,7 @@
 
 Slicer's GUI thread submits jobs and pumps finished ones with :meth:`Worker.poll` (a ``qt.QTimer``); it is the
 only thread that touches MRML or Qt. The worker thread owns the model, the backend and the
-:class:`~SAM3DSegmentLib.session.Session` (a fresh thread per click would pay the warm-up again).
+:class:`~SAM3DSegmentLib.inference.session.Session` (a fresh thread per click would pay the warm-up again).
 
 * Errors never escape the thread: a failed job carries ``error`` (the exception) and ``traceback`` (text).
 * Cancellation: a pending job is dropped before it runs; a running job sees ``job.cancel_requested`` and
@@ -258,8 +258,8 @@ class Engine:
             raise RuntimeError("torch is not installed: in 3D Slicer press 'Install dependencies' (it installs the "
                                "PyTorch extension's torch); elsewhere pip install torch") from exc
         from .backends import LocalBackend
-        from .models import load_checkpoint
-        from .weights import resolve_checkpoint
+        from ..models import load_checkpoint
+        from ..weights import resolve_checkpoint
 
         path = resolve_checkpoint(checkpoint, progress=progress if progress is not None else "auto")
         model = load_checkpoint(str(path), map_location="cpu")
@@ -383,7 +383,7 @@ class ThreadEngine:
     """An :class:`Engine` on a :class:`Worker` thread of THIS process, behind the job API the module uses:
     ``submit(op, *args, ...) -> Job``, ``poll(wait)``, ``busy``, ``current``, ``cancel_all()``, ``call()``,
     ``shutdown()``. The child process runs one of these (``engine_process``); the Slicer module talks to it
-    through :class:`~SAM3DSegmentLib.engine_process.ProcessEngine`, which has the same API. Used directly, it
+    through :class:`~SAM3DSegmentLib.inference.engine_process.ProcessEngine`, which has the same API. Used directly, it
     is for scripts, tests and benchmarks: inside Slicer a worker thread starves (docs/slicer.md)."""
 
     def __init__(self, session_options=None, backend=None):

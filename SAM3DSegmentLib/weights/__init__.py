@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
-from .atomic import write_json
+from ..core.atomic import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class ModelWeights:
         """Where a bundled file lies inside the installed package (it may be absent from a build)."""
         if not self.bundled:
             return None
-        return Path(__file__).resolve().parent / "resources" / self.filename
+        return Path(__file__).resolve().parents[1] / "resources" / self.filename
 
 
 def _check_plain_filename(name: str, filename: str) -> None:
@@ -1049,11 +1049,11 @@ def _record(path: Path, digest: str, *, source: str, url: Optional[str], name: O
 def payload_problem(path: Union[str, Path]) -> Optional[str]:
     """None when ``path`` is a ``torch.save`` file holding a SAM-Med3D-family state dict, else what is wrong.
 
-    Checked without torch and without reading the tensor data (:mod:`SAM3DSegmentLib.checkpoint_file`).
+    Checked without torch and without reading the tensor data (:mod:`SAM3DSegmentLib.models.checkpoint_file`).
     Used before a file without a published sha256 is trusted: an HTML page a captive portal answered
     with status 200 must never be pinned as the model.
     """
-    from .checkpoint_file import CheckpointError, inspect_checkpoint, sam_state_dict_problem
+    from ..models.checkpoint_file import CheckpointError, inspect_checkpoint, sam_state_dict_problem
 
     try:
         return sam_state_dict_problem(inspect_checkpoint(path))

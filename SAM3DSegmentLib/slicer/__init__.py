@@ -26,8 +26,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .atomic import atomic_write
-from .geometry import GeometryError, Volume
+from ..core.atomic import atomic_write
+from ..core.geometry import GeometryError, Volume
 
 #: Segment tag marking a segment as locked FOR THIS MODULE (never modified, never overwritten by SAM3DSegment).
 #: Slicer has no per-segment lock (the Segment Editor's "locked" makes the whole editor read-only); this tag is the

@@ -59,7 +59,7 @@ def resolve_target(path) -> str:
 
 
 def _verify_nifti(tmp: str) -> None:
-    from .io import verify_nifti_written  # lazy: io imports numpy; atomic must stay light
+    from ..io.volumes import verify_nifti_written  # lazy: io imports numpy; atomic must stay light
 
     verify_nifti_written(tmp)
 

@@ -1,0 +1,1 @@
+"""models.sam_med3d."""
