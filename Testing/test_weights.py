@@ -156,7 +156,7 @@ def test_registry_entries():
     assert turbo.checksum_source and "huggingface.co" in turbo.checksum_source
     demo = W.get_weights("demo")
     assert demo.bundled and demo.url is None and demo.download_url() is None
-    assert demo.bundled_path() == Path(W.__file__).resolve().parent / "resources" / "demo_model.pt"
+    assert demo.bundled_path() == Path(W.__file__).resolve().parents[1] / "resources" / "demo_model.pt"
     assert "not for clinical use" in demo.description.lower() and not demo.clinical_use
     assert W.DEFAULT_MODEL in W.known_names()
     with pytest.raises(W.WeightsError, match="sam-med3d-turbo"):
@@ -468,7 +468,7 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path):
             f"l = DownloadLock({str(lock_path)!r}).acquire()\n"
             "print('locked', flush=True); sys.stdin.read()\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, cwd=str(Path(W.__file__).resolve().parents[1]))
+                            text=True, cwd=str(Path(W.__file__).resolve().parents[2]))
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(W.WeightsError):

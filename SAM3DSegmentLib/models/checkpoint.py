@@ -23,12 +23,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .checkpoint_file import CheckpointError, CheckpointSummary, inspect_checkpoint
+from .checkpoint_file import (ENCODER_FORMAT, FULL_FORMAT, PARTIAL_FORMAT, CheckpointError, CheckpointSummary,
+                              inspect_checkpoint)
 from .sam_med3d.config import SamMed3DConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sam3dsegment-checkpoint/1"
+FORMAT = FULL_FORMAT
 #: Python objects the published checkpoints carry besides tensors (needed with weights_only=True).
 SAFE_GLOBALS = (argparse.Namespace, collections.Counter, collections.OrderedDict)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -136,13 +137,13 @@ def check_state_dict(model, state_dict: Mapping[str, Any]) -> None:
 def _refuse_training_artifacts(path, obj: Any) -> None:
     """Adapter-only and encoder-only files from ``sam3d train`` are not models: say how to get one."""
     fmt = obj.get("format") if isinstance(obj, Mapping) else None
-    if fmt == "sam3dsegment-partial/1":
+    if fmt == PARTIAL_FORMAT:
         base = obj.get("base") if isinstance(obj.get("base"), Mapping) else {}
         raise CheckpointError(
             f"{path} holds only the trained tensors of a {obj.get('mode', 'parameter-efficient')} fine-tune "
             f"(base: {base.get('path', 'unknown')}), not a whole model. Merge it with its base first: "
             f"`sam3d train merge {path} -o MERGED.pt`, then load MERGED.pt.")
-    if fmt == "sam3dsegment-image-encoder/1":
+    if fmt == ENCODER_FORMAT:
         raise CheckpointError(
             f"{path} is an exported image encoder alone (sam3d train export-encoder); the interactive model "
             "also needs the prompt encoder and mask decoder. Load the full checkpoint it was exported from.")

@@ -37,6 +37,13 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: Top-level parts every SAM-Med3D-family state dict has.
 SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
+#: The ``format`` tags of the files this project writes (the one place they are defined): a whole model
+#: (``save_checkpoint``, ``sam3d train``), the trained tensors of a parameter-efficient fine-tune alone, and
+#: an exported image encoder alone.
+FULL_FORMAT = "sam3dsegment-checkpoint/1"
+PARTIAL_FORMAT = "sam3dsegment-partial/1"
+ENCODER_FORMAT = "sam3dsegment-image-encoder/1"
+
 #: Bytes per element of the storage classes ``torch.save`` names in its pickle.
 ELEMENT_SIZES = {
     "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
@@ -238,8 +245,7 @@ class CheckpointSummary:
 
 def sam_state_dict_problem(summary: CheckpointSummary) -> Optional[str]:
     """None when ``summary`` holds a SAM-Med3D-family state dict, else what is wrong (one phrase)."""
-    if isinstance(summary.root, Mapping) and summary.root.get("format") in ("sam3dsegment-partial/1",
-                                                                          "sam3dsegment-image-encoder/1"):
+    if isinstance(summary.root, Mapping) and summary.root.get("format") in (PARTIAL_FORMAT, ENCODER_FORMAT):
         return f"it is a partial training file ({summary.root.get('format')}), not a whole model"
     sd = summary.state_dict()
     if not sd:

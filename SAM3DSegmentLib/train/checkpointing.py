@@ -37,9 +37,7 @@ __all__ = [
     "merge_checkpoint", "export_image_encoder", "strip_prefixes",
 ]
 
-FULL_FORMAT = "sam3dsegment-checkpoint/1"
-PARTIAL_FORMAT = "sam3dsegment-partial/1"
-ENCODER_FORMAT = "sam3dsegment-image-encoder/1"
+from ..models.checkpoint_file import ENCODER_FORMAT, FULL_FORMAT, PARTIAL_FORMAT  # noqa: E402 (the one definition)
 
 
 class CheckpointWriteError(OSError):
