@@ -32,17 +32,23 @@ class Block3D(nn.Module):
         self.window_size = c.window_size
         self.shift_size = c.shift_size if index in c.shifted_blocks else 0
 
-    def forward(self, x: torch.Tensor, shift_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.adapter(x)
-        grid = x.shape[1:4]
-        h = self.norm1(x)
+    def attend(self, h: torch.Tensor, shift_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(Shifted) window attention over normed tokens (B, H, W, D, C); ``shift_mask`` from
+        :meth:`ImageEncoder3D.shift_mask` (used on shifted blocks only)."""
+        grid = h.shape[1:4]
         s = self.shift_size
         if s:
+            if shift_mask is None:
+                raise ValueError("a shifted block needs the shifted-window mask (ImageEncoder3D.shift_mask)")
             h = torch.roll(h, shifts=(-s, -s, -s), dims=(1, 2, 3))
         h = window_unpartition(self.attn(window_partition(h, self.window_size), shift_mask if s else None), grid)
         if s:
             h = torch.roll(h, shifts=(s, s, s), dims=(1, 2, 3))
-        x = x + h
+        return h
+
+    def forward(self, x: torch.Tensor, shift_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.adapter(x)
+        x = x + self.attend(self.norm1(x), shift_mask)
         return x + self.mlp(self.norm2(x))
 
 
