@@ -261,3 +261,35 @@ def test_config_validation_and_round_trip():
         Sam3DAdapterConfig.from_dict({"depth": 12, "colour": "red"})
     full = Sam3DAdapterConfig.vit_b()
     assert (full.grid_size, full.rel_pos_length, full.sam_rel_pos_length(0), full.sam_rel_pos_length(2)) == (32, 15, 27, 127)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+_STREAM_PEAK = r"""
+import json, resource, sys, torch
+torch.set_num_threads(2)
+from SAM3DSegmentLib.models.sam3d_adapter.embedding import PatchEmbed2D, stream_patch_embed
+pe = PatchEmbed2D(16, 768)
+se = torch.nn.Conv3d(768, 768, (1, 1, 16), stride=(1, 1, 16), groups=768)
+x = torch.randn(1, 1, 128, 128, 128)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.inference_mode():
+    y = stream_patch_embed(x, pe, se, 4)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"shape": list(y.shape), "peak_increase_mb": (after - before) / 1024}))
+"""
+
+
+def test_full_size_patch_embedding_streams_without_the_512_cubed_volume():
+    """Published sizes (128³ crop, 768-d): the peak grows by far less than one 512³ float32 volume (512 MiB),
+    let alone the 3-channel 1.5 GiB one, plus the 96 MiB of output tokens."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", _STREAM_PEAK], cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["shape"] == [1, 32, 32, 32, 768]
+    assert out["peak_increase_mb"] < 400, out

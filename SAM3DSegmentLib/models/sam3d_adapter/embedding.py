@@ -66,7 +66,11 @@ def stream_patch_embed(image: torch.Tensor, patch_embed: PatchEmbed2D, slice_emb
     n_tok = d * upsample // k
     c = slice_embed.out_channels
     w_slice = slice_embed.weight.reshape(c, k)                     # (C, k): depthwise kernel along D
-    out = []
+    hp, wp = h * upsample // p, w * upsample // p
+    if torch.is_grad_enabled() and (slice_embed.weight.requires_grad or image.requires_grad):
+        out = []                                                   # autograd: build the result by stacking
+    else:
+        out = image.new_empty(b, hp, wp, n_tok, c)                 # inference: fill one slab at a time
     for t in range(n_tok):
         z = torch.arange(t * k, (t + 1) * k, device=image.device)
         i0, i1, w1 = depth_source_weights(z, upsample, d)
@@ -79,9 +83,12 @@ def stream_patch_embed(image: torch.Tensor, patch_embed: PatchEmbed2D, slice_emb
         tok = torch.einsum("bkchw,ck->bhwc", emb, w_slice)
         if slice_embed.bias is not None:
             tok = tok + slice_embed.bias
-        out.append(tok)
-        del slab, emb
-    return torch.stack(out, dim=3)                                 # (B, H', W', D', C)
+        if isinstance(out, list):
+            out.append(tok)
+        else:
+            out[:, :, :, t] = tok
+        del slab, emb, tok
+    return torch.stack(out, dim=3) if isinstance(out, list) else out   # (B, H', W', D', C)
 
 
 def pooled_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
