@@ -92,11 +92,12 @@ class WindowAttention3D(nn.Module):
         n = self.window_size
         rh, rw, rd = (rel_pos_matrix(t, n) for t in (self.rel_pos_h, self.rel_pos_w, self.rel_pos_d))
         qg = q.reshape(-1, n, n, n, self.head_dim)
-        bh = torch.einsum("zhwdc,hkc->zhwdk", qg, rh)
-        bw = torch.einsum("zhwdc,wkc->zhwdk", qg, rw)
-        bd = torch.einsum("zhwdc,dkc->zhwdk", qg, rd)
-        bias = bh[..., :, None, None] + bw[..., None, :, None] + bd[..., None, None, :]
-        return (self.lr * bias).reshape(q.shape[0], n ** 3, n ** 3)
+        # lr scales the three small factors, so the (Z, N, N) bias is built with one broadcast add
+        bh = torch.einsum("zhwdc,hkc->zhwdk", qg, rh * self.lr)
+        bw = torch.einsum("zhwdc,wkc->zhwdk", qg, rw * self.lr)
+        bd = torch.einsum("zhwdc,dkc->zhwdk", qg, rd * self.lr)
+        bias = (bh[..., :, None] + bw[..., None, :])[..., None] + bd[..., None, None, :]
+        return bias.reshape(q.shape[0], n ** 3, n ** 3)
 
     def forward(self, windows: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """windows (B·nW, n, n, n, C) -> same shape. ``mask`` (nW, N, N) is added per window (shifted blocks)."""
@@ -112,8 +113,12 @@ class WindowAttention3D(nn.Module):
             q, k, v = qkv.unbind(0)                                    # (z, heads, N, hd)
             bias = self.rel_pos_bias(q.reshape(-1, tokens, self.head_dim)).reshape(z, self.num_heads, tokens, tokens)
             if mask is not None:
-                idx = torch.arange(start, start + z, device=mask.device) % mask.shape[0]
-                bias = bias + mask[idx][:, None]
+                nw = mask.shape[0]
+                if start % nw + z <= nw:                 # the chunk's windows are consecutive: a view
+                    part_mask = mask[start % nw:start % nw + z]
+                else:
+                    part_mask = mask[torch.arange(start, start + z, device=mask.device) % nw]
+                bias = bias.add_(part_mask[:, None]) if not torch.is_grad_enabled() else bias + part_mask[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             outs.append(self.proj(out.transpose(1, 2).reshape(z, tokens, -1)))
         return torch.cat(outs, dim=0).reshape(windows.shape)
