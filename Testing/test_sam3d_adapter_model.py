@@ -92,7 +92,11 @@ def test_recipe_trains_exactly_its_tensors(recipe):
             recipe == "original" and name.startswith(("prompt_encoder.", "mask_decoder."))
             and "cross_attn_token_to_image" not in name)
         assert (name in trained) == should, name
-        if should:
+        if should and name.endswith("k_proj.bias"):
+            # a key bias adds the same q·b to every logit of a query: softmax ignores it, so its gradient is
+            # mathematically zero (as in SAM); it is computed (not None) but only rounding noise
+            assert grads[name] is not None and grads[name].abs().max() < 1e-6, name
+        elif should:
             assert grads[name] is not None and grads[name].abs().sum() > 0, f"{name} got no gradient"
             assert not torch.equal(p.detach(), before[name]), f"{name} did not change"
         else:

@@ -104,8 +104,8 @@ class WindowAttention3D(nn.Module):
         bw, n = windows.shape[0], windows.shape[1]
         tokens = n ** 3
         chunk = max(1, _BIAS_CHUNK_ELEMENTS // (self.num_heads * tokens * tokens))
-        outs = []
         flat = windows.reshape(bw, tokens, -1)
+        outs = [] if torch.is_grad_enabled() else torch.empty_like(flat)
         for start in range(0, bw, chunk):
             part = flat[start:start + chunk]
             z = part.shape[0]
@@ -120,5 +120,9 @@ class WindowAttention3D(nn.Module):
                     part_mask = mask[torch.arange(start, start + z, device=mask.device) % nw]
                 bias = bias.add_(part_mask[:, None]) if not torch.is_grad_enabled() else bias + part_mask[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            outs.append(self.proj(out.transpose(1, 2).reshape(z, tokens, -1)))
-        return torch.cat(outs, dim=0).reshape(windows.shape)
+            out = self.proj(out.transpose(1, 2).reshape(z, tokens, -1))
+            if isinstance(outs, list):
+                outs.append(out)
+            else:
+                outs[start:start + z] = out
+        return (torch.cat(outs, dim=0) if isinstance(outs, list) else outs).reshape(windows.shape)

@@ -17,6 +17,8 @@ from .attention import WindowAttention3D, shifted_window_mask, window_partition,
 from .config import Sam3DAdapterConfig
 from .embedding import PatchEmbed2D, add_positions, stream_patch_embed
 
+_MLP_CHUNK_TOKENS = 8192
+
 
 class Block3D(nn.Module):
     """adapter → (norm1 → [shifted] window attention) + residual → (norm2 → MLP) + residual."""
@@ -49,7 +51,14 @@ class Block3D(nn.Module):
     def forward(self, x: torch.Tensor, shift_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.adapter(x)
         x = x + self.attend(self.norm1(x), shift_mask)
-        return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled():
+            return x + self.mlp(self.norm2(x))
+        # inference: the MLP is per token, so run it on slabs of about _MLP_CHUNK_TOKENS tokens in place
+        # (the 4x wide hidden layer of all 32768 tokens alone would be 400 MB)
+        step = max(1, _MLP_CHUNK_TOKENS // (x.shape[2] * x.shape[3]))
+        for i in range(0, x.shape[1], step):
+            x[:, i:i + step] += self.mlp(self.norm2(x[:, i:i + step]))
+        return x
 
 
 def neck_head(dim: int, out_dim: int) -> nn.Sequential:
