@@ -57,8 +57,8 @@ def shifted_window_mask(grid: int, n: int, shift: int, device=None, dtype=torch.
     """(nW, n³, n³) additive mask of the shifted windows: 0 inside a region, -100 across regions.
 
     After rolling the grid by -shift on every axis, each axis has three regions ([0, g-n), [g-n, g-shift),
-    [g-shift, g)); two tokens of one window may attend to each other only if they lie in the same region on
-    every axis (so tokens brought together by the wrap-around do not see each other).
+    [g-shift, g)); a query's logit for a key of its window gets -100 unless both lie in the same region on
+    every axis (so tokens brought together by the wrap-around practically do not see each other).
     """
     coords = torch.arange(grid, device=device)
     region = (coords >= grid - n).long() + (coords >= grid - shift).long()       # 0, 1, 2 per axis
