@@ -297,3 +297,20 @@ def test_full_size_patch_embedding_streams_without_the_512_cubed_volume():
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["shape"] == [1, 32, 32, 32, 192]
     assert out["peak_increase_mb"] < 256, out
+
+
+def test_chunked_inference_paths_equal_the_training_path(monkeypatch):
+    """Inference runs attention over chunks of windows (with the shift mask as a view or gathered across the
+    batch) and the MLP on token slabs in place; the training path does neither. Same numbers."""
+    from SAM3DSegmentLib.models.sam3d_adapter import attention, encoder
+
+    model = randomize_(Sam3DAdapter(Sam3DAdapterConfig.tiny()), seed=8, std=0.2)
+    enc = model.image_encoder
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.enable_grad():
+        ref = [f.detach() for f in enc(x)]
+    monkeypatch.setattr(attention, "_BIAS_CHUNK_ELEMENTS", 3 * 2 * 64 * 64)   # 3 windows of 8 per chunk
+    monkeypatch.setattr(encoder, "_MLP_CHUNK_TOKENS", 3 * 64)                 # 3 rows of the 8³ grid per slab
+    with torch.inference_mode():
+        got = enc(x)
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(got, ref))
