@@ -2,8 +2,9 @@
 be used (no network, a full disk, a read-only folder).
 
 ``$SAM3D_HOME`` overrides the platform's cache folder (from platformdirs); checkpoints live in its
-``checkpoints/`` sub-folder as ``<registry file name>``, with ``<file>.json`` (the checksum record), and while a
-download runs ``<file>.part`` / ``<file>.part.json`` (kept for resuming) and ``<file>.lock``.
+``checkpoints/`` sub-folder as ``<registry file name>``, with ``<file>.json`` (the checksum record);
+``<file>.part`` / ``<file>.part.json`` hold an unfinished download (kept for resuming) and ``<file>.lock`` is the
+download lock (filelock may leave it, empty, after the download).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 The body streams into ``<dest>.part``; the server's validators (ETag / Last-Modified / total size) go to
 ``<dest>.part.json`` so that a later call resumes with ``Range: bytes=<n>-`` (and ``If-Range``). Only a
-complete, checked file is renamed to ``dest``. A :class:`DownloadLock` on ``<dest>.lock`` keeps two
+complete, checked file is renamed to ``dest``. A :class:`~.lock.DownloadLock` on ``<dest>.lock`` keeps two
 processes or threads from writing the same file at once.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Union
 from ..core.atomic import write_json
 from .cache import offline_help, write_error
 from .errors import ChecksumError, WeightsError
-from .lock import DownloadLock
+from .lock import lock_download
 from .progress import ProgressArg, ProgressCallback, fmt_bytes, make_progress
 from .transport import (DEFAULT_MIN_RATE, DEFAULT_STALL_WINDOW, USER_AGENT, Watchdog, describe_url_error, open_url,
                         parse_content_range)
@@ -102,19 +102,13 @@ def download(url: str, dest: Union[str, Path], expected_size: Optional[int] = No
     dest = Path(dest).expanduser()
     part = dest.with_name(dest.name + ".part")
     meta_path = dest.with_name(dest.name + ".part.json")
-    lock_path = dest.with_name(dest.name + ".lock")
     sha256 = sha256.lower() if sha256 else None
     hint = help_text if help_text is not None else offline_help(url, dest.name, dest)
 
     def on_wait() -> None:
         logger.info("Another process is downloading %s; waiting for it to finish.", dest)
 
-    lock = DownloadLock(lock_path, timeout=lock_timeout, on_wait=on_wait)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except OSError as exc:
-        raise write_error(lock_path if dest.parent.is_dir() else dest.parent, exc) from None
+    lock = lock_download(dest, lock_timeout, on_wait)
     callback, close_progress = make_progress(progress, f"Downloading {dest.name}")
     try:
         if dest.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .cache import write_error
 from .errors import WeightsError, require
 
 
@@ -53,3 +54,14 @@ class DownloadLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_download(dest: Path, timeout: Optional[float], on_wait: Optional[Callable[[], None]] = None) -> DownloadLock:
+    """Create ``dest``'s folder and take the lock on ``<dest>.lock``; a folder that cannot be written (read-only,
+    full) raises the one-line :class:`WeightsError` of :func:`~SAM3DSegmentLib.weights.cache.write_error`."""
+    lock_path = dest.with_name(dest.name + ".lock")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return DownloadLock(lock_path, timeout=timeout, on_wait=on_wait).acquire()
+    except OSError as exc:
+        raise write_error(lock_path if dest.parent.is_dir() else dest.parent, exc) from None

@@ -10,7 +10,7 @@ from typing import List, Optional, Union
 from .cache import cache_target, offline_help, write_error
 from .errors import WeightsError
 from .fetch import download as _fetch
-from .lock import DownloadLock
+from .lock import lock_download
 from .progress import ProgressArg, fmt_bytes
 from .registry import get_weights, is_registered_name, known_names
 from .transport import DEFAULT_MIN_RATE, DEFAULT_STALL_WINDOW
@@ -119,12 +119,7 @@ def repair(name: str, progress: ProgressArg = "auto", **download_options) -> tup
                            "SAM3DSegment if it is damaged.")
     target = cache_target(entry)
     removed: List[Path] = []
-    lock_path = target.with_name(target.name + ".lock")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock = DownloadLock(lock_path, timeout=download_options.get("lock_timeout", 3600.0)).acquire()
-    except OSError as exc:
-        raise write_error(lock_path if target.parent.is_dir() else target.parent, exc) from None
+    lock = lock_download(target, download_options.get("lock_timeout", 3600.0))
     try:
         if target.is_file():
             problem, _, _ = check_cached(target, entry)
