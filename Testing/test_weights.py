@@ -566,3 +566,11 @@ def test_download_lock_without_filelock_says_what_to_install(tmp_path, monkeypat
     monkeypatch.setitem(sys.modules, "filelock", None)
     with pytest.raises(W.WeightsError, match=r"'filelock' is needed to lock the model cache.*pip install filelock"):
         W.DownloadLock(tmp_path / "x.lock").acquire()
+
+
+def test_bad_progress_argument_leaves_no_lock_held(tmp_path):
+    dest = tmp_path / "model.pth"
+    with pytest.raises(ValueError, match="progress must be"):
+        W.download("http://127.0.0.1:9/model.pth", dest, progress="sometimes")
+    with W.DownloadLock(tmp_path / "model.pth.lock", timeout=0.5):  # not left held by the failed call
+        pass

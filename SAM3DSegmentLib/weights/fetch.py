@@ -108,8 +108,8 @@ def download(url: str, dest: Union[str, Path], expected_size: Optional[int] = No
     def on_wait() -> None:
         logger.info("Another process is downloading %s; waiting for it to finish.", dest)
 
+    callback, close_progress = make_progress(progress, f"Downloading {dest.name}")  # draws nothing before use
     lock = lock_download(dest, lock_timeout, on_wait)
-    callback, close_progress = make_progress(progress, f"Downloading {dest.name}")
     try:
         if dest.exists():
             return _verify_existing(dest, expected_size, sha256)
