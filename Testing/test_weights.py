@@ -570,7 +570,8 @@ def test_download_lock_without_filelock_says_what_to_install(tmp_path, monkeypat
 
 def test_bad_progress_argument_leaves_no_lock_held(tmp_path):
     dest = tmp_path / "model.pth"
-    with pytest.raises(ValueError, match="progress must be"):
+    with pytest.raises(ValueError, match="progress must be") as info:
         W.download("http://127.0.0.1:9/model.pth", dest, progress="sometimes")
+    assert info.tb is not None  # the failed call's frames (and whatever they hold) are still alive here
     with W.DownloadLock(tmp_path / "model.pth.lock", timeout=0.5):  # not left held by the failed call
         pass
