@@ -19,7 +19,13 @@ Nothing here imports torch: this package only finds, fetches and checks files.
 * :mod:`.verify`: a published sha256 is always enforced; a file without one must look like a
   SAM-Med3D-family checkpoint before the sha256 of its first download is recorded next to it (trust on
   first use) and checked on every later load.
-* :mod:`.progress`: the tqdm progress bar.
+* :mod:`.progress`: the tqdm progress bar; :mod:`.errors`: :class:`WeightsError`, :class:`ChecksumError`.
+
+The transfer is our own code on ``urllib`` rather than huggingface_hub's or pooch's download: neither stops a
+server that trickles bytes (no stall detector, no overall deadline; their timeouts bound single reads only),
+pooch does not resume a partial file, and huggingface_hub only talks to Hub-compatible endpoints (it refuses a
+plain file server without the Hub's ``X-Repo-Commit`` header, so ``$SAM3D_WEIGHTS_BASE_URL`` mirrors and the
+loopback tests would break) and puts a file in place before our content check could refuse it.
 
 Registered names always mean the cache: a file called ``sam-med3d`` in the current folder is not picked
 up in its place.
