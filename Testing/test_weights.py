@@ -8,6 +8,7 @@ import logging
 import random
 import re
 import socket
+import sys
 import threading
 import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -137,8 +138,15 @@ def _free_port() -> int:
     return port
 
 
+def _left_in(folder: Path, *keep: str):
+    """Files in ``folder`` besides ``keep`` and the empty ``<file>.lock`` that filelock may leave after release
+    (its presence means nothing; a lock file holding anything would be listed)."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in keep and not (p.name.endswith(".lock") and p.is_file() and p.stat().st_size == 0))
+
+
 def _leftovers(dest: Path):
-    return sorted(p.name for p in dest.parent.iterdir() if p.name != dest.name)
+    return _left_in(dest.parent, dest.name)
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -181,19 +189,39 @@ def test_cache_dir_from_sam3d_home(monkeypatch, tmp_path):
 
 
 def test_cache_dir_platform_defaults(monkeypatch, tmp_path):
+    """Without $SAM3D_HOME the folder comes from platformdirs; each platform's class gives the documented path."""
+    import platformdirs
+    from platformdirs.macos import MacOS
+    from platformdirs.unix import Unix
+    from platformdirs.windows import Windows
+
     monkeypatch.delenv("SAM3D_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(W.Path, "home", classmethod(lambda cls: tmp_path))
-    monkeypatch.setattr(W.sys, "platform", "linux")
+    monkeypatch.setattr(platformdirs, "PlatformDirs", Unix)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert W.cache_dir() == tmp_path / "xdg" / "sam3dsegment"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/xdg")  # the XDG spec: relative paths are ignored
+    assert W.cache_dir() == tmp_path / ".cache" / "sam3dsegment"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert W.cache_dir() == tmp_path / ".cache" / "sam3dsegment"
-    monkeypatch.setattr(W.sys, "platform", "darwin")
+    assert W.checkpoint_dir() == tmp_path / ".cache" / "sam3dsegment" / "checkpoints"
+    monkeypatch.setattr(platformdirs, "PlatformDirs", MacOS)
     assert W.cache_dir() == tmp_path / "Library" / "Caches" / "sam3dsegment"
-    monkeypatch.setattr(W.sys, "platform", "win32")
-    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "Local"))
-    assert W.cache_dir() == tmp_path / "Local" / "sam3dsegment" / "Cache"
+    monkeypatch.setattr(platformdirs, "PlatformDirs", Windows)
+    local = "C:\\Users\\someone\\AppData\\Local"  # platformdirs' override of the Local AppData known folder
+    monkeypatch.setenv("WIN_PD_OVERRIDE_LOCAL_APPDATA", local)
+    assert W.cache_dir() == Path(local) / "sam3dsegment" / "Cache"
+    assert not (tmp_path / ".cache").exists() and not (tmp_path / "Library").exists()  # nothing created
+
+
+def test_cache_dir_needs_platformdirs_only_without_sam3d_home(monkeypatch, tmp_path):
+    """A missing helper library is one clear message naming the package and the fix; $SAM3D_HOME needs none."""
+    monkeypatch.setitem(sys.modules, "platformdirs", None)  # what an environment without it answers
+    assert W.cache_dir() == tmp_path / "home"
+    monkeypatch.delenv("SAM3D_HOME")
+    with pytest.raises(W.WeightsError, match=r"'platformdirs' is needed to find the model cache folder.*"
+                                             r"pip install platformdirs"):
+        W.cache_dir()
 
 
 # ------------------------------------------------------------------------------------------ download
@@ -319,7 +347,7 @@ def test_dns_failure_is_explained(tmp_path, monkeypatch):
     def fail(request, timeout):
         raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
-    monkeypatch.setattr(W, "_urlopen", fail)
+    monkeypatch.setattr(W.fetch, "_urlopen", fail)
     with pytest.raises(W.WeightsError, match="resolved") as info:
         W.download("http://weights.invalid/x.pth", tmp_path / "x.pth")
     assert "--checkpoint" in str(info.value)
@@ -357,18 +385,21 @@ def test_lock_wait_times_out(tmp_path):
             W.DownloadLock(lock_path, timeout=0.3).acquire()
     with W.DownloadLock(lock_path, timeout=1):  # released: can be taken again
         pass
-    assert not lock_path.exists()
+    assert _left_in(tmp_path) == []  # at most an empty lock file stays
 
 
-def test_text_progress_without_tqdm():
+def test_text_progress_bar():
     out = io.StringIO()
     bar = W.TextProgress("Downloading x", stream=out, min_interval=0)
-    bar._have_tqdm = False
     for done in (0, 50, 100):
         bar(done, 100)
+    assert bar._bar.n == 100
+    bar(20, 100)  # the server ignored a resume: the count restarts, it does not add up
+    assert bar._bar.n == 20
+    bar(100, 100)
     bar.close()
     text = out.getvalue()
-    assert "Downloading x" in text and "100.0%" in text and text.endswith("\n")
+    assert "Downloading x" in text and "100%" in text and "50%" in text and text.endswith("\n")
 
 
 # ------------------------------------------------------------------------------------------ resolve
@@ -422,8 +453,7 @@ def test_resolve_enforces_published_checksum(tmp_path, monkeypatch):
         with pytest.raises(W.ChecksumError) as info:
             W.resolve_checkpoint("sam-med3d-turbo", progress=None)
     assert entry.sha256 in str(info.value) and hashlib.sha256(fake).hexdigest() in str(info.value)
-    folder = tmp_path / "home" / "checkpoints"
-    assert sorted(p.name for p in folder.iterdir()) == []
+    assert _left_in(tmp_path / "home" / "checkpoints") == []
 
 
 def test_resolve_manually_copied_file_is_picked_up(tmp_path, caplog):
@@ -496,10 +526,10 @@ def test_read_only_cache_record_failure_is_not_fatal(tmp_path, monkeypatch, capl
     target.parent.mkdir(parents=True)
     target.write_bytes(checkpoint_bytes(seed=5))
 
-    def refuse(path, data):
+    def refuse(path, data, **kwargs):
         raise PermissionError(13, "Read-only file system", str(path))
 
-    monkeypatch.setattr(W, "_write_json_atomic", refuse)
+    monkeypatch.setattr(W.verify, "write_json", refuse)
     with caplog.at_level(logging.WARNING, logger=W.__name__):
         assert W.resolve_checkpoint("sam-med3d", download=False) == target
     assert "Could not record" in caplog.text and not W.sidecar_path(target).exists()
@@ -515,3 +545,33 @@ def test_download_command_lists_and_fails_offline_with_instructions(tmp_path, mo
     err = capsys.readouterr().err
     assert "--checkpoint PATH" in err and "connection refused" in err
     assert not list((tmp_path / "checkpoints").glob("sam_med3d_turbo.pth"))
+
+
+def test_registry_imports_without_the_download_libraries():
+    """The 3D Slicer module lists the models before its dependencies are installed: importing the package and
+    reading the registry must not need platformdirs, filelock or tqdm (they are imported on first use)."""
+    import subprocess
+
+    code = ("import sys\n"
+            "for m in ('platformdirs', 'filelock', 'tqdm'): sys.modules[m] = None\n"
+            "from SAM3DSegmentLib import weights\n"
+            "print(weights.DEFAULT_MODEL in weights.known_names())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(W.__file__).resolve().parents[2]))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+
+
+def test_download_lock_without_filelock_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "filelock", None)
+    with pytest.raises(W.WeightsError, match=r"'filelock' is needed to lock the model cache.*pip install filelock"):
+        W.DownloadLock(tmp_path / "x.lock").acquire()
+
+
+def test_bad_progress_argument_leaves_no_lock_held(tmp_path):
+    dest = tmp_path / "model.pth"
+    with pytest.raises(ValueError, match="progress must be") as info:
+        W.download("http://127.0.0.1:9/model.pth", dest, progress="sometimes")
+    assert info.tb is not None  # the failed call's frames (and whatever they hold) are still alive here
+    with W.DownloadLock(tmp_path / "model.pth.lock", timeout=0.5):  # not left held by the failed call
+        pass
