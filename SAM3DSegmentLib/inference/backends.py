@@ -10,7 +10,7 @@ indices in that order (voxel centres are integers).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -33,6 +33,37 @@ class Backend(Protocol):
 
         Returns float32 low-res logits (s, s, s).
         """
+
+
+#: Optional batched decode (many prompts on one embedding per call), used by the automatic mask generator
+#: through :func:`decode_batch`: ``backend.decode_batch(embedding, points (B, N, 3), labels (B, N),
+#: mask_logits (B, s, s, s) or None) -> (logits (B, s, s, s) float32, predicted IoU (B,) float32 or None)``.
+#: Backends without it (remote, stubs) keep working: :func:`decode_batch` then calls ``decode`` per prompt.
+
+
+def decode_batch(backend, embedding: Any, points: np.ndarray, labels: np.ndarray,
+                 mask_logits: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Decode ``B`` prompts on one embedding: ``(logits (B, s, s, s) float32, predicted IoU (B,) or None)``.
+
+    ``points`` (B, N, 3), ``labels`` (B, N), ``mask_logits`` (B, s, s, s) or None (zeros: a first step).
+    Uses ``backend.decode_batch`` when the backend has one, else one ``backend.decode`` per prompt (then
+    there is no predicted IoU: None)."""
+    pts = np.asarray(points, dtype=np.float32)
+    lab = np.asarray(labels, dtype=np.int64)
+    if pts.ndim != 3 or pts.shape[-1] != 3 or lab.shape != pts.shape[:2]:
+        raise ValueError(f"decode_batch takes points (B, N, 3) and labels (B, N); got {pts.shape} and {lab.shape}")
+    fn = getattr(backend, "decode_batch", None)
+    if fn is not None:
+        logits, iou = fn(embedding, pts, lab, mask_logits)
+        return (np.asarray(logits, dtype=np.float32),
+                None if iou is None else np.asarray(iou, dtype=np.float32).reshape(-1))
+    s = int(backend.low_res_size)
+    out = np.empty((pts.shape[0], s, s, s), dtype=np.float32)
+    zeros = np.zeros((s, s, s), dtype=np.float32)
+    for b in range(pts.shape[0]):
+        m = zeros if mask_logits is None else np.asarray(mask_logits[b], dtype=np.float32)
+        out[b] = np.asarray(backend.decode(embedding, pts[b], lab[b], m), dtype=np.float32).reshape(s, s, s)
+    return out, None
 
 
 class LocalBackend:
@@ -84,3 +115,20 @@ class LocalBackend:
         with torch.inference_mode(), self._autocast():
             logits = self.model.predict_low_res(embedding, pts, lab, m)
         return logits[0, 0].float().cpu().numpy()
+
+    def decode_batch(self, embedding, points, labels, mask_logits=None):
+        """``B`` prompts on one embedding in one decoder call: ``(logits (B, s, s, s), predicted IoU (B,))``
+        (see :func:`decode_batch`); each row equals :meth:`decode` of that prompt up to float rounding."""
+        import torch
+
+        s = self.low_res_size
+        pts = torch.as_tensor(np.asarray(points, dtype=np.float32), device=self.device)
+        lab = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=self.device)
+        b = pts.shape[0]
+        if mask_logits is None:
+            m = torch.zeros((b, 1, s, s, s), device=self.device)
+        else:
+            m = torch.as_tensor(np.asarray(mask_logits, dtype=np.float32).reshape(b, 1, s, s, s), device=self.device)
+        with torch.inference_mode(), self._autocast():
+            logits, iou = self.model.predict_low_res_with_iou(embedding, pts, lab, m)
+        return logits[:, 0].float().cpu().numpy(), iou[:, 0].float().cpu().numpy()

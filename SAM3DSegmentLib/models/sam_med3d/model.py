@@ -35,9 +35,15 @@ class SamMed3D(nn.Module):
         0 exclude, -1 padding; points None = a mask-only step. mask_logits: previous low-res logits
         (zeros at the first step, as the reference does).
         """
+        return self.predict_low_res_with_iou(image_embedding, points, labels, mask_logits)[0]
+
+    def predict_low_res_with_iou(self, image_embedding: torch.Tensor, points: Optional[torch.Tensor],
+                                 labels: Optional[torch.Tensor], mask_logits: Optional[torch.Tensor]):
+        """``(logits (B, 1, S/4, S/4, S/4), predicted IoU (B, 1))`` for one prompt step, as
+        :meth:`predict_low_res`. ``B`` prompts may share one image embedding (batch 1): the decoder repeats
+        it. The IoU head of the released SAM-Med3D checkpoints was never trained (docs/automatic.md)."""
         sparse, dense = self.prompt_encoder(points, labels, mask_logits, batch_size=image_embedding.shape[0])
-        logits, _ = self.mask_decoder(image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
-        return logits
+        return self.mask_decoder(image_embedding, self.prompt_encoder.get_dense_pe(), sparse, dense)
 
     def forward(self, image: torch.Tensor, points: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                 mask_logits: Optional[torch.Tensor]) -> torch.Tensor:
