@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAM3DSegmentLib.io import volumes as io
+from SAM3DSegmentLib import io
 from SAM3DSegmentLib.data import phantoms as P
 from SAM3DSegmentLib.core.geometry import Volume
 from SAM3DSegmentLib.io.volumes import VolumeReadError, VolumeWriteError
