@@ -46,7 +46,7 @@ def _build():
     img = vtk.vtkImageData()
     img.SetDimensions(SHAPE_KJI[2], SHAPE_KJI[1], SHAPE_KJI[0])
     img.AllocateScalars(vtk.VTK_SHORT, 1)
-    sb._scalars_view(img)[...] = 0
+    sb.scalars_view(img)[...] = 0
     volume.SetAndObserveImageData(img)
     volume.SetSpacing(0.7, 0.7, 1.0)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
