@@ -111,7 +111,7 @@ def apply_engine_result(kind: str, update, changed: bool, segmentation_node, seg
     happens; otherwise it is written as one history step (a Slicer state only if voxels change). ``kind`` "undo"
     or "redo": ``changed`` False means the engine had nothing to undo/redo; otherwise ``history`` steps back or
     forward (exact restoration of every segment), and where it cannot, ``update`` is written without a step.
-    ``settings``: :func:`editor_settings` (Segment Editor masking/overwrite). Returns the write report,
+    ``settings``: :func:`~.target.editor_settings` (Segment Editor masking/overwrite). Returns the write report,
     ``{"restored": True}`` after a history restore, or None when nothing was done."""
     if kind not in ("clicks", "reset", "undo", "redo"):
         raise ValueError(f"unknown engine result kind {kind!r}")

@@ -36,8 +36,8 @@ def write_mask_to_segment(segmentation_node, segment_id: str, mask_box: np.ndarr
       its previous voxels.
     * ``overwrite`` ("all" | "visible" | "none", like "Modify other segments"): voxels the segment holds in the
       editable part of the box are removed from the other (all / visible) segments; "none" allows overlap.
-    * Locked segments (tag :data:`~SAM3DSegmentLib.slicer.target.LOCK_TAG`) are never changed: their voxels are outside the editable area when
-      overwriting, and writing into a locked segment raises ``PermissionError``.
+    * Locked segments (tag :data:`~SAM3DSegmentLib.slicer.target.LOCK_TAG`) are never changed: their voxels are
+      outside the editable area when overwriting, and writing into a locked segment raises ``PermissionError``.
 
     Writes in place into the segment's internal labelmap (label value = ``segment.GetLabelValue()`` on a shared
     layer), growing its extent when the box lies outside it. When overlap must be kept with a segment of the same

@@ -16,6 +16,7 @@ from .layers import check_segmentation_geometry
 #: Slicer has no per-segment lock (the Segment Editor's "locked" makes the whole editor read-only); this tag is the
 #: module's own convention, set with :func:`set_segment_locked` (Python console). Other tools ignore it.
 LOCK_TAG = "SAM3DSegment.Locked"
+
 _SEGMENTATIONS_LOGIC = None
 
 
@@ -68,13 +69,13 @@ def ensure_segment(segmentation_node, segment_id: Optional[str] = None, name: Op
     new_id = seg.AddEmptySegment(*args)
     if not new_id:
         raise RuntimeError("could not add a segment: the segmentations module logic is not set up "
-                           "(outside Slicer call slicer_bridge.segmentations_logic(scene) first)")
+                           "(outside Slicer call SAM3DSegmentLib.slicer.segmentations_logic(scene) first)")
     return new_id
 
 
 def editor_settings(scene, segmentation_node=None) -> Dict[str, object]:
     """The Segment Editor's "Modify other segments" and "Editable area/intensity range" choices as keyword
-    arguments for :func:`write_mask_to_segment` (defaults when the scene has no segment editor node).
+    arguments for :func:`~.labelmap.write_mask_to_segment` (defaults when the scene has no segment editor node).
 
     Prefers the editor node editing ``segmentation_node``; else the first one in the scene."""
     import slicer
