@@ -131,7 +131,8 @@ def test_write_back_follows_the_segment_editor_overwrite_choice(scene, link):
     neighbour = sb.ensure_segment(seg, name="neighbour")
     block = np.ones((6, 8, 8), np.uint8)
     sb.write_mask_to_segment(seg, neighbour, block, (slice(7, 13), slice(20, 28), slice(26, 34)), volume)
-    editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor = slicer.vtkMRMLSegmentEditorNode()  # the class is not registered with every scene: add an instance
+    scene.AddNode(editor)
     editor.SetAndObserveSegmentationNode(seg)
     editor.SetOverwriteMode(editor.OverwriteNone)  # "Modify other segments: allow overlap"
     try:
