@@ -159,14 +159,15 @@ class History:
     redo: List[Edit] = field(default_factory=list)
 
     def push(self, edit: Edit, limit: int, budget_bytes: float, live: Iterable[np.ndarray]) -> None:
-        """Record a new edit (clears redo), then drop the oldest entries beyond ``limit`` or while the entries
-        hold more than ``budget_bytes`` beyond the ``live`` arrays (at least one entry is kept)."""
+        """Record a new edit (the redo entries are dropped: they cannot be re-applied after it), then drop the
+        oldest entries beyond ``limit`` or while the entries hold more than ``budget_bytes`` beyond the ``live``
+        arrays (at least one entry is kept)."""
+        self.redo.clear()
         self.undo.append(edit)
         del self.undo[:-limit]
         live = list(live)
         while len(self.undo) > 1 and self.nbytes(live) > budget_bytes:
             self.undo.pop(0)
-        self.redo.clear()
 
     def nbytes(self, live: Iterable[np.ndarray]) -> int:
         """What the entries hold beyond the ``live`` arrays (shared arrays counted once)."""
