@@ -7,14 +7,15 @@ have their own (a, b, c) axes (the volume's axes permuted/flipped to the closest
 :mod:`SAM3DSegmentLib.inference.regions`), and prompt points cross the backend interface as continuous (a, b, c)
 indices of the 128^3 region grid.
 
-Per click (the reference protocol, docs/reference/SAM_MED3D.md section 5), each step in its own module:
+Per click (steps 2-4 and the paste-back follow the reference protocol, docs/reference/SAM_MED3D.md section 5;
+the region choice, extension, merging and click honouring are this engine's), each step in its own module:
 
 1. Pick the click's region: the object's region that contains the click and whose centre is nearest to it;
    when none contains it (or it is the object's first click) a new region centred on the click
    (:mod:`~SAM3DSegmentLib.inference.predictor`).
 2. Embedding: from the LRU cache (:mod:`~SAM3DSegmentLib.inference.cache`), else ``backend.encode`` once.
-3. Prompt (``SessionOptions.prompt_mode``) plus the region's previous low-res logits; 4. decode -> the
-   region's new low-res logits (:mod:`~SAM3DSegmentLib.inference.predictor`).
+3. Prompt: the points ``SessionOptions.prompt_mode`` selects, plus the region's previous low-res logits.
+4. Decode -> the region's new low-res logits (:mod:`~SAM3DSegmentLib.inference.predictor`).
 5. Extension (``extend=True``): neighbouring regions while the object's mask touches a region face
    (:mod:`~SAM3DSegmentLib.inference.growth`).
 6. Paste back and merge the regions' logits over the changed box only
