@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from SAM3DSegmentLib.inference.engine_process import ProcessEngine  # noqa: E402
 from SAM3DSegmentLib.core.geometry import Volume  # noqa: E402
-from SAM3DSegmentLib.inference.worker import DONE, Engine, ThreadEngine  # noqa: E402
+from SAM3DSegmentLib.inference.engine import Engine  # noqa: E402
+from SAM3DSegmentLib.inference.worker import DONE, ThreadEngine  # noqa: E402
 
 TICK_S = 0.030
 PUMP_WAIT_S = 0.025   # SAM3DSegmentLib.slicer.engine_link.EngineLink.PUMP_WAIT_S
