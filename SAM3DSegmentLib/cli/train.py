@@ -56,7 +56,7 @@ def configure(p) -> None:
     m = actions.add_parser("merge", prog="sam3d train merge", help="base + partial (adapter) checkpoint -> full file",
                            description="base checkpoint + partial (adapter) checkpoint -> full file")
     m.add_argument("partial", help="partial checkpoint written by sam3d train (adapter or decoder-only mode)")
-    m.add_argument("-o", "--output", required=True, help=OUTPUT_HELP)
+    m.add_argument("--out", "-o", required=True, help=OUTPUT_HELP)
     m.add_argument("--base", help=BASE_HELP)
     m.add_argument("--force", action="store_true", help="merge even if the base file's sha256 differs")
     O.add_overwrite_option(m)
@@ -64,7 +64,7 @@ def configure(p) -> None:
     e = actions.add_parser("export-encoder", prog="sam3d train export-encoder",
                            help="write the image encoder alone", description="Write the image encoder alone.")
     e.add_argument("checkpoint", help="full or partial checkpoint")
-    e.add_argument("-o", "--output", required=True, help=OUTPUT_HELP)
+    e.add_argument("--out", "-o", required=True, help=OUTPUT_HELP)
     e.add_argument("--base", help=BASE_HELP)
     O.add_overwrite_option(e)
 
@@ -136,13 +136,13 @@ def run(args) -> int:
                           args.overwrite, folder=out)
         print(f"wrote {make_demo_dataset(out, n_phantoms=args.phantoms)}")
         return 0
-    O.refuse_existing("-o", [args.output], args.overwrite)
+    O.refuse_existing("--out", [args.out], args.overwrite)
     from ..train import checkpointing
 
     if args.action == "merge":
-        out = checkpointing.merge_checkpoint(args.partial, args.output, args.base, args.force)
+        out = checkpointing.merge_checkpoint(args.partial, args.out, args.base, args.force)
     else:
-        out = checkpointing.export_image_encoder(args.checkpoint, args.output, args.base)
+        out = checkpointing.export_image_encoder(args.checkpoint, args.out, args.base)
     print(f"wrote {out}")
     return 0
 
