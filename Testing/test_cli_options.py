@@ -212,3 +212,22 @@ def test_library_packages_do_not_import_the_cli():
         from_root = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                      and node.level == 1 and node.module is None for a in node.names if a.name not in siblings]
         assert from_root == [], (module.__name__, from_root)
+
+
+def test_quiet_means_nothing_but_errors_in_evaluate_too(tmp_path, capsys, monkeypatch):
+    import types
+
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"stub")
+    stub = types.SimpleNamespace(name="stub backend", image_size=64)
+    monkeypatch.setattr("SAM3DSegmentLib.inference.backends.load_backend",
+                        lambda *a, **k: (stub, {"checkpoint": str(ckpt), "backend": stub.name, "device": "cpu"}))
+    per = [{"click": 1, "dice_mean": 0.5}]
+    summary = {"protocols": {"engine": {"label": "engine", "per_target": {"ball": per}, "per_click": per}}}
+    monkeypatch.setattr("SAM3DSegmentLib.eval.evaluate.run_evaluation", lambda *a, **k: summary)
+    argv = ["evaluate", "--sample", "chest", "--checkpoint", str(ckpt), "--protocol", "engine"]
+    assert cli.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr()
+    assert "Dice@1" in out.out and "stub backend" in out.err
+    assert cli.main(argv + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")

@@ -92,8 +92,10 @@ def _config_overrides(args) -> List[str]:
 
 def _train(args) -> int:
     if args.check:
+        from ..models.device import set_threads
         from ..train.loop import system_check
 
+        set_threads(args.threads)
         return system_check(args.device or "auto", args.amp)
     if not args.config:
         raise UsageError("give a CONFIG file (or --check) (see 'sam3d train run --help')")
