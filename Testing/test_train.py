@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _train_fixtures import TINY_ARCH, tiny_config, write_config, write_nnunet_dataset  # noqa: E402
 
 from SAM3DSegmentLib.core.geometry import Volume  # noqa: E402
-from SAM3DSegmentLib.io.volumes import read_volume, write_volume  # noqa: E402
+from SAM3DSegmentLib.io import read_volume, write_volume  # noqa: E402
 from SAM3DSegmentLib.cli.train import main  # noqa: E402
 from SAM3DSegmentLib.train import checkpointing  # noqa: E402
 from SAM3DSegmentLib.train.config import ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402

@@ -207,7 +207,7 @@ def _select(available: Sequence[str], values: Dict[str, int], wanted: Optional[S
 
 def load_case(ref: CaseRef, names: Optional[Dict[int, str]], wanted: Optional[Sequence[str]] = None) -> Case:
     """Read one case; every label value present (or in ``names``) becomes a binary target."""
-    from ..io.volumes import read_volume, resample_like
+    from ..io import read_volume, resample_like
 
     image = read_volume(ref.image_path)
     label = read_volume(ref.label_path)
@@ -504,7 +504,7 @@ def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: st
     """
     from PIL import Image, ImageDraw
 
-    from ..io.volumes import atomic_write
+    from ..core.atomic import atomic_write
 
     W, H = 960, 560
     left, right, top, bottom = 80, 300, 56, 70
@@ -617,7 +617,7 @@ def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------- writing
 def _write_text(path: str, text: str) -> str:
-    from ..io.volumes import atomic_write
+    from ..core.atomic import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
