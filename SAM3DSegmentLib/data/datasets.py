@@ -13,7 +13,8 @@ Layout (``split`` is ``Tr`` or ``Ts``)::
 start with a dot (``.DS_Store``, macOS ``._X.nii.gz``) are not data. Every label needs its image and every
 image its label: all unpaired files are reported in one :class:`DataError`.
 
-:func:`read_case` reads one pair and checks it: the label on the image grid, integer values in 0..65535.
+:func:`read_case` reads one pair and checks it: the label on the image grid (or on a crop of it, which is
+placed onto the image grid), integer values in 0..65535.
 What the label values mean (one target per class, or "any value > 0") is the caller's choice.
 """
 from __future__ import annotations
@@ -212,8 +213,21 @@ def read_nnunet_dataset(root: str, split: str = "Tr", source: str = "dataset", h
     return Dataset(root, split, sorted(cases, key=lambda c: c.name), names, meta is not None)
 
 
+def _is_subgrid(label: Volume, image: Volume, tol: float = 1e-3) -> bool:
+    """Whether ``label``'s grid is a crop or padding of ``image``'s: the same voxel axes and spacing, its first
+    voxel on a voxel of ``image`` (what Slicer writes for a segmentation cropped to its extent)."""
+    if not np.allclose(label.ijk_to_ras[:3, :3], image.ijk_to_ras[:3, :3], atol=tol):
+        return False
+    offset = image.ras_to_ijk_points(np.asarray(label.origin, dtype=np.float64).reshape(1, 3))[0]
+    return bool(np.all(np.abs(offset - np.round(offset)) < tol))
+
+
 def read_case(case: CaseFiles) -> Tuple[Volume, Volume]:
-    """``(image, label)`` of one case; the label holds integers 0..65535 (uint8 or uint16) on the image grid."""
+    """``(image, label)`` of one case; the label holds integers 0..65535 (uint8 or uint16) on the image grid.
+
+    A label on a crop or padding of the image grid (:func:`_is_subgrid`) is placed onto the image grid (image
+    voxels outside the label are 0; a labelled voxel outside the image is an error); any other grid is refused.
+    """
     from ..io.volumes import read_volume
 
     vols = []
@@ -225,12 +239,21 @@ def read_case(case: CaseFiles) -> Tuple[Volume, Volume]:
                             ) from err
     image, label = vols
     if not image.same_grid(label, atol=1e-3):
-        def grid(v: Volume) -> str:
-            return (f"{v.shape_ijk} voxels, spacing {np.round(v.spacing, 3).tolist()}, origin "
-                    f"{np.round(v.origin, 2).tolist()}")
-        raise DataError(f"case {case.name}: the label {case.label_path} is not on the image grid (image "
-                        f"{grid(image)}; label {grid(label)}). Resample the label onto its image (nearest "
-                        "neighbour) or fix the file pairing")
+        if not _is_subgrid(label, image):
+            def grid(v: Volume) -> str:
+                return (f"{v.shape_ijk} voxels, spacing {np.round(v.spacing, 3).tolist()}, origin "
+                        f"{np.round(v.origin, 2).tolist()}")
+            raise DataError(f"case {case.name}: the label {case.label_path} is not on the image grid (image "
+                            f"{grid(image)}; label {grid(label)}). Resample the label onto its image (nearest "
+                            "neighbour) or fix the file pairing")
+        from ..io.volumes import resample_like
+
+        labelled = int(np.count_nonzero(label.array))
+        label = resample_like(label, image, "nearest")  # whole-voxel shift: every voxel lands on a voxel
+        outside = labelled - int(np.count_nonzero(label.array))
+        if outside:
+            raise DataError(f"case {case.name}: the label {case.label_path} has {outside} labelled voxel(s) "
+                            "outside its image; fix the file pairing or crop the label to the image")
     lab = np.asarray(label.array)
     if lab.dtype.kind == "f":
         if not np.all(np.isfinite(lab)) or not np.all(lab == np.round(lab)):
