@@ -45,7 +45,8 @@ def test_config_overrides_are_validated_against_the_schema(tmp_path):
                              "model.arch_overrides.encoder_depth=2", "log.tensorboard=false"])
     assert cfg.optim.lr == 5e-4 and cfg.loop.epochs == 3 and cfg.loop.click_mode == "deepest"
     assert cfg.data.roots == ["a", "b"] and cfg.model.arch_overrides == {"encoder_depth": 2}
-    with pytest.raises(ConfigError, match=r"unknown key 'lrr'.*known keys under optim"):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['optim.lrr'\] \(did you mean 'optim.lr'\?\)"
+                                          r".*known keys under optim"):
         apply_overrides(cfg, ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="must be an integer"):
         apply_overrides(cfg, ["loop.epochs=abc"])

@@ -160,16 +160,6 @@ def _reference_grid(volume: Volume, spacing: float, interpolation: str,
     return canon.array.transpose(2, 1, 0)
 
 
-def _normalise_crop(crop: np.ndarray) -> np.ndarray:
-    from .reference_pipeline import reference_znorm
-    from ..inference.regions import normalize_like_reference
-
-    try:
-        return reference_znorm(crop.astype(np.float32))
-    except RuntimeError:  # zero spread over the voxels > 0: the reference fails; shift only
-        return normalize_like_reference(crop)
-
-
 def _stable_seed(*parts: Any) -> int:
     return zlib.crc32("\x1f".join(str(p) for p in parts).encode("utf-8")) & 0x7FFFFFFF
 
@@ -180,6 +170,7 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
     ``config.spacing_mm`` (linear / nearest) and reoriented RAS-canonical, a ``backend.image_size``^3
     crop (zero padding) centred the way torchio ``CropOrPad(mask_name=label)`` centres it, the image
     z-normalised over the crop's voxels > 0. Dice/NSD/HD95 are computed inside the crop."""
+    from ..inference.regions import normalize_like_reference
     from .reference_pipeline import reference_crop_or_pad, torchio_mask_centre
 
     size = int(backend.image_size)
@@ -200,7 +191,8 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
             image_abc = _reference_grid(case.image, sp, "linear", config.clamp_hu)
         centre = torchio_mask_centre(label_abc)
         crop_gt = reference_crop_or_pad(label_abc, centre, size)[0] != 0
-        image = _normalise_crop(reference_crop_or_pad(image_abc, centre, size)[0])
+        # the reference's z-normalisation (reference_znorm), without its failure on a crop with no spread
+        image = normalize_like_reference(reference_crop_or_pad(image_abc, centre, size)[0])
         rng = np.random.default_rng(_stable_seed(config.seed, case.name, target))
         t0 = time.perf_counter()
         embedding = backend.encode(image)

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .config import ConfigError, TrainConfig, config_to_dict
+from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
 from .device import autocast, memory_report, resolve_amp, resolve_device
 from .distributed import DistInfo
 from .interaction import InteractiveLoss, evaluate
@@ -337,6 +337,7 @@ def train(cfg: TrainConfig, log=_print) -> Dict[str, Any]:
 
 def system_check(device: str = "auto", amp: str = "auto", log=print, image_size: int = 0) -> int:
     """Build a tiny model, run 2 training steps on a synthetic batch, print device/AMP/memory; 0 if OK."""
+    cfg = config_from_dict({"device": device, "amp": amp, "loop": {"num_click_steps": 3, "mask_only_range": [1, 1]}})
     import platform
 
     import torch
@@ -344,11 +345,8 @@ def system_check(device: str = "auto", amp: str = "auto", log=print, image_size:
     from ..models import SamMed3DConfig, build_sam_med3d
 
     t0 = time.time()
-    dev = resolve_device(device)
-    amp_dtype = resolve_amp(amp, dev)
-    cfg = TrainConfig(device=str(dev), amp=amp)
-    cfg.loop.num_click_steps = 3
-    cfg.loop.mask_only_range = [1, 1]
+    dev = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, dev)
     torch.manual_seed(0)
     tiny = SamMed3DConfig.tiny(image_size=image_size) if image_size else SamMed3DConfig.tiny()
     model = build_sam_med3d(tiny).to(dev).train()
