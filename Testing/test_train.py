@@ -427,7 +427,7 @@ def test_shipped_demo_model_loads_and_segments_an_unseen_phantom():
     from SAM3DSegmentLib.models import load_checkpoint
     from SAM3DSegmentLib.data.phantoms import synthetic_case
     from SAM3DSegmentLib.train.interaction import interact
-    from SAM3DSegmentLib.train.samples import crop_centered
+    from SAM3DSegmentLib.eval.reference_pipeline import reference_crop_or_pad
     from SAM3DSegmentLib.train.losses import dice_score
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "SAM3DSegmentLib",
@@ -440,8 +440,8 @@ def test_shipped_demo_model_loads_and_segments_an_unseen_phantom():
     lab = np.transpose(masks["object_1"].array, (2, 1, 0)) > 0
     idx = np.argwhere(lab)
     centre = (idx.min(0) + idx.max(0)) // 2
-    x = torch.as_tensor(normalize_ct(crop_centered(a, centre, 128, 0)))[None, None]
-    y = torch.as_tensor(crop_centered(lab.astype(np.uint8), centre, 128, 0).astype(np.float32))[None, None]
+    x = torch.as_tensor(normalize_ct(reference_crop_or_pad(a, centre, 128)[0]))[None, None]
+    y = torch.as_tensor(reference_crop_or_pad(lab.astype(np.uint8), centre, 128)[0].astype(np.float32))[None, None]
     with torch.no_grad():
         _, pred, first = interact(model, model.image_encoder(x), y, 3, set(), "deepest", [None],
                                   compute_loss=False)

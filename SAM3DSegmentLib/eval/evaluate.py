@@ -12,18 +12,16 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .cases import Case, EvaluationError, discover_dataset, load_case, sample_cases
 from .cases import filter_targets as _filter_targets
-from .protocols import PROTOCOLS, EvalConfig, Row, evaluate_engine, evaluate_legacy
+from .protocols import PROTOCOLS, EvalConfig, Log, Row, evaluate_engine, evaluate_legacy
 from .report import CSV_NAME, JSON_NAME, PNG_NAME, write_outputs
 
 __all__ = ["run_evaluation", "build_parser", "main"]
-
-Log = Callable[[str], None]
 
 
 def run_evaluation(cases: Iterable[Case], backend, config: EvalConfig, out_dir: str,

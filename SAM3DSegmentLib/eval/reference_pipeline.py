@@ -93,15 +93,16 @@ def torchio_mask_centre(mask_abc: np.ndarray) -> np.ndarray:
     return np.floor((first + last + 1) / 2.0).astype(np.int64)
 
 
-def reference_crop_or_pad(arr_abc: np.ndarray, centre_index: Sequence[int], size: int = 128
-                          ) -> Tuple[np.ndarray, np.ndarray]:
-    """Crop / zero-pad ``arr_abc`` to ``size``^3 with ``centre_index`` at ``size // 2``.
+def reference_crop_or_pad(arr_abc: np.ndarray, centre_index: Sequence[int], size: int = 128,
+                          pad_value: float = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Crop / pad ``arr_abc`` (any 3D axis order) to ``size``^3 with ``centre_index`` at ``size // 2``;
+    padding is ``pad_value`` (torchio: 0) in ``arr_abc``'s dtype.
 
     Returns ``(crop, begin)``: crop index ``x`` is source index ``begin + x``.
     """
     c = np.asarray(centre_index, dtype=np.int64).reshape(3)
     begin = c - size // 2
-    out = np.zeros((size,) * 3, dtype=arr_abc.dtype)
+    out = np.full((size,) * 3, pad_value, dtype=arr_abc.dtype)
     src_lo = np.maximum(begin, 0)
     src_hi = np.minimum(begin + size, np.asarray(arr_abc.shape))
     if np.all(src_hi > src_lo):

@@ -1,12 +1,14 @@
-"""Device, automatic mixed precision and memory figures of a training process."""
+"""A training process's device, automatic mixed precision, seeds and determinism, and memory figures."""
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 from typing import Any, Optional
 
 from .distributed import DistInfo
 
-__all__ = ["resolve_device", "resolve_amp", "autocast", "memory_report"]
+__all__ = ["resolve_device", "resolve_amp", "autocast", "seed_everything", "memory_report"]
 
 
 def resolve_device(name: str, info: Optional[DistInfo] = None):
@@ -45,6 +47,23 @@ def autocast(device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int, threads: int = 0, deterministic: bool = True) -> None:
+    """Seed Python, numpy and torch; ``threads`` > 0 sets torch's intra-op threads; ``deterministic`` asks
+    torch for deterministic kernels (warning where there is none) and turns off cuDNN autotuning."""
+    import numpy as np
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def memory_report(device) -> str:

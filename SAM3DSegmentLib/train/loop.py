@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .config import ConfigError, TrainConfig, config_from_dict, config_to_dict
-from .device import autocast, memory_report, resolve_amp, resolve_device
+from .device import autocast, memory_report, resolve_amp, resolve_device, seed_everything
 from .distributed import DistInfo
 from .interaction import InteractiveLoss, evaluate
 from .model import build_model
@@ -50,22 +50,6 @@ class Trainer:
             self._log(msg)
 
     # ------------------------------------------------------------------ setup
-    def _seed(self) -> None:
-        import random
-
-        import torch
-
-        cfg = self.cfg
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % (2**32))
-        torch.manual_seed(cfg.seed)
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-
     def setup(self) -> None:
         import torch
 
@@ -86,7 +70,7 @@ class Trainer:
             if stale:
                 self.log(f"removed {len(stale)} temporary checkpoint file(s) left by an interrupted run: "
                          + ", ".join(os.path.basename(p) for p in stale))
-        self._seed()
+        seed_everything(cfg.seed, cfg.threads, cfg.deterministic)
         self.amp_dtype = resolve_amp(cfg.amp, self.device)
         if cfg.amp in ("bf16", "fp16") and self.amp_dtype is None:
             self.log(f"note: amp={cfg.amp} ignored on {self.device.type} (AMP runs on CUDA only)")
@@ -196,24 +180,114 @@ class Trainer:
                  f"({result['dice_first_click']:.4f} after 1) on {result['n']} targets")
         return result
 
-    def run(self) -> Dict[str, Any]:
+    def _optimizer_step(self) -> Dict[str, float]:
+        """One optimiser step on the accumulated gradients; returns the learning rate of every group."""
         import torch
 
+        rates = self.schedule.apply(int(self.state["global_step"]))
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["global_step"] += 1
+        return rates
+
+    def _train_epoch(self, epoch: int, metrics: MetricsLog, losses: List[float], start: float,
+                     tqdm=None) -> Optional[str]:
+        """The (rest of the) micro-batches of ``epoch``; returns why training stops early, else None."""
         from .distributed import all_reduce_mean
 
+        cfg, lc = self.cfg, self.cfg.loop
+        skip_micro = int(self.state["micro_in_epoch"]) if epoch == self.state["epoch"] else 0
+        self.sampler.set_epoch(epoch, skip=skip_micro * lc.batch_size)
+        it = iter(self.train_loader)
+        n_micro = self.micro_per_epoch - skip_micro
+        bar = tqdm(total=n_micro, desc=f"epoch {epoch}", leave=False) if tqdm else None
+        acc_loss, acc_n = 0.0, 0
+        stop = None
+        self.optimizer.zero_grad(set_to_none=True)
+        for m in range(n_micro):
+            batch = next(it)
+            micro_index = skip_micro + m  # within the epoch
+            last_of_step = ((micro_index + 1) % lc.accumulate == 0) or (micro_index + 1 == self.micro_per_epoch)
+            image = batch["image"].to(self.device, non_blocking=True)
+            label = batch["label"].to(self.device, non_blocking=True)
+            sync = contextlib.nullcontext() if (last_of_step or not self.info.enabled) else self.ddp.no_sync()
+            with sync:
+                with autocast(self.device, self.amp_dtype):
+                    loss = self.ddp(image, label, batch["epoch"].tolist(), batch["index"].tolist(),
+                                    int(self.state["global_micro"]))
+                self.scaler.scale(loss / lc.accumulate).backward()
+            acc_loss += float(loss.detach())
+            acc_n += 1
+            self.state["global_micro"] += 1
+            self.state["micro_in_epoch"] = micro_index + 1
+            if bar is not None:
+                bar.update(1)
+            if not last_of_step:
+                continue
+            rates = self._optimizer_step()
+            step_loss = all_reduce_mean(acc_loss / acc_n, self.info)
+            acc_loss, acc_n = 0.0, 0
+            losses.append(step_loss)
+            step = int(self.state["global_step"])
+            metrics.write(kind="train", epoch=epoch, step=step, loss=step_loss, seconds=round(time.time() - start, 3),
+                          **{lr_column(name): float(f"{lr:.8g}") for name, lr in rates.items()})
+            if bar is not None:
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+            if cfg.log.print_every and step % cfg.log.print_every == 0:
+                self.log(f"epoch {epoch} step {step}: loss {step_loss:.4f} lr {format_rates(rates)} "
+                         f"({time.time() - start:.0f} s)")
+            if self.state["micro_in_epoch"] == self.micro_per_epoch:
+                self.state["epoch"], self.state["micro_in_epoch"] = epoch + 1, 0
+            else:
+                self.state["epoch"] = epoch
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                self.save("latest.pt")
+            if lc.max_steps and step >= lc.max_steps:
+                stop = "max_steps"
+            elif lc.max_minutes and (time.time() - start) / 60.0 >= lc.max_minutes:
+                stop = "max_minutes"
+            if stop:
+                break
+        if bar is not None:
+            bar.close()
+        return stop
+
+    def _after_epoch(self, epoch: int, metrics: MetricsLog, val_history: List[Dict[str, float]]) -> bool:
+        """Validation when due: schedule, best checkpoint, early stopping. True when training should stop."""
+        val = self.cfg.val
+        if not (val.every_epochs and (epoch + 1) % val.every_epochs == 0):
+            return False
+        res = self._validate(epoch, metrics)
+        if res is None:
+            return False
+        val_history.append(res)
+        self.schedule.on_validation(res["dice"])
+        if res["dice"] > self.state["best_metric"] + val.early_stopping_min_delta:
+            self.state["best_metric"], self.state["bad_validations"] = res["dice"], 0
+            self.save("best.pt", extra={"val": res}, with_state=False)
+        else:
+            self.state["bad_validations"] += 1
+        if val.early_stopping_patience and self.state["bad_validations"] >= val.early_stopping_patience:
+            self.log(f"early stopping: no improvement in {self.state['bad_validations']} validations")
+            return True
+        return False
+
+    def run(self) -> Dict[str, Any]:
         cfg = self.cfg
         lc = cfg.loop
         start = time.time()
-        metrics = MetricsLog(cfg, self.info.is_main,
-                           self.state["global_step"] if self.resumed_from else None, self.log,
-                           group_names=[str(g["name"]) for g in self.optimizer.param_groups])
+        metrics = MetricsLog(cfg, self.info.is_main, self.state["global_step"] if self.resumed_from else None,
+                             self.log, group_names=[str(g["name"]) for g in self.optimizer.param_groups])
         losses: List[float] = []
         val_history: List[Dict[str, float]] = []
         stop_reason = "epochs"
         self.log(f"device {self.device} ({'AMP ' + str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else 'float32'}), "
                  f"{self.info.world_size} process(es), batch {lc.batch_size} x accumulate {lc.accumulate}, "
                  f"{self.steps_per_epoch} optimiser steps per epoch")
-        stop = False
         tqdm = None
         if cfg.log.progress and self.info.is_main and sys.stderr.isatty():
             try:
@@ -221,85 +295,11 @@ class Trainer:
             except ImportError:
                 tqdm = None
         epoch = int(self.state["epoch"])
-        while epoch < lc.epochs and not stop:
-            skip_micro = int(self.state["micro_in_epoch"]) if epoch == self.state["epoch"] else 0
-            self.sampler.set_epoch(epoch, skip=skip_micro * lc.batch_size)
-            it = iter(self.train_loader)
-            n_micro = self.micro_per_epoch - skip_micro
-            bar = tqdm(total=n_micro, desc=f"epoch {epoch}", leave=False) if tqdm else None
-            acc_loss, acc_n = 0.0, 0
-            self.optimizer.zero_grad(set_to_none=True)
-            for m in range(n_micro):
-                batch = next(it)
-                micro_index = skip_micro + m  # within the epoch
-                last_of_step = ((micro_index + 1) % lc.accumulate == 0) or (micro_index + 1 == self.micro_per_epoch)
-                image = batch["image"].to(self.device, non_blocking=True)
-                label = batch["label"].to(self.device, non_blocking=True)
-                sync = contextlib.nullcontext() if (last_of_step or not self.info.enabled) else self.ddp.no_sync()
-                with sync:
-                    with autocast(self.device, self.amp_dtype):
-                        loss = self.ddp(image, label, batch["epoch"].tolist(), batch["index"].tolist(),
-                                        int(self.state["global_micro"]))
-                    self.scaler.scale(loss / lc.accumulate).backward()
-                acc_loss += float(loss.detach())
-                acc_n += 1
-                self.state["global_micro"] += 1
-                self.state["micro_in_epoch"] = micro_index + 1
-                if bar is not None:
-                    bar.update(1)
-                if not last_of_step:
-                    continue
-                rates = self.schedule.apply(int(self.state["global_step"]))
-                if cfg.optim.grad_clip > 0:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.state["global_step"] += 1
-                step_loss = all_reduce_mean(acc_loss / acc_n, self.info)
-                acc_loss, acc_n = 0.0, 0
-                losses.append(step_loss)
-                step = int(self.state["global_step"])
-                metrics.write(kind="train", epoch=epoch, step=step, loss=step_loss,
-                              seconds=round(time.time() - start, 3),
-                              **{lr_column(name): float(f"{lr:.8g}") for name, lr in rates.items()})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{step_loss:.4f}")
-                if cfg.log.print_every and step % cfg.log.print_every == 0:
-                    self.log(f"epoch {epoch} step {step}: loss {step_loss:.4f} lr {format_rates(rates)} "
-                             f"({time.time() - start:.0f} s)")
-                if self.state["micro_in_epoch"] == self.micro_per_epoch:
-                    self.state["epoch"], self.state["micro_in_epoch"] = epoch + 1, 0
-                else:
-                    self.state["epoch"] = epoch
-                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                    self.save("latest.pt")
-                if lc.max_steps and step >= lc.max_steps:
-                    stop, stop_reason = True, "max_steps"
-                elif lc.max_minutes and (time.time() - start) / 60.0 >= lc.max_minutes:
-                    stop, stop_reason = True, "max_minutes"
-                if stop:
-                    break
-            if bar is not None:
-                bar.close()
-            epoch_done = self.state["epoch"] == epoch + 1 and self.state["micro_in_epoch"] == 0
-            if epoch_done:
-                if cfg.val.every_epochs and (epoch + 1) % cfg.val.every_epochs == 0:
-                    res = self._validate(epoch, metrics)
-                    if res is not None:
-                        val_history.append(res)
-                        self.schedule.on_validation(res["dice"])
-                        if res["dice"] > self.state["best_metric"] + cfg.val.early_stopping_min_delta:
-                            self.state["best_metric"], self.state["bad_validations"] = res["dice"], 0
-                            self.save("best.pt", extra={"val": res}, with_state=False)
-                        else:
-                            self.state["bad_validations"] += 1
-                        if (cfg.val.early_stopping_patience
-                                and self.state["bad_validations"] >= cfg.val.early_stopping_patience):
-                            stop, stop_reason = True, "early_stopping"
-                            self.log(f"early stopping: no improvement in {self.state['bad_validations']} "
-                                     "validations")
+        while epoch < lc.epochs and stop_reason == "epochs":
+            stop_reason = self._train_epoch(epoch, metrics, losses, start, tqdm) or stop_reason
+            if self.state["epoch"] == epoch + 1 and self.state["micro_in_epoch"] == 0:  # the epoch is complete
+                if self._after_epoch(epoch, metrics, val_history):
+                    stop_reason = "early_stopping"
                 epoch += 1
             self.state["finished"] = epoch >= lc.epochs or stop_reason == "early_stopping"
             self.save("latest.pt")

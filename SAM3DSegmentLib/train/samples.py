@@ -1,7 +1,8 @@
 """Training samples: normalisation, crops, the map-style datasets and their loaders.
 
-Crops are in the network's axis order (a, b, c) = RAS-canonical (i, j, k) of the preprocessing cache
-(:mod:`.data`). Every random choice of a sample is keyed by ``(seed, epoch, index)`` (see
+Crops (:func:`~SAM3DSegmentLib.eval.reference_pipeline.reference_crop_or_pad`, the reference's CropOrPad,
+padded with ``data.pad_value``) are in the network's axis order (a, b, c) = RAS-canonical (i, j, k) of the
+preprocessing cache (:mod:`.data`). Every random choice of a sample is keyed by ``(seed, epoch, index)`` (see
 :class:`EpochTagged`), so a sample is the same whichever worker process, rank or resumed run draws it.
 """
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..eval.reference_pipeline import reference_crop_or_pad
 from .config import ConfigError, TrainConfig
 from .data import CachedCase, DataError, PreparedData, Target, prepare_dataset
 from .distributed import DistInfo
 
-__all__ = ["normalize_ct", "crop_centered", "EpochTagged", "TrainTargets", "ValTargets", "Loaders", "make_loaders"]
+__all__ = ["normalize_ct", "EpochTagged", "TrainTargets", "ValTargets", "Loaders", "make_loaders"]
 
 
 def normalize_ct(crop: np.ndarray, clamp: Sequence[float] = (-1000.0, 1000.0)) -> np.ndarray:
@@ -30,21 +32,6 @@ def normalize_ct(crop: np.ndarray, clamp: Sequence[float] = (-1000.0, 1000.0)) -
     mean = float(sel.mean(dtype=np.float64))
     std = float(sel.std(dtype=np.float64))
     return ((x - mean) / max(std, 1e-8)).astype(np.float32)
-
-
-def crop_centered(arr: np.ndarray, center: Sequence[int], size: int, pad_value: float) -> np.ndarray:
-    """A ``size``^3 crop of ``arr`` (any 3D axis order) whose voxel ``size // 2`` is ``center``; padded."""
-    out = np.full((size,) * 3, pad_value, dtype=arr.dtype)
-    src, dst = [], []
-    for ax in range(3):
-        lo = int(center[ax]) - size // 2
-        s0, s1 = max(lo, 0), min(lo + size, arr.shape[ax])
-        if s1 <= s0:
-            return out
-        src.append(slice(s0, s1))
-        dst.append(slice(s0 - lo, s1 - lo))
-    out[tuple(dst)] = arr[tuple(src)]
-    return out
 
 
 class _CaseStore:
@@ -120,7 +107,7 @@ class TrainTargets:
         center = [(lo + hi - 1) // 2 for lo, hi in t.bbox]
         if self.jitter and rng is not None:
             center = [c + int(rng.integers(-self.jitter, self.jitter + 1)) for c in center]
-        lab = crop_centered(label, center, self.size, 0) == t.value
+        lab = reference_crop_or_pad(label, center, self.size)[0] == t.value
         return image, center, lab
 
     def __getitem__(self, key) -> Dict[str, Any]:
@@ -143,7 +130,7 @@ class TrainTargets:
                           f"{self.max_tries} tries (best {n}); using it anyway. Lower "
                           "data.min_crop_label_voxels for small structures or small crops")
             self.warned = True
-        img = normalize_ct(crop_centered(image, center, self.size, self.pad_value), self.clamp)
+        img = normalize_ct(reference_crop_or_pad(image, center, self.size, self.pad_value)[0], self.clamp)
         lab = lab.astype(np.float32)
         if self.flip:
             for ax in range(3):
@@ -170,8 +157,8 @@ class ValTargets:
         t = self.targets[index]
         image, label = self.store.get(t.case_index)
         center = [(lo + hi - 1) // 2 for lo, hi in t.bbox]
-        img = normalize_ct(crop_centered(image, center, self.size, self.pad_value), self.clamp)
-        lab = (crop_centered(label, center, self.size, 0) == t.value).astype(np.float32)
+        img = normalize_ct(reference_crop_or_pad(image, center, self.size, self.pad_value)[0], self.clamp)
+        lab = (reference_crop_or_pad(label, center, self.size)[0] == t.value).astype(np.float32)
         return {"image": img[None], "label": lab[None], "index": int(index), "epoch": 0, "target": index}
 
 
