@@ -119,6 +119,10 @@ def test_unpaired_files_are_errors_for_both(tmp_path):
     for find in (discover_cases, discover_dataset):
         with pytest.raises(DataError, match=r"case b: label file .*labelsTr.b\.nii\.gz is missing"):
             find(root)
+    _case(root, "b")
+    write_volume(_image(), os.path.join(root, "imagesTr", "b.nii.gz"))  # both naming styles for one case
+    with pytest.raises(DataError, match=r"case b has two images in .*imagesTr, b_0000\.nii\.gz and b\.nii\.gz"):
+        discover_dataset(root)
 
 
 def test_equal_names_and_extra_channels(tmp_path):

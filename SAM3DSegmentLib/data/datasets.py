@@ -187,20 +187,22 @@ def read_nnunet_dataset(root: str, split: str = "Tr", source: str = "dataset", h
             continue
         paired.add(image)
         cases.append(CaseFiles(stem, os.path.join(img_dir, image), os.path.join(lab_dir, n)))
-    case_names = {c.name for c in cases}
+    case_images = {c.name: os.path.basename(c.image_path) for c in cases}
     other_channels = []
     for (stem, ext), n in sorted(images.items()):
         if n in paired:
             continue
         m = _CHANNEL.fullmatch(stem)
-        base = m.group(1) if m else stem
-        if m and m.group(2) != "0000" and (base in case_names or (f"{base}_0000", ext) in images):
-            if base in case_names:
+        if m and m.group(2) != "0000":  # channel 1+ of case m.group(1)
+            if m.group(1) in case_images:
                 other_channels.append(n)
-            continue  # another channel of a case (used or reported through its channel 0)
-        if not (m and m.group(2) == "0000"):
-            base = stem
-        problems.append(f"case {base}: label file {os.path.join(lab_dir, base + n[len(stem):])} is missing")
+            if m.group(1) in case_images or (f"{m.group(1)}_0000", ext) in images:
+                continue  # used through its channel 0, or reported through it
+        base = m.group(1) if m and m.group(2) == "0000" else stem
+        if base in case_images:
+            problems.append(f"case {base} has two images in {img_dir}, {case_images[base]} and {n}; keep one")
+        else:
+            problems.append(f"case {base}: label file {os.path.join(lab_dir, base + n[len(stem):])} is missing")
     if problems:
         raise DataError(f"dataset {root}: " + "; ".join(problems) + ". Add the missing files or remove the "
                         "unpaired ones")
