@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from SAM3DSegmentLib.train import main
 from SAM3DSegmentLib.train.config import (ConfigError, TrainConfig, apply_overrides, config_from_dict,
                                           config_to_dict, load_config)
 
@@ -97,11 +96,15 @@ def test_the_conversions_a_hand_written_file_needs():
     assert config_to_dict(TrainConfig()) == config_to_dict(config_from_dict({}))
 
 
-def test_cli_reports_config_errors_in_one_line_with_exit_2(tmp_path, capsys):
+def test_errors_are_one_line_and_the_system_check_refuses_a_bad_amp_before_running(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"loop": {"epochs": 2}}))
-    assert main([str(path), "--set", "optim.lrr=1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "did you mean 'optim.lr'" in err[0]
-    assert main(["--check", "--amp", "bf15"]) == 2  # refused before anything runs
-    assert "amp must be one of 'auto', 'off', 'bf16', 'fp16'; got 'bf15'" in capsys.readouterr().err
+    path.write_text(json.dumps({"loop": {"epochs": 2, "batch_size": 0}, "optimizer": {}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), ["optim.lrr=1"])
+    msg = str(info.value)
+    assert "\n" not in msg and "did you mean 'optim'" in msg and "did you mean 'optim.lr'" in msg
+    assert "loop.batch_size must be >= 1, got 0" in msg
+    from SAM3DSegmentLib.train.loop import system_check
+
+    with pytest.raises(ConfigError, match="amp must be one of 'auto', 'off', 'bf16', 'fp16'; got 'bf15'"):
+        system_check("cpu", "bf15")
