@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.geometry import Volume
+from ..core.interp import resize_matrix
 from ..inference.cache import region_key
 
 __all__ = ["OracleRegionDecoder"]
@@ -43,7 +44,7 @@ class OracleRegionDecoder:
         self.encoded = 0
         self._grid: Dict[tuple, np.ndarray] = {}
         self._logits: Dict[Tuple[tuple, int], np.ndarray] = {}
-        self.refine_steps, self.refine_rate, self.refine_max_voxels = int(refine_steps), 1.0, 64
+        self.refine_steps, self.refine_rate, self.refine_max_voxels = int(refine_steps), 1.0, 32
         self.soft_mm = float(soft_mm)
 
     def __call__(self, volume: Volume, volume_key: str) -> "OracleRegionDecoder":
@@ -70,40 +71,31 @@ class OracleRegionDecoder:
             self.encoded += 1
         return self._grid[key]
 
-    @staticmethod
-    def _upsample(cells: int, f: int) -> np.ndarray:
-        """(cells * f, cells) matrix of the engine's trilinear upsampling along one axis (align_corners=False,
-        clamped at the ends)."""
-        x = np.clip((np.arange(cells * f) + 0.5) / f - 0.5, 0, cells - 1)
-        lo = np.minimum(np.floor(x).astype(int), max(cells - 2, 0))
-        w = x - lo
-        up = np.zeros((cells * f, cells))
-        up[np.arange(cells * f), lo] += 1 - w
-        up[np.arange(cells * f), np.minimum(lo + 1, cells - 1)] += w
-        return up
-
     def _fit(self, target: np.ndarray, inside: np.ndarray, f: int) -> np.ndarray:
-        """Low-res logits whose upsampling fits ``target`` (least squares); for small boxes then up to
-        ``refine_steps`` gradient steps on the logistic loss of the upsampled logits against
-        ``inside``, keeping the step whose mask (upsampled logits > 0) has the best IoU with ``inside``."""
-        ups = [self._upsample(n // f, f) for n in target.shape]
+        """Low-res logits whose upsampling fits ``target`` (least squares); for small boxes (at most
+        ``refine_max_voxels`` a side) then up to ``refine_steps`` gradient steps on the logistic loss of the
+        upsampled logits against ``inside``, keeping the step whose mask (upsampled logits > 0) has the best IoU
+        with ``inside`` (stopping after 40 steps without a better one)."""
+        ups = [resize_matrix(n, n // f, dtype=np.float64) for n in target.shape]
         pinv = [np.linalg.pinv(u) for u in ups]
-        cells = np.einsum("ua,vb,wc,abc->uvw", pinv[0], pinv[1], pinv[2], target, optimize=True)
+        cells = _separable(pinv, target)
         if max(target.shape) > self.refine_max_voxels or not inside.any():
             return cells
         y = np.where(inside, 1.0, -1.0)
-        best, best_iou = cells.copy(), -1.0
+        downs = [u.T for u in ups]
+        best, best_iou, since = cells, -1.0, 0
         for _ in range(self.refine_steps + 1):
-            u = np.einsum("au,bv,cw,uvw->abc", ups[0], ups[1], ups[2], cells, optimize=True)
+            u = _separable(ups, cells)
             pos = u > 0
             iou = np.count_nonzero(pos & inside) / max(np.count_nonzero(pos | inside), 1)
             if iou > best_iou:
-                best, best_iou = cells.copy(), iou
-            if iou == 1.0:
+                best, best_iou, since = cells, iou, 0
+            else:
+                since += 1
+            if iou == 1.0 or since > 40:
                 break
             g = -y / (1.0 + np.exp(np.clip(y * u, -50.0, 50.0)))
-            cells = cells - self.refine_rate * np.einsum("au,bv,cw,abc->uvw", ups[0], ups[1], ups[2], g,
-                                                         optimize=True)
+            cells = cells - self.refine_rate * _separable(downs, g)
         return best
 
     def _object_logits(self, region, label: int) -> np.ndarray:
@@ -148,3 +140,10 @@ class OracleRegionDecoder:
             else:
                 out[n] = self._object_logits(region, label)
         return out, None
+
+
+def _separable(mats, x: np.ndarray) -> np.ndarray:
+    """``x`` with ``mats[a]`` applied along axis ``a`` (a separable linear map, BLAS matrix products)."""
+    x = np.tensordot(mats[0], x, axes=(1, 0))
+    x = np.tensordot(mats[1], x, axes=(1, 1)).transpose(1, 0, 2)
+    return np.tensordot(x, mats[2], axes=(2, 1))

@@ -8,7 +8,8 @@ Steps (cheap first; each failure is a named rejection counted by the generator):
 
 1. ``empty``: no low-res cell around the prompt is above ``threshold - offset``.
 2. ``too_large``: the low-res estimate of the mask's volume (its 26-connected cells holding the prompt,
-   counted at ``threshold - offset``) exceeds ``slack`` times ``max_volume_ml`` (the exact check is step 6).
+   counted at ``threshold - offset``) exceeds ``slack`` times ``max_volume_ml`` (the exact check is step 6);
+   the rejection carries those cells.
 3. ``prompt_outside_mask``: on the region grid (128^3, 1.5 mm for SAM-Med3D) the prompt's voxel is not in the
    mask at ``threshold``. The instance is the 26-connected part of the mask holding the prompt.
 4. Stability score (segment-anything's definition, on the region grid): voxels above ``threshold + offset``
@@ -33,7 +34,7 @@ from . import regions as _regions
 from ..core.geometry import Volume
 from .nms import BoxMask
 
-__all__ = ["RegionMask", "region_grid", "region_mask", "cut_inside_volume", "paste_instance"]
+__all__ = ["RegionMask", "Rejection", "region_grid", "region_mask", "cut_inside_volume", "paste_instance"]
 
 _FULL = np.ones((3, 3, 3), dtype=bool)   # 26-connectivity
 
@@ -47,6 +48,15 @@ class RegionMask:
     stability: float
     lowres_ml: float
     cut_by_region: bool
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a prompt gave no instance (``reason``: a step's name) and, for ``too_large``, the mask's low-res cells
+    (``[c, b, a]`` bool, 32^3 for SAM-Med3D): the generator skips later prompts that fall inside them."""
+
+    reason: str
+    cells: Optional[np.ndarray] = None
 
 
 def region_grid(region) -> Volume:
@@ -66,9 +76,9 @@ def _component_at(mask: np.ndarray, at: Tuple[int, int, int]) -> Optional[np.nda
 
 def region_mask(logits: np.ndarray, region, volume: Volume, prompt_abc: np.ndarray, threshold: float = 0.0,
                 offset: float = 1.0, max_volume_ml: Optional[float] = None,
-                slack: float = 2.0) -> Union[RegionMask, str]:
+                slack: float = 2.0) -> Union[RegionMask, "Rejection"]:
     """Steps 1-4 of the module docstring for one prompt (``prompt_abc``: continuous region index (a, b, c)) in
-    ``region`` of ``volume``. Returns the :class:`RegionMask` or the rejection's name."""
+    ``region`` of ``volume``. Returns the :class:`RegionMask` or a :class:`Rejection`."""
     from scipy import ndimage
 
     lo_thr, hi_thr = threshold - offset, threshold + offset
@@ -82,14 +92,14 @@ def region_mask(logits: np.ndarray, region, volume: Volume, prompt_abc: np.ndarr
     near = np.unique(np.clip(np.stack([np.floor(q), np.floor(q) + 1]), 0, s - 1).astype(int), axis=0)
     cells = [tuple(int(v) for v in c) for c in np.array(np.meshgrid(*near.T, indexing="ij")).reshape(3, -1).T]
     if not any(loose_cells[c] for c in cells):
-        return "empty"
+        return Rejection("empty")
     labels, _ = ndimage.label(loose_cells, structure=_FULL)
     seeds = {int(labels[c]) for c in cells} - {0}
     comp = np.isin(labels, list(seeds))
     cell_ml = (f * region.spacing) ** 3 / 1000.0
     lowres_ml = float(comp.sum()) * cell_ml
     if max_volume_ml is not None and lowres_ml > slack * float(max_volume_ml):
-        return "too_large"
+        return Rejection("too_large", comp)
     nz = [np.flatnonzero(comp.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
     lo = np.array([max(0, int((n[0] - 1) * f)) for n in nz])
     hi = np.array([min(size, int((n[-1] + 2) * f)) for n in nz])
@@ -98,7 +108,7 @@ def region_mask(logits: np.ndarray, region, volume: Volume, prompt_abc: np.ndarr
     up = _regions.logits_to_volume(logits, region, region_grid(region), box=box)
     at = tuple(int(v) for v in p - lo)
     if not up[at] > threshold:
-        return "prompt_outside_mask"
+        return Rejection("prompt_outside_mask")
     loose = _component_at(up > lo_thr, at)
     stability = float(np.count_nonzero(loose & (up > hi_thr))) / float(max(np.count_nonzero(loose), 1))
     inst = _component_at(loose & (up > threshold), at)

@@ -46,7 +46,8 @@ class AutoOptions:
     region_overlap_mm: float = 48.0
     #: Drop instances the region cut (they touch a region face where the volume continues).
     drop_cut: bool = False
-    #: Skip a prompt that lies in a mask already accepted in its region (same object, no new decode).
+    #: Skip a prompt that lies in a mask already accepted in its region, or in the low-res cells of one rejected
+    #: as too large (the same object again: no new decode). Blob prompts are decoded before grid points.
     skip_covered: bool = True
     #: Keep at most this many instances (best first); None: all.
     max_instances: Optional[int] = None

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import regions as _regions
-from .auto_masks import RegionMask, paste_instance, region_mask
+from .auto_masks import RegionMask, Rejection, paste_instance, region_mask
 from .auto_options import AutoOptions
 from .backends import decode_batch
 from .cache import EmbeddingCache, region_key, volume_content_key
@@ -256,7 +256,8 @@ class AutomaticMaskGenerator3D:
                     rejected: Dict[str, int], check) -> Tuple[List[AutoInstance], int, float]:
         o = self.options
         s = o.region_size
-        covered = np.zeros((s, s, s), dtype=bool) if o.skip_covered else None
+        covered = np.zeros((s, s, s), dtype=bool) if o.skip_covered else None   # region grid, [c, b, a]
+        covered_cells = None                                                     # low-res, [c, b, a]
         idx_all = region.ras_to_index(np.asarray([c.ras for c in cands], dtype=np.float64))
         pending = list(range(len(cands)))
         accepted: List[Tuple[RegionMask, Candidate, Optional[float], float, np.ndarray]] = []
@@ -267,7 +268,8 @@ class AutomaticMaskGenerator3D:
                 n = pending.pop(0)
                 if covered is not None:
                     cba = np.clip(np.floor(idx_all[n][::-1] + 0.5), 0, s - 1).astype(int)
-                    if covered[tuple(cba)]:
+                    if covered[tuple(cba)] or (covered_cells is not None and covered_cells[
+                            tuple(cba * covered_cells.shape[0] // s)]):
                         _count(rejected, "covered")
                         continue
                 batch.append(n)
@@ -283,8 +285,10 @@ class AutomaticMaskGenerator3D:
             for b, n in enumerate(batch):
                 got = region_mask(logits[b], region, volume, idx_all[n], o.threshold, o.stability_offset,
                                   o.max_volume_ml)
-                if isinstance(got, str):
-                    _count(rejected, got)
+                if isinstance(got, Rejection):
+                    _count(rejected, got.reason)
+                    if covered is not None and got.cells is not None:
+                        covered_cells = got.cells if covered_cells is None else covered_cells | got.cells
                     continue
                 piou = None if iou is None else float(iou[b])
                 if got.stability < o.min_stability:

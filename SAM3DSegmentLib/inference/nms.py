@@ -7,13 +7,13 @@ Two masks are compared only on the same grid; their IoU is computed on the inter
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["BoxMask", "mask_iou", "nms"]
+from ..core.boxes import Box, absolute, box_intersect, mask_bounds, relative
 
-Box = Tuple[slice, slice, slice]
+__all__ = ["BoxMask", "mask_iou", "nms"]
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,11 @@ class BoxMask:
         """The non-zero part of ``mask`` (whose voxel ``[0, 0, 0]`` is at ``offset`` of the grid) cropped to its
         bounding box; None when empty."""
         m = np.asarray(mask, dtype=bool)
-        nz = [np.flatnonzero(m.any(axis=tuple(b for b in range(m.ndim) if b != a))) for a in range(m.ndim)]
-        if any(n.size == 0 for n in nz):
+        sl = mask_bounds(m)
+        if sl is None:
             return None
-        sl = tuple(slice(int(n[0]), int(n[-1]) + 1) for n in nz)
         crop = np.ascontiguousarray(m[sl])
-        box = tuple(slice(s.start + int(o), s.stop + int(o)) for s, o in zip(sl, offset))
-        return cls(box, crop, int(crop.sum()))
+        return cls(absolute(sl, tuple(slice(int(o), int(o)) for o in offset)), crop, int(np.count_nonzero(crop)))
 
     def full(self, shape: Sequence[int]) -> np.ndarray:
         """The mask on a whole grid of ``shape`` (uint8)."""
@@ -44,21 +42,12 @@ class BoxMask:
         return out
 
 
-def _intersection(a: Box, b: Box) -> Optional[Box]:
-    out = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
-    return None if any(s.stop <= s.start for s in out) else out
-
-
-def _rel(inner: Box, outer: Box) -> Box:
-    return tuple(slice(i.start - o.start, i.stop - o.start) for i, o in zip(inner, outer))
-
-
 def mask_iou(a: BoxMask, b: BoxMask) -> float:
     """Intersection over union of two masks on the same grid."""
-    inter_box = _intersection(a.box, b.box)
+    inter_box = box_intersect(a.box, b.box)
     if inter_box is None:
         return 0.0
-    inter = int(np.count_nonzero(a.mask[_rel(inter_box, a.box)] & b.mask[_rel(inter_box, b.box)]))
+    inter = int(np.count_nonzero(a.mask[relative(inter_box, a.box)] & b.mask[relative(inter_box, b.box)]))
     union = a.count + b.count - inter
     return inter / union if union else 0.0
 
