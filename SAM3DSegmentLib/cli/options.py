@@ -161,11 +161,16 @@ def add_device_options(p: argparse.ArgumentParser, dtype: bool = True) -> None:
         p.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
 
 
+def add_region_options(p: argparse.ArgumentParser) -> None:
+    """What the model's regions see: ``--spacing`` and ``--clamp-hu``."""
+    p.add_argument("--spacing", type=positive_float, default=1.5, metavar="MM", help=SPACING_HELP)
+    p.add_argument("--clamp-hu", type=clamp_range, default=None, metavar="LO,HI|none", help=CLAMP_HELP)
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """How the interactive engine turns clicks into a mask: prompt mode, spacing, clamp, region growth."""
     p.add_argument("--prompt-mode", choices=("newest", "all"), default="newest", help=PROMPT_MODE_HELP)
-    p.add_argument("--spacing", type=positive_float, default=1.5, metavar="MM", help=SPACING_HELP)
-    p.add_argument("--clamp-hu", type=clamp_range, default=None, metavar="LO,HI|none", help=CLAMP_HELP)
+    add_region_options(p)
     p.add_argument("--no-extend", action="store_true", help=NO_EXTEND_HELP)
     p.add_argument("--max-regions", type=positive_int, default=8, metavar="N", help=MAX_REGIONS_HELP)
 

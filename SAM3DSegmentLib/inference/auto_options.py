@@ -6,12 +6,29 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["AutoOptions", "RANK_BY"]
+__all__ = ["AutoOptions", "RANK_BY", "PRESETS", "preset"]
 
 #: How instances are ranked for suppression: the stability score alone (default: the released SAM-Med3D
 #: checkpoints never trained their IoU head, so its prediction carries no information), the decoder's
 #: predicted IoU, or their product (SAM's automatic generator filters on both).
 RANK_BY = ("stability", "predicted_iou", "product")
+
+#: Named starting points (any option can still be changed): ``nodules`` prompts at bright blobs of 4 to 30 mm
+#: and keeps objects up to 20 ml (a 34 mm ball); ``everything`` prompts on a 20 mm grid and keeps any size.
+PRESETS = {
+    "nodules": {"grid_spacing_mm": None, "blob_diameters_mm": (4.0, 8.0, 16.0, 30.0), "max_volume_ml": 20.0,
+                "label": "nodules"},
+    "everything": {"grid_spacing_mm": 20.0, "label": "everything"},
+}
+
+
+def preset(name: str, **changes) -> dict:
+    """The options of preset ``name`` updated with ``changes`` (a dict for :class:`AutoOptions`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    out = dict(PRESETS[name])
+    out.update(changes)
+    return out
 
 
 @dataclass

@@ -159,6 +159,27 @@ class Engine:
         self._require_volume()
         return self.session.reset(self._object(key))
 
+    def find_all(self, job: Optional[Any], options: Optional[dict] = None, roi: Optional[dict] = None,
+                 volume_token: Any = None) -> dict:
+        """Every instance the automatic mask generator finds in the volume (inside ``roi``: ``{"centre", "size",
+        "axes"}`` in RAS mm, or the whole volume), with :class:`~.auto_options.AutoOptions` fields ``options``,
+        on the session's model and embedding cache. Returns :func:`~.auto_export.payload`; changes no object.
+        ``job``: cancelled between decoder calls (``Cancelled``)."""
+        from .auto_export import payload
+        from .auto_options import AutoOptions
+        from .automatic import AutomaticMaskGenerator3D
+        from .candidates import RoiBox
+
+        self._require_volume()
+        if volume_token is not None and volume_token != self.volume_token:
+            raise RuntimeError("the engine holds another volume than the one to search; press Find all again "
+                               "(the volume is re-sent)")
+        opts = AutoOptions.for_session(self.session.options, **dict(options or {}))
+        box = None if roi is None else RoiBox(tuple(roi["centre"]), tuple(roi["size"]), roi.get("axes"))
+        gen = AutomaticMaskGenerator3D.from_session(self.session, opts)
+        check = job.check_cancelled if job is not None else None
+        return payload(gen.generate(self.session.volume, box, volume_key=self.volume_key, check=check))
+
     def _require_session(self) -> None:
         if self.session is None:
             raise RuntimeError("no model loaded: choose a model and press 'Load model'")

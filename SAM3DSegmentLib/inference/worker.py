@@ -220,8 +220,10 @@ def describe_update(update, wall_s: Optional[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- job API
-#: What the GUI may ask of an engine (Engine method names); ``sync_clicks`` also gets its Job (cancellation).
-OPS = ("load", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask", "forget_object")
+#: What the GUI may ask of an engine (Engine method names); those in :data:`JOB_OPS` also get their Job
+#: (cancellation).
+OPS = ("load", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask", "forget_object", "find_all")
+JOB_OPS = ("sync_clicks", "find_all")
 
 
 class ThreadEngine:
@@ -253,7 +255,7 @@ class ThreadEngine:
             kwargs["progress"] = self._progress
             self.download = None
         return self.worker.submit(getattr(self.engine, op), *args, tag=tag, supersede=supersede,
-                                  pass_job=(op == "sync_clicks"), context=context, cancellable=cancellable, **kwargs)
+                                  pass_job=(op in JOB_OPS), context=context, cancellable=cancellable, **kwargs)
 
     def poll(self, wait: float = 0.0) -> List[Job]:
         """Finished jobs (completion order). With ``wait`` > 0 and work in flight, first wait up to ``wait``
