@@ -27,6 +27,7 @@ EXTERNAL_COMMANDS = {
     "evaluate": ("SAM3DSegmentLib.evaluate", "main", "score a model with simulated clicks (Dice, NSD, HD95)"),
     "diagnose": ("SAM3DSegmentLib.diagnose", None, "print a report of the system, torch, devices and caches"),
     "download": ("SAM3DSegmentLib.weights", "main", "download and verify published checkpoints"),
+    "serve": ("SAM3DSegmentLib.remote.server", "main", "serve models over HTTP for remote inference (docs/remote.md)"),
 }
 OWN_COMMANDS = {
     "segment": "segment a 3D image from clicks and write the mask",
@@ -124,6 +125,9 @@ def build_segment_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="output mask: .nii.gz, .nii, .nrrd, .mha or .seg.nrrd")
     p.add_argument("--timings", default=None, metavar="JSON", help="also write timings and run details here")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    from .remote.options import add_server_arguments
+
+    add_server_arguments(p)  # --server URL ...: remote inference (remote/options.py)
     return p
 
 
@@ -145,8 +149,15 @@ def _check_output_path(path: str, allowed: Sequence[str], flag: str) -> str:
 
 
 def load_backend(model: Optional[str], checkpoint: Optional[str], device: str = "auto",
-                 threads: Optional[int] = None, dtype: str = "float32"):
-    """Resolve the checkpoint, load it and wrap it in a :class:`LocalBackend`. Returns (backend, info)."""
+                 threads: Optional[int] = None, dtype: str = "float32", remote=None):
+    """Resolve the checkpoint, load it and wrap it in a :class:`LocalBackend`. Returns (backend, info).
+
+    With ``remote`` (``remote.options.RemoteOptions``, from ``--server``) the model runs on those servers
+    instead: a :class:`~SAM3DSegmentLib.remote.client.RemoteBackend`."""
+    if remote is not None:
+        from .remote.options import load_remote_backend
+
+        return load_remote_backend(remote, model, checkpoint, device, threads, dtype)
     from .weights import DEFAULT_MODEL, resolve_checkpoint
 
     name = checkpoint or model or DEFAULT_MODEL
@@ -248,8 +259,14 @@ def _segment(args) -> int:
         except GeometryError as err:
             raise CliError(f"--click {','.join(f'{v:g}' for v in xyz)}: {err}") from err
 
+    from .remote.options import remote_options
+
+    try:
+        remote = remote_options(args)
+    except ValueError as err:
+        raise CliError(str(err)) from err
     t = time.perf_counter()
-    backend, info = load_backend(args.model, args.checkpoint, args.device, args.threads, args.dtype)
+    backend, info = load_backend(args.model, args.checkpoint, args.device, args.threads, args.dtype, remote=remote)
     load_s = time.perf_counter() - t
     if not args.quiet:
         print(f"model: {backend.name}; checkpoint: {info['checkpoint']}")

@@ -736,17 +736,25 @@ def build_parser(prog: str = "sam3d evaluate") -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    from .remote.options import add_server_arguments
+
+    add_server_arguments(p)  # --server URL ...: remote inference (remote/options.py)
     return p
 
 
 def _load_backend(args) -> Tuple[Any, Dict[str, Any]]:
     from .cli import CliError, load_backend
+    from .remote.options import remote_options
     from .weights import DEFAULT_MODEL, sha256_file
 
     try:
-        backend, info = load_backend(args.model, args.checkpoint, args.device, dtype=args.dtype)
+        backend, info = load_backend(args.model, args.checkpoint, args.device, dtype=args.dtype,
+                                     remote=remote_options(args))
     except CliError as err:
         raise EvaluationError(str(err)) from err
+    if "checkpoint_sha256" in info:  # remote: the server reports the sha256 of the file it serves
+        info.update(name=info["model"], dtype=args.dtype)
+        return backend, info
     info.update(name=args.model or (None if args.checkpoint else DEFAULT_MODEL) or os.path.basename(info["checkpoint"]),
                 checkpoint_sha256=sha256_file(info["checkpoint"]), dtype=args.dtype)
     return backend, info

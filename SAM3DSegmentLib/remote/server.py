@@ -422,14 +422,14 @@ class ServerThread:
         finally:
             self._sock.close()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Graceful shutdown (open connections closed, running requests finished), forced after half of
-        ``timeout_s``."""
+    def stop(self, grace_s: float = 1.0, timeout_s: float = 10.0) -> None:
+        """Shut down: running requests get ``grace_s`` to finish, then the server exits (at most
+        ``timeout_s`` in all)."""
         self.server.should_exit = True
-        self._thread.join(timeout_s / 2)
+        self._thread.join(grace_s)
         if self._thread.is_alive():
             self.server.force_exit = True
-            self._thread.join(timeout_s / 2)
+            self._thread.join(max(0.0, timeout_s - grace_s))
         self._sock.close()
 
     def __enter__(self) -> "ServerThread":
