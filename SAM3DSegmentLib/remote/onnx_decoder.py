@@ -29,6 +29,8 @@ class OnnxDecoder:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
+        # Idle worker threads sleep instead of spinning: the decoder shares the workstation with the viewer.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(bytes(model), sess_options=opts,
                                                  providers=["CPUExecutionProvider"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import socket
 import ssl
 import threading
@@ -85,7 +86,7 @@ class Transport:
         self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
         self._conns: Dict[str, http.client.HTTPConnection] = {}
         self._down: Dict[str, float] = {}
-        self._next = 0
+        self._next = random.randrange(len(self.servers))  # clients start at different servers
         self._lock = threading.RLock()
         self.stats = {"requests": 0, "bytes_sent": 0, "bytes_received": 0, "failovers": 0}
 
@@ -123,11 +124,12 @@ class Transport:
     def _order(self, prefer: Optional[str]) -> List[str]:
         n = len(self.servers)
         start = self._next % n
-        self._next += 1
         order = self.servers[start:] + self.servers[:start]
         if prefer in order:
             order.remove(prefer)
             order.insert(0, prefer)
+        else:  # round robin over the requests that may go anywhere (encodes, capabilities)
+            self._next += 1
         now = time.monotonic()
         up = [u for u in order if now - self._down.get(u, -1e18) > self.down_cooldown_s]
         return up + [u for u in order if u not in up]
