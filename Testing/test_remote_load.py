@@ -34,6 +34,7 @@ def test_quick_load_benchmark_has_no_errors_and_bounded_caches():
         assert s["cache"]["bytes"] <= s["cache"]["max_bytes"] == 512 * 1024
     sessions = {(x["mode"], x["wire_dtype"]): x for x in report["session"]}
     split16, full16, full32 = sessions["split", "float16"], sessions["full", "float16"], sessions["full", "float32"]
+    assert all(x["later_click"]["regions_encoded"] == 0 for x in sessions.values())
     assert split16["later_click"]["bytes_sent_mean"] == 0 and split16["later_click"]["bytes_received_mean"] == 0
     assert full16["first_click"]["bytes_sent"] > 10 * full16["later_click"]["bytes_sent_mean"] > 0
     assert full32["first_click"]["bytes_sent"] > 1.8 * full16["first_click"]["bytes_sent"]

@@ -71,9 +71,12 @@ def rss_mb(pid: int) -> float:
 
 
 class RssMonitor:
+    """Samples each process's resident memory every ``period_s``; ``halves(pid)`` gives the peak of the
+    first and of the second half of the run (a bounded server has the same peak in both)."""
+
     def __init__(self, pids: List[int], period_s: float = 0.1):
         self.pids, self.period_s = pids, period_s
-        self.peak = {p: 0.0 for p in pids}
+        self.samples: Dict[int, List[float]] = {p: [] for p in pids}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -81,10 +84,18 @@ class RssMonitor:
         while not self._stop.is_set():
             for p in self.pids:
                 try:
-                    self.peak[p] = max(self.peak[p], rss_mb(p))
+                    self.samples[p].append(rss_mb(p))
                 except OSError:
                     pass
             self._stop.wait(self.period_s)
+
+    def peak(self, pid: int) -> float:
+        return max(self.samples[pid], default=float("nan"))
+
+    def halves(self, pid: int):
+        x = self.samples[pid]
+        h = len(x) // 2
+        return (max(x[:h], default=float("nan")), max(x[h:], default=float("nan")))
 
     def __enter__(self):
         self._thread.start()
@@ -167,8 +178,10 @@ def run_load(urls, procs, args, volume) -> dict:
     servers = []
     for p, url in zip(procs, urls):
         stats = httpx.get(url + "/v1/stats", timeout=10).json()
-        servers.append({"url": url, "rss_before_mb": baseline[p.pid], "rss_peak_mb": mon.peak[p.pid],
-                        "rss_growth_mb": mon.peak[p.pid] - baseline[p.pid],
+        first, second = mon.halves(p.pid)
+        servers.append({"url": url, "rss_before_mb": baseline[p.pid], "rss_peak_mb": mon.peak(p.pid),
+                        "rss_peak_first_half_mb": first, "rss_peak_second_half_mb": second,
+                        "rss_growth_mb": mon.peak(p.pid) - baseline[p.pid],
                         "cache_limit_mb": args.cache_mb, "cache": stats["cache"], "counters": stats["counters"],
                         "encode_refused": stats["encode_gate"]["refused"]})
     return {"clients": args.clients, "clicks_per_client": args.clicks, "regions_per_client": args.regions,
@@ -186,17 +199,22 @@ def run_session(urls, mode: str, wire_dtype: str, volume, target, later: int) ->
     s = Session(rb, SessionOptions(clamp_hu=(-1000, 1000), extend=False))
     s.set_volume(volume)
     s.new_object()
+    # first click: the target voxel nearest its centroid; later clicks: target voxels within 40 mm of it,
+    # so they stay inside the first 192 mm region (a click outside it would encode a new region)
     kji = np.argwhere(target > 0)
+    ras = volume.ijk_to_ras_points(kji[:, ::-1].astype(float))
+    first = int(np.argmin(np.linalg.norm(ras - ras.mean(axis=0), axis=1)))
+    near = np.flatnonzero(np.linalg.norm(ras - ras[first], axis=1) < 40.0)
     rng = np.random.default_rng(7)
-    picks = kji[rng.choice(len(kji), size=later + 1, replace=False)]
+    picks = [first] + list(rng.choice(near, size=later, replace=False))
     rows = []
-    for n, p in enumerate(picks):
+    for n, i in enumerate(picks):
         before = rb.wire_stats()
         t = time.perf_counter()
-        s.add_click(ijk=tuple(float(v) for v in p[::-1]), positive=True)
+        update = s.add_click(ijk=tuple(float(v) for v in kji[i][::-1]), positive=True)
         dt = time.perf_counter() - t
         after = rb.wire_stats()
-        rows.append({"s": dt, "sent": after["bytes_sent"] - before["bytes_sent"],
+        rows.append({"s": dt, "sent": after["bytes_sent"] - before["bytes_sent"], "encoded": update.encoded_regions,
                      "received": after["bytes_received"] - before["bytes_received"]})
     first, rest = rows[0], rows[1:]
     out = {"mode": rb.mode, "wire_dtype": wire_dtype, "backend": rb.name,
@@ -205,7 +223,8 @@ def run_session(urls, mode: str, wire_dtype: str, volume, target, later: int) ->
            "later_click": {"latency_p50_ms": 1000 * statistics.median(r["s"] for r in rest),
                            "latency_p95_ms": 1000 * pct([r["s"] for r in rest], 95),
                            "bytes_sent_mean": statistics.mean(r["sent"] for r in rest),
-                           "bytes_received_mean": statistics.mean(r["received"] for r in rest), "n": len(rest)}}
+                           "bytes_received_mean": statistics.mean(r["received"] for r in rest), "n": len(rest),
+                           "regions_encoded": sum(r["encoded"] for r in rest)}}
     rb.close()
     return out
 
@@ -221,7 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--regions", type=int, default=10)
     p.add_argument("--mode", choices=("full", "split"), default="full", help="client mode of the load test")
     p.add_argument("--wire-dtype", choices=("float16", "float32"), default="float16")
-    p.add_argument("--cache-mb", type=float, default=8.0, help="each server's embedding cache (MiB)")
+    p.add_argument("--cache-mb", type=float, default=4.0,
+                   help="each server's embedding cache (MiB; default 4 = 20 demo-model embeddings, fewer than the "
+                        "regions each server gets, so entries are evicted and clients resend)")
     p.add_argument("--later-clicks", type=int, default=10, help="later clicks in the session measurement")
     p.add_argument("--time-limit-s", type=float, default=600)
     p.add_argument("--quick", action="store_true", help="small version for tests: 3 clients x 6 clicks + 2 regions")
