@@ -151,6 +151,28 @@ def test_full_encode_queue_answers_503():
         assert r.status_code == 503 and r.json()["error"] == "server_busy" and "retry-after" in r.headers
 
 
+def test_request_bodies_need_a_length_and_count_against_the_inflight_budget():
+    backend = StubBackend(delay_s=1.0)
+    one = len(_encode_body())
+    with serving(stub_model(backend), max_inflight_bytes=int(1.5 * one)) as srv:
+        def chunks():
+            yield _encode_body()
+        r = httpx.post(srv.url + "/v1/encode", content=chunks(), headers={"Content-Type": P.MEDIA_TYPE}, timeout=10)
+        assert r.status_code == 411 and "Content-Length" in r.json()["detail"]
+        first = threading.Thread(target=lambda: _post(srv.url, "/v1/encode", _encode_body(), headers={}))
+        first.start()
+        state = srv.server.config.app.state.sam3d
+        for _ in range(200):
+            if state.inflight_bytes:
+                break
+            time.sleep(0.01)
+        r = _post(srv.url, "/v1/encode", _encode_body(image32(1)), headers={})
+        first.join(10)
+        assert r.status_code == 503 and "bytes of requests in progress" in r.json()["detail"]
+        assert state.inflight_bytes == 0 and backend.encodes == 1     # released after the answer
+        assert _post(srv.url, "/v1/encode", _encode_body(image32(1)), headers={}).status_code == 200
+
+
 def test_server_stateless_cache_bounded_and_decode_by_key_or_region():
     backend = StubBackend()
     emb_bytes = 2 * 4 * 4 * 4 * 4
