@@ -288,6 +288,19 @@ def test_tls_with_a_self_signed_certificate(tmp_path):
             RemoteBackend(srv.url.replace("https://", "http://"), key=KEY, timeout_s=5)
 
 
+def test_failed_onnx_export_is_a_404_with_the_reason_and_auto_mode_falls_back_to_full():
+    model = stub_model()
+    model.module = object()                                    # not a model: the export fails
+    with serving(model) as srv:
+        r = httpx.get(srv.url + "/v1/models/stub/decoder.onnx", timeout=30)
+        assert r.status_code == 404 and "ONNX export of model stub failed" in r.json()["detail"]
+        rb = RemoteBackend(srv.url, mode="auto")
+        assert rb.mode == "full" and "no local ONNX decoder" in rb.name
+        with pytest.raises(BadRequest, match="use the full mode"):
+            RemoteBackend(srv.url, mode="split")
+        assert httpx.get(srv.url + "/v1/models/nope/decoder.onnx", timeout=5).status_code == 404
+
+
 def test_app_has_no_docs_and_unknown_paths_are_404():
     with serving(stub_model()) as srv:
         for path in ("/docs", "/openapi.json", "/v1/nothing"):

@@ -25,7 +25,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .errors import RemoteError, UnknownEmbedding, VersionMismatch
+from .errors import BadRequest, RemoteError, UnknownEmbedding, VersionMismatch
+from .onnx_decoder import OnnxDecoderError
 from .protocol import PROTOCOL_VERSION, available_codecs, content_key, pack, unpack, wire_array
 from .transport import Transport
 
@@ -83,8 +84,13 @@ class RemoteBackend:
         decoder_kind = "server"
         if mode in ("split", "auto") and local_decoder is not None:
             self.decoder, decoder_kind = local_decoder, "local torch"
-        elif mode == "split" or (mode == "auto" and self.model_info.get("decoder_onnx") and onnxruntime_available()):
+        elif mode == "split":
             self.decoder, decoder_kind = self._onnx_decoder(onnx_threads), "local ONNX"
+        elif mode == "auto" and self.model_info.get("decoder_onnx") and onnxruntime_available():
+            try:
+                self.decoder, decoder_kind = self._onnx_decoder(onnx_threads), "local ONNX"
+            except (BadRequest, OnnxDecoderError) as err:  # e.g. the server's export failed: let it decode
+                decoder_kind = f"server (no local ONNX decoder: {err})"
         self.mode = "full" if self.decoder is None else "split"
         n = len(self.transport.servers)
         where = self.transport.servers[0] + (f" (+{n - 1} more)" if n > 1 else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from typing import List, Optional, Sequence
 
 KEYS_ENV = "SAM3D_SERVER_KEYS"
@@ -132,6 +133,17 @@ def serve_main(argv: Optional[Sequence[str]] = None) -> int:
     except (ServeError, ValueError, OSError) as err:
         sys.stderr.write(f"{prog}: error: {' '.join(str(err).split())}\n")
         return 1
+    state = app.state.sam3d
+
+    def warm_up():  # export the ONNX decoders now, so the first split client does not wait for it
+        for m in models:
+            if m.module is not None:
+                try:
+                    state.onnx_decoder(m)
+                except Exception as err:  # noqa: BLE001 - clients get the reason; full mode still works
+                    sys.stderr.write(f"{prog}: warning: no ONNX decoder for {m.name}: {err}\n")
+
+    threading.Thread(target=warm_up, name="onnx-export", daemon=True).start()
     print(f"{prog}: {', '.join(m.name for m in models)} on {config.device}; "
           f"{'key required' if keys else 'no key (loopback only)'}; listening on {runner.url}", flush=True)
     runner.serve_forever()

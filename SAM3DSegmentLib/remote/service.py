@@ -36,6 +36,7 @@ class ServedModel:
     embedding_shape: Optional[Tuple[int, ...]] = None
     module: Any = None
     _onnx: Optional[bytes] = field(default=None, repr=False)
+    _onnx_error: Optional[str] = field(default=None, repr=False)
     _onnx_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def describe(self) -> Dict[str, Any]:
@@ -221,11 +222,18 @@ class ServerState:
         if model.module is None:
             raise ProtocolError(f"this server offers no ONNX decoder for model {model.name}; use the full mode "
                                 "(the server decodes) or a local torch decoder", E_NOT_AVAILABLE, 404)
-        with model._onnx_lock:
-            if model._onnx is None:
-                from ..models.onnx_export import export_decoder_onnx
+        with model._onnx_lock:   # exported once, on first use (or by ``sam3d serve``'s warm-up)
+            if model._onnx is None and model._onnx_error is None:
+                try:
+                    from ..models.onnx_export import export_decoder_onnx
 
-                model._onnx = export_decoder_onnx(model.module)
+                    model._onnx = export_decoder_onnx(model.module)
+                except Exception as err:  # noqa: BLE001 - reported to clients, who fall back
+                    model._onnx_error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            if model._onnx is None:
+                raise ProtocolError(f"the ONNX export of model {model.name} failed on this server "
+                                    f"({model._onnx_error}); use the full mode or a local torch decoder",
+                                    E_NOT_AVAILABLE, 404)
             return model._onnx
 
     def capabilities(self) -> Dict[str, Any]:
