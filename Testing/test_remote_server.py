@@ -114,6 +114,17 @@ def test_malformed_requests_get_4xx_with_reasons_and_the_server_keeps_serving():
         assert backend.encodes == 2
 
 
+def test_client_refuses_to_send_more_than_the_servers_published_limit():
+    backend = StubBackend()
+    with serving(stub_model(backend), max_request_bytes=100_000) as srv:
+        rb = RemoteBackend(srv.url, mode="full", wire_dtype="float32")   # 128 KiB of noise: over the limit
+        with pytest.raises(BadRequest, match="exceeds the server's limit of 100000 bytes"):
+            rb.encode(image32())
+        assert backend.encodes == 0
+        RemoteBackend(srv.url, mode="full", wire_dtype="float16").encode(image32() * 0)   # compressible: fits
+        assert backend.encodes == 1
+
+
 def test_slow_upload_gets_408_not_a_hang():
     with serving(stub_model(), keys=[KEY], body_timeout_s=0.5) as srv:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:

@@ -154,6 +154,13 @@ class RemoteBackend:
         meta.update(extra)
         return meta
 
+    def _post(self, path: str, body: bytes, prefer: Optional[str] = None):
+        limit = (self.caps.get("limits") or {}).get("max_request_bytes")
+        if limit and len(body) > int(limit):  # refused here: a server closing mid-upload looks like a crash
+            raise BadRequest(f"a request of {len(body)} bytes exceeds the server's limit of {limit} bytes; use "
+                             "--wire-dtype float16 or ask the operator to raise --max-request-mb")
+        return self.transport.request("POST", path, body, prefer=prefer)
+
     def _unpack(self, reply):
         try:
             return unpack(reply.body, max_array_bytes=256 << 20)
@@ -169,7 +176,7 @@ class RemoteBackend:
         key = content_key(img)
         split = self.mode == "split"
         body = pack(self._meta(return_embedding=split, embedding_dtype=self.wire_dtype), {"image": img}, self.codec)
-        reply = self.transport.request("POST", "/v1/encode", body)
+        reply = self._post("/v1/encode", body)
         meta, arrays = self._unpack(reply)
         if meta.get("key") != key:
             raise RemoteError(f"{reply.url} answered for another input (content key mismatch)", reply.url)
@@ -191,11 +198,11 @@ class RemoteBackend:
         if mask_logits is not None:
             arrays["mask_logits"] = np.asarray(mask_logits, dtype=np.float32).reshape(s, s, s)
         try:
-            reply = self.transport.request("POST", "/v1/decode", pack(self._meta(key=embedding.key), arrays, self.codec),
-                                           prefer=embedding.server)
+            reply = self._post("/v1/decode", pack(self._meta(key=embedding.key), arrays, self.codec),
+                               prefer=embedding.server)
         except UnknownEmbedding as err:  # evicted, restarted or another server: send the region itself
             body = pack(self._meta(key=embedding.key), {**arrays, "image": embedding.image}, self.codec)
-            reply = self.transport.request("POST", "/v1/decode", body, prefer=err.url)
+            reply = self._post("/v1/decode", body, prefer=err.url)
         embedding.server = reply.url
         meta, out = self._unpack(reply)
         logits = out.get("logits")
