@@ -4,6 +4,7 @@ hang), limits, statelessness, time limits in the client, proxies and TLS. The mo
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import threading
 import time
@@ -244,6 +245,46 @@ def test_a_failing_proxy_is_named_as_such():
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+class _FutureServerHandler(http.server.BaseHTTPRequestHandler):
+    """A server of a later protocol: capabilities say protocol 2; other requests are refused as sam3d 2 would."""
+
+    def _json(self, status, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        if self.path == "/v1/capabilities":
+            self._json(200, {"protocol": 2, "version": "9.9.9", "models": []})
+        else:
+            self._json(400, {"error": "protocol_mismatch", "detail": "client speaks protocol 1, this server 2"})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_of_another_protocol_version_is_named_with_both_versions():
+    from SAM3DSegmentLib.remote.settings import check_connection
+    from SAM3DSegmentLib.remote.transport import Transport
+
+    fake = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FutureServerHandler)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{fake.server_address[1]}"
+    try:
+        with pytest.raises(VersionMismatch, match="speaks protocol 2 .sam3dsegment 9.9.9., this client 1"):
+            RemoteBackend(url, timeout_s=5)
+        with pytest.raises(VersionMismatch, match="this server 2"):
+            Transport([url]).request("GET", "/v1/stats")
+        (report,) = check_connection([url])
+        assert not report.ok and "protocol 2" in report.line() and "install matching versions" in report.line()
+    finally:
+        fake.shutdown()
+        fake.server_close()
 
 
 def test_protocol_and_model_mismatch_are_version_errors():

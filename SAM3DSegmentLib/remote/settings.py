@@ -89,7 +89,7 @@ class ServerReport:
 
     def line(self) -> str:
         if not self.ok:
-            return f"{self.url}: {self.message}"
+            return self.message if self.message.startswith(self.url) else f"{self.url}: {self.message}"
         names = ", ".join(m.get("name", "?") for m in self.models) or "no models"
         return (f"{self.url}: sam3dsegment {self.version} (protocol {self.protocol}), {names} on {self.device}, "
                 f"round trip {self.rtt_ms:.1f} ms")
@@ -112,16 +112,20 @@ def check_connection(servers: Sequence[str], key: Optional[str] = None, timeout_
             continue
         try:
             caps = transport.request("GET", "/v1/capabilities").json()
-            rtts = []
-            for _ in range(max(1, int(pings))):
-                t = time.perf_counter()
-                transport.request("GET", "/v1/health")
-                rtts.append((time.perf_counter() - t) * 1000.0)
-            ok = caps.get("protocol") == PROTOCOL_VERSION
-            msg = "ok" if ok else (f"protocol {caps.get('protocol')} (sam3dsegment {caps.get('version')}) differs "
-                                   f"from this client's {PROTOCOL_VERSION}; install matching versions")
-            reports.append(ServerReport(transport.servers[0], ok, msg, caps.get("version"), caps.get("protocol"),
-                                        caps.get("device"), list(caps.get("models") or []), statistics.median(rtts)))
+            report = ServerReport(transport.servers[0], True, "ok", caps.get("version"), caps.get("protocol"),
+                                  caps.get("device"), list(caps.get("models") or []))
+            if caps.get("protocol") != PROTOCOL_VERSION:
+                report.ok = False
+                report.message = (f"speaks protocol {caps.get('protocol')} (sam3dsegment {caps.get('version')}), "
+                                  f"this client {PROTOCOL_VERSION}; install matching versions")
+            else:
+                rtts = []
+                for _ in range(max(1, int(pings))):
+                    t = time.perf_counter()
+                    transport.request("GET", "/v1/health")
+                    rtts.append((time.perf_counter() - t) * 1000.0)
+                report.rtt_ms = statistics.median(rtts)
+            reports.append(report)
         except (RemoteError, ValueError) as err:
             reports.append(ServerReport(transport.servers[0], False, user_message(err)))
         finally:
