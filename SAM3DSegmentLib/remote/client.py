@@ -115,9 +115,10 @@ class RemoteBackend:
         if sha256:
             found = [m for m in models if (m.get("sha256") or "").lower() == sha256.lower()]
             if not found:
+                served = [(m["name"], (m.get("sha256") or "")[:12]) for m in models]
                 raise VersionMismatch(f"the servers offer no model with sha256 {sha256[:12]}... (the local "
-                                      f"checkpoint): they serve {[(m['name'], (m.get('sha256') or '')[:12]) for m in models]}; "
-                                      "use the same checkpoint on both sides or the ONNX decoder")
+                                      f"checkpoint): they serve {served}; use the same checkpoint on both sides "
+                                      "or the ONNX decoder")
             if name and name not in [m["name"] for m in found]:
                 raise VersionMismatch(f"model {name!r} on the server is not the local checkpoint (sha256 differs)")
             return found[0]

@@ -158,7 +158,8 @@ class ServerState:
         model = self.models[name]
         if sha256 is not None and model.sha256 is not None and sha256 != model.sha256:
             raise ProtocolError(f"model {name} here is checkpoint sha256 {model.sha256[:12]}..., the client expects "
-                                f"{str(sha256)[:12]}...; serve the same checkpoint on every server", E_MODEL_MISMATCH, 409)
+                                f"{str(sha256)[:12]}...; serve the same checkpoint on every server",
+                                E_MODEL_MISMATCH, 409)
         return model
 
     def check_image(self, image: Optional[np.ndarray], model: ServedModel) -> np.ndarray:

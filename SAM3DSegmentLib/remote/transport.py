@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 from .. import __version__
 from .errors import (AuthError, BadRequest, ProxyError, RemoteError, RemoteTimeout, ServerBusy, ServerUnavailable,
                      UnknownEmbedding, VersionMismatch)
-from .protocol import (E_AUTH, E_BUSY, E_INTERNAL, E_MODEL_MISMATCH, E_PROTOCOL, E_RATE, E_TIMEOUT, E_UNKNOWN_EMBEDDING, MEDIA_TYPE,
-                       PROTOCOL_HEADER, PROTOCOL_VERSION)
+from .protocol import (E_AUTH, E_BUSY, E_INTERNAL, E_MODEL_MISMATCH, E_PROTOCOL, E_RATE, E_TIMEOUT,
+                       E_UNKNOWN_EMBEDDING, MEDIA_TYPE, PROTOCOL_HEADER, PROTOCOL_VERSION)
 
 MAX_RESPONSE_BYTES = 256 << 20
 _CHUNK = 1 << 16
@@ -185,7 +185,8 @@ class Transport:
                 if reused and not fresh_retry:
                     continue  # a kept-alive connection the server had closed: once more on a new one
                 raise _Failure("unavailable", ServerUnavailable(
-                    f"{url} closed the connection ({type(err).__name__}); the server stopped or crashed", url)) from None
+                    f"{url} closed the connection ({type(err).__name__}); the server stopped or crashed",
+                    url)) from None
             except (OSError, http.client.HTTPException) as err:
                 conn.close()
                 raise _Failure("unavailable", ServerUnavailable(
