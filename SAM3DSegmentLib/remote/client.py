@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import BadRequest, RemoteError, UnknownEmbedding, VersionMismatch
 from .onnx_decoder import OnnxDecoderError
-from .protocol import PROTOCOL_VERSION, available_codecs, content_key, pack, unpack, wire_array
+from .protocol import KEY_HEADER, PROTOCOL_VERSION, available_codecs, content_key, pack, unpack, wire_array
 from .transport import Transport
 
 MODES = ("auto", "split", "full")
@@ -155,12 +155,14 @@ class RemoteBackend:
         meta.update(extra)
         return meta
 
-    def _post(self, path: str, body: bytes, prefer: Optional[str] = None):
+    def _post(self, path: str, body: bytes, key: str, prefer: Optional[str] = None):
         limit = (self.caps.get("limits") or {}).get("max_request_bytes")
         if limit and len(body) > int(limit):  # refused here: a server closing mid-upload looks like a crash
             raise BadRequest(f"a request of {len(body)} bytes exceeds the server's limit of {limit} bytes; use "
                              "--wire-dtype float16 or ask the operator to raise --max-request-mb")
-        return self.transport.request("POST", path, body, prefer=prefer)
+        # KEY_HEADER lets a load balancer route every request about one region to the same server
+        # (e.g. nginx "hash $http_x_sam3d_key consistent"), so full-mode clicks find their embedding cached.
+        return self.transport.request("POST", path, body, prefer=prefer, headers={KEY_HEADER: key})
 
     def _unpack(self, reply):
         try:
@@ -177,7 +179,7 @@ class RemoteBackend:
         key = content_key(img)
         split = self.mode == "split"
         body = pack(self._meta(return_embedding=split, embedding_dtype=self.wire_dtype), {"image": img}, self.codec)
-        reply = self._post("/v1/encode", body)
+        reply = self._post("/v1/encode", body, key)
         meta, arrays = self._unpack(reply)
         if meta.get("key") != key:
             raise RemoteError(f"{reply.url} answered for another input (content key mismatch)", reply.url)
@@ -199,11 +201,11 @@ class RemoteBackend:
         if mask_logits is not None:
             arrays["mask_logits"] = np.asarray(mask_logits, dtype=np.float32).reshape(s, s, s)
         try:
-            reply = self._post("/v1/decode", pack(self._meta(key=embedding.key), arrays, self.codec),
+            reply = self._post("/v1/decode", pack(self._meta(key=embedding.key), arrays, self.codec), embedding.key,
                                prefer=embedding.server)
         except UnknownEmbedding as err:  # evicted, restarted or another server: send the region itself
             body = pack(self._meta(key=embedding.key), {**arrays, "image": embedding.image}, self.codec)
-            reply = self._post("/v1/decode", body, prefer=err.url)
+            reply = self._post("/v1/decode", body, embedding.key, prefer=err.url)
         embedding.server = reply.url
         meta, out = self._unpack(reply)
         logits = out.get("logits")

@@ -36,6 +36,8 @@ PROTOCOL_VERSION = 1
 MEDIA_TYPE = "application/x-sam3d-arrays"
 #: Request header carrying the client's protocol version.
 PROTOCOL_HEADER = "X-SAM3D-Protocol"
+#: Request header carrying the content key of the region a request is about (for load balancers' routing).
+KEY_HEADER = "X-SAM3D-Key"
 
 MAGIC = b"S3DA"
 FORMAT_VERSION = 1

@@ -92,14 +92,14 @@ class Transport:
 
     # ------------------------------------------------------------------ public
     def request(self, method: str, path: str, body: Optional[bytes] = None, prefer: Optional[str] = None,
-                content_type: str = MEDIA_TYPE) -> Reply:
+                content_type: str = MEDIA_TYPE, headers: Optional[Dict[str, str]] = None) -> Reply:
         with self._lock:
             failures: List[_Failure] = []
             for _ in range(1 + self.busy_retries):
                 this_pass: List[_Failure] = []
                 for url in self._order(prefer):
                     try:
-                        reply = self._attempt(url, method, path, body, content_type)
+                        reply = self._attempt(url, method, path, body, content_type, headers)
                     except _Failure as f:
                         this_pass.append(f)
                         self.stats["failovers"] += 1
@@ -156,9 +156,10 @@ class Transport:
             h["Content-Type"] = content_type
         return h
 
-    def _attempt(self, url: str, method: str, path: str, body: Optional[bytes], content_type: str) -> Reply:
+    def _attempt(self, url: str, method: str, path: str, body: Optional[bytes], content_type: str,
+                 extra: Optional[Dict[str, str]]) -> Reply:
         target = urlsplit(url).path + path
-        headers = self._headers(body, content_type)
+        headers = {**self._headers(body, content_type), **(extra or {})}
         for fresh_retry in (False, True):
             t0 = time.monotonic()
             deadline = t0 + self.timeout_s
