@@ -28,7 +28,8 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("remote inference (docs/remote.md)")
     g.add_argument("--server", action="append", default=[], metavar="URL",
                    help="run the model on 'sam3d serve' at URL instead of here; repeat (or comma-separate) for "
-                        "equivalent servers to fail over between. --model then names a model the server offers")
+                        "equivalent servers to fail over between. --model then names a model the server offers; "
+                        "--device/--dtype/--threads apply only to a local torch decoder (--checkpoint)")
     g.add_argument("--server-key-file", metavar="PATH",
                    help=f"file holding the server's key (default: ${KEY_ENV}); never pass a key on the command line")
     g.add_argument("--server-mode", choices=("auto", "split", "full"), default="auto",
