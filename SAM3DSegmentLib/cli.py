@@ -157,7 +157,11 @@ def load_backend(model: Optional[str], checkpoint: Optional[str], device: str = 
     if remote is not None:
         from .remote.options import load_remote_backend
 
-        return load_remote_backend(remote, model, checkpoint, device, threads, dtype)
+        try:
+            return load_remote_backend(remote, model, checkpoint,
+                                       lambda: load_backend(None, checkpoint, device, threads, dtype)[0])
+        except (RuntimeError, ValueError) as err:  # RemoteError, bad URL: one line naming the fix
+            raise CliError(f"--server: {err}") from err
     from .weights import DEFAULT_MODEL, resolve_checkpoint
 
     name = checkpoint or model or DEFAULT_MODEL

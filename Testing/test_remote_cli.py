@@ -98,6 +98,18 @@ def test_segment_with_server_matches_local(demo_server, image_file, tmp_path, mo
     assert cli.main(["segment", path, *clicks, "--server", demo_server.url, "--server-key-file", str(key_file),
                      "--server-mode", "split", "--wire-dtype", "float32", "--out", str(split_out), "-q"]) == 0
     np.testing.assert_array_equal(read_volume(str(split_out)).array, a)
+    # split mode decoding with local torch from the same checkpoint file (the server checks its sha256)
+    from SAM3DSegmentLib.weights import resolve_checkpoint
+
+    demo_file = str(resolve_checkpoint("demo"))
+    torch_out = tmp_path / "torch.nii.gz"
+    assert cli.main(["segment", path, *clicks, "--server", demo_server.url, "--server-key-file", str(key_file),
+                     "--checkpoint", demo_file, "--wire-dtype", "float32", "--out", str(torch_out)]) == 0
+    assert "decoder: local torch" in capsys.readouterr().out
+    np.testing.assert_array_equal(read_volume(str(torch_out)).array, a)
+    assert cli.main(["segment", path, *clicks, "--server", demo_server.url, "--server-key-file", str(key_file),
+                     "--checkpoint", demo_file, "--server-mode", "full", "--out", str(torch_out)]) == 1
+    assert "local decoder of split mode" in capsys.readouterr().err
 
 
 def test_segment_with_a_refused_key_fails_clearly_and_writes_nothing(demo_server, image_file, tmp_path, monkeypatch,

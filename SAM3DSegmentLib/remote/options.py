@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 KEY_ENV = "SAM3D_SERVER_KEY"
 
@@ -68,30 +68,25 @@ def remote_options(args: argparse.Namespace) -> Optional[RemoteOptions]:
                          timeout_s=args.server_timeout, ca_file=args.server_ca, wire_dtype=args.wire_dtype)
 
 
-def load_remote_backend(opts: RemoteOptions, model: Optional[str], checkpoint: Optional[str], device: str = "auto",
-                        threads: Optional[int] = None, dtype: str = "float32") -> Tuple[object, dict]:
+def load_remote_backend(opts: RemoteOptions, model: Optional[str], checkpoint: Optional[str],
+                        load_local: Callable[[], Any]) -> Tuple[Any, dict]:
     """(RemoteBackend, info) for ``cli.load_backend``. With ``checkpoint`` the clicks are decoded here by
-    torch from that file, and the servers must serve the same file (sha256)."""
-    from ..cli import CliError
+    torch (``load_local()`` builds that backend), and the servers must serve the same file (sha256).
+    Raises RemoteError or ValueError with a one-line message."""
     from .client import RemoteBackend
-    from .errors import RemoteError
 
     local, sha = None, None
     if checkpoint:
         if opts.mode == "full":
-            raise CliError("--checkpoint with --server is the local decoder of split mode; drop it or use "
-                           "--server-mode split")
-        from ..cli import load_backend
+            raise ValueError("--checkpoint with --server is the local decoder of split mode; drop it or use "
+                             "--server-mode split")
         from ..weights import sha256_file
 
-        local, _ = load_backend(None, checkpoint, device, threads, dtype)
+        local = load_local()
         sha = sha256_file(checkpoint)
-    try:
-        backend = RemoteBackend(opts.servers, key=opts.key, model=model, mode=opts.mode, local_decoder=local,
-                                expected_sha256=sha, wire_dtype=opts.wire_dtype, timeout_s=opts.timeout_s,
-                                ca_file=opts.ca_file)
-    except (RemoteError, ValueError) as err:
-        raise CliError(f"--server: {err}") from err
+    backend = RemoteBackend(opts.servers, key=opts.key, model=model, mode=opts.mode, local_decoder=local,
+                            expected_sha256=sha, wire_dtype=opts.wire_dtype, timeout_s=opts.timeout_s,
+                            ca_file=opts.ca_file)
     info = {"model": backend.model, "checkpoint": f"{backend.model} served by {', '.join(opts.servers)}",
             "checkpoint_sha256": backend.model_info.get("sha256"), "backend": backend.name,
             "device": backend.caps.get("device"), "architecture": backend.model_info.get("architecture"),
