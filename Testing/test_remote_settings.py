@@ -67,6 +67,24 @@ def test_connection_test_reports_version_models_device_and_round_trip():
     assert not bad_url.ok and "must look like" in bad_url.message
 
 
+def test_backend_from_settings():
+    from SAM3DSegmentLib.remote.settings import backend_from_settings
+
+    with pytest.raises(ValueError, match="no server URL"):
+        backend_from_settings(RemoteSettings(enabled=True), KEY)
+    with serving(stub_model(), keys=[KEY]) as srv:
+        qs = FakeQSettings()
+        save_settings(qs, RemoteSettings(enabled=True, servers=f" {srv.url} ,", mode="full", timeout_s=7.0,
+                                         wire_dtype="float32"))
+        store_key(qs, KEY)
+        rb = backend_from_settings(load_settings(qs), load_key(qs, environ={}))
+        assert rb.mode == "full" and rb.wire_dtype == "float32" and rb.transport.timeout_s == 7.0
+        assert rb.transport.servers == [srv.url] and rb.image_size == 32
+        rb.close()
+        with pytest.raises(AuthError):
+            backend_from_settings(load_settings(qs), None)
+
+
 def test_user_messages_are_one_line():
     assert user_message(AuthError("a\n  b", "http://x")) == "a b"
     assert user_message(ServerBusy("busy")) == "busy"

@@ -75,6 +75,18 @@ def load_key(settings, environ=os.environ) -> Optional[str]:
     return str(value).strip() or None
 
 
+def backend_from_settings(remote: RemoteSettings, key: Optional[str], model: Optional[str] = None):
+    """The :class:`~SAM3DSegmentLib.remote.client.RemoteBackend` the saved settings describe (what the
+    engine builds instead of a local model when Remote is chosen). Raises RemoteError / ValueError."""
+    from .client import RemoteBackend
+
+    servers = remote.server_list()
+    if not servers:
+        raise ValueError("no server URL is set: enter one (https://host:port) or choose Local")
+    return RemoteBackend(servers, key=key, model=model, mode=remote.mode, wire_dtype=remote.wire_dtype,
+                         timeout_s=remote.timeout_s, ca_file=remote.ca_file or None)
+
+
 # ------------------------------------------------------------------------------------------ connection test
 @dataclass
 class ServerReport:
