@@ -2,7 +2,8 @@
 
 The engine speaks numpy only: a backend turns a normalised 128^3 region into an opaque embedding once,
 and each click (points + previous low-res logits) into new low-res logits. ``LocalBackend`` runs our
-torch model on CPU/CUDA/MPS; tests use stubs; a remote backend can implement the same two calls.
+torch model on CPU/CUDA/MPS; tests use stubs; ``remote.client.RemoteBackend`` implements the same two calls
+over HTTP.
 
 Axis convention for every array crossing this interface: the region's own (a, b, c) axes, i.e. the
 RAS-canonical (i, j, k) order the reference pipeline feeds the network; points are continuous voxel
@@ -79,9 +80,15 @@ class LocalBackend:
             emb = self.model.image_encoder(x[None, None])
         return emb.float()
 
+    def encode_numpy(self, image: np.ndarray) -> np.ndarray:
+        """:meth:`encode` as a float32 numpy array (1, C, g, g, g) — what the remote server sends."""
+        return self.encode(image).cpu().numpy()
+
     def decode(self, embedding, points, labels, mask_logits):
         import torch
 
+        if isinstance(embedding, np.ndarray):  # an embedding received from a remote server
+            embedding = torch.tensor(embedding, dtype=torch.float32, device=self.device)  # a copy: may be read-only
         s = self.low_res_size
         pts = torch.as_tensor(np.asarray(points, dtype=np.float32).reshape(1, -1, 3), device=self.device)
         lab = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(1, -1), device=self.device)

@@ -91,3 +91,16 @@ def tune_cpu_allocator(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256
         ok = False
     _allocator_tuned = ok
     return ok
+
+
+def describe_device(device) -> str:
+    """"cuda:0 (NVIDIA H200)", "cpu (16 threads)" or "mps": what a server reports as its device."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if dev.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(dev)
