@@ -104,3 +104,11 @@ def describe_device(device) -> str:
     if dev.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return str(dev)
+
+
+def set_threads(n: Optional[int]) -> None:
+    """Use ``n`` intra-op CPU threads in torch (None or 0: leave torch's choice)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
