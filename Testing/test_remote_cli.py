@@ -1,5 +1,6 @@
-"""``sam3d serve`` start-up checks, and ``sam3d segment`` / ``sam3d evaluate`` with ``--server``: same
-results as local runs, the key from a file or the environment (never the command line), clear failures."""
+"""``sam3d serve`` start-up checks, and ``sam3d segment`` / ``sam3d evaluate`` with ``--server`` (the shared
+option group of cli/options.py): same results as local runs, the key from a file or the environment (never
+the command line), clear failures."""
 from __future__ import annotations
 
 import csv
@@ -15,14 +16,14 @@ from SAM3DSegmentLib import cli  # noqa: E402
 from SAM3DSegmentLib.io.volumes import read_volume  # noqa: E402
 from SAM3DSegmentLib.data.phantoms import sphere_phantom  # noqa: E402
 from SAM3DSegmentLib.remote.options import KEY_ENV, read_key  # noqa: E402
-from SAM3DSegmentLib.remote.serve import build_parser, load_models, read_keys  # noqa: E402
+from SAM3DSegmentLib.remote.serve import load_models, read_keys  # noqa: E402
 
 from _remote_fixtures import KEY, serving  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def demo_server():
-    models = load_models(build_parser().parse_args(["--model", "demo", "--device", "cpu"]))
+    models = load_models(["demo"], device="cpu")
     with serving(models, keys=[KEY]) as srv:
         yield srv
 
@@ -38,19 +39,32 @@ def image_file(tmp_path_factory):
 
 
 def test_serve_refuses_to_start_unsafely(capsys, monkeypatch, tmp_path):
+    """Refused before any model is loaded: usage errors exit 2, unusable keys 1; one line each."""
+    import SAM3DSegmentLib.remote.serve as serve_lib
+
+    monkeypatch.setattr(serve_lib, "load_models", lambda *a, **k: pytest.fail("loaded a model for a refused start"))
     monkeypatch.delenv("SAM3D_SERVER_KEYS", raising=False)
-    assert cli.main(["serve", "--host", "0.0.0.0"]) == 1
-    assert "exposes the server to the network" in capsys.readouterr().err
+
+    def refused(argv, status, text):
+        assert cli.main(["serve", *argv]) == status
+        err = capsys.readouterr().err
+        assert text in err and err.count("\n") == 1 and err.startswith("sam3d serve: error:"), err
+
+    refused(["--host", "0.0.0.0"], 2, "exposes the server to the network")
+    refused(["--checkpoint", "no-equals-sign"], 2, "NAME=PATH")
+    refused(["--ssl-certfile", "x.pem"], 2, "both --ssl-certfile and --ssl-keyfile")
+    refused(["--port", "70000"], 2, "port number")
+    refused(["--cache-mb", "0"], 2, "--cache-mb")
+    refused(["--keys-file", str(tmp_path / "missing.keys")], 1, "--keys-file")
     monkeypatch.setenv("SAM3D_SERVER_KEYS", "short")
-    assert cli.main(["serve"]) == 1
-    assert "shorter than 16 characters" in capsys.readouterr().err
-    monkeypatch.delenv("SAM3D_SERVER_KEYS")
-    assert cli.main(["serve", "--keys-file", str(tmp_path / "missing.keys")]) == 1
-    assert "--keys-file" in capsys.readouterr().err
-    assert cli.main(["serve", "--checkpoint", "no-equals-sign"]) == 1
-    assert "NAME=PATH" in capsys.readouterr().err
-    assert cli.main(["serve", "--ssl-certfile", "x.pem"]) == 1
-    assert "both --ssl-certfile and --ssl-keyfile" in capsys.readouterr().err
+    refused([], 1, "shorter than 16 characters")
+
+
+def test_serve_reports_a_bad_model_in_one_line(capsys, tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert cli.main(["serve", "--checkpoint", f"mine={tmp_path / 'junk.pth'}", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sam3d serve: error: model mine: could not load checkpoint") and err.count("\n") == 1
 
 
 def test_key_sources(tmp_path, monkeypatch):
@@ -66,9 +80,13 @@ def test_key_sources(tmp_path, monkeypatch):
     keys.write_text("# comment\nkey-one-0123456789abc\n\nkey-two-0123456789abc\n")
     assert read_keys(str(keys), environ={"SAM3D_SERVER_KEYS": "key-three-0123456789, "}) == [
         "key-one-0123456789abc", "key-two-0123456789abc", "key-three-0123456789"]
-    parser = cli.build_segment_parser()
-    key_options = [o for a in parser._actions for o in a.option_strings if "key" in o]
-    assert key_options == ["--server-key-file"]          # a key itself is never a command-line argument
+    from SAM3DSegmentLib.cli.runner import command_parser
+
+    for command in ("segment", "evaluate", "serve"):
+        parser = command_parser(cli.COMMANDS[command])
+        key_options = [o for a in parser._actions for o in a.option_strings if "key" in o]
+        # a key itself is never a command-line argument: only files holding keys
+        assert key_options == {"serve": ["--keys-file", "--ssl-keyfile"]}.get(command, ["--server-key-file"])
 
 
 def test_segment_with_server_matches_local(demo_server, image_file, tmp_path, monkeypatch, capsys):
@@ -146,7 +164,7 @@ def _write_dataset(root):
 
 
 def test_evaluate_with_server_matches_local(demo_server, tmp_path, monkeypatch):
-    from SAM3DSegmentLib.eval.evaluate import main as evaluate_main
+    from SAM3DSegmentLib.cli.evaluate import main as evaluate_main
 
     _write_dataset(tmp_path / "ds")
     common = ["--data", str(tmp_path / "ds"), "--model", "demo", "--clicks", "2", "--protocol", "engine", "--quiet"]

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 
-from SAM3DSegmentLib.cli import load_backend  # noqa: E402
+from SAM3DSegmentLib.inference.backends import load_backend  # noqa: E402
 from SAM3DSegmentLib.data.phantoms import sphere_phantom  # noqa: E402
 from SAM3DSegmentLib.remote.client import RemoteBackend  # noqa: E402
 from SAM3DSegmentLib.inference.session import Session, SessionOptions  # noqa: E402

@@ -12,7 +12,7 @@ pytest.importorskip("fastapi")
 
 from SAM3DSegmentLib.data.phantoms import sphere_phantom  # noqa: E402
 from SAM3DSegmentLib.remote.client import RemoteBackend  # noqa: E402
-from SAM3DSegmentLib.remote.serve import build_parser, load_models  # noqa: E402
+from SAM3DSegmentLib.remote.serve import load_models  # noqa: E402
 from SAM3DSegmentLib.inference.session import Session, SessionOptions  # noqa: E402
 
 from _remote_fixtures import serving  # noqa: E402
@@ -23,7 +23,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module")
 def demo_server():
     torch.manual_seed(0)
-    models = load_models(build_parser().parse_args(["--model", "demo", "--device", "cpu", "--threads", "2"]))
+    models = load_models(["demo"], device="cpu", threads=2)
     with serving(models) as srv:
         yield srv, models[0]
 

@@ -113,14 +113,30 @@ class BackendError(RuntimeError):
 
 
 def load_backend(model: Optional[str] = None, checkpoint: Optional[str] = None, device: str = "auto",
-                 threads: Optional[int] = None, dtype: str = "float32"):
+                 threads: Optional[int] = None, dtype: str = "float32", remote=None):
     """Resolve the checkpoint, load it and wrap it in a :class:`LocalBackend`. Returns ``(backend, info)``.
 
     ``model``: a registered name (downloaded into the cache on first use); ``checkpoint``: a file path
     (always a path, never a name); neither: the default model. ``threads``: torch CPU threads (None: torch's
     choice). ``info``: model label, checkpoint path, backend name, device, architecture, image size.
+
+    ``remote`` (a :class:`~SAM3DSegmentLib.remote.options.RemoteOptions`, from ``--server``): the model runs on
+    those servers instead, behind a :class:`~SAM3DSegmentLib.remote.client.RemoteBackend`; ``model`` then names
+    a model they offer, and ``checkpoint`` (split mode) is the same file loaded here to decode clicks with torch.
+    ``info`` then also holds the served file's sha256, the servers and the mode.
     Raises :class:`BackendError`.
     """
+    if remote is not None:
+        from ..remote.errors import RemoteError
+        from ..remote.options import load_remote_backend
+
+        try:
+            return load_remote_backend(remote, model, checkpoint,
+                                       lambda: load_backend(None, checkpoint, device, threads, dtype)[0])
+        except BackendError:
+            raise
+        except (RemoteError, ValueError) as err:  # refused key, unreachable server, bad URL: one line, the fix
+            raise BackendError(f"--server: {err}") from err
     import os
     from pathlib import Path
 

@@ -1,5 +1,5 @@
 """The remote inference server: a FastAPI app that encodes model-input regions (and decodes clicks for
-clients that cannot), run by uvicorn (``sam3d serve``, see ``remote/serve.py`` and docs/remote.md).
+clients that cannot), run by uvicorn (``sam3d serve``: ``cli/serve.py`` and ``remote/serve.py``; docs/remote.md).
 
 Endpoints (``{"error": CODE, "detail": ...}`` JSON on failure; arrays travel as ``remote/protocol.py``
 messages):
@@ -254,9 +254,3 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``sam3d serve`` (argv without the sub-command); see ``remote/serve.py``."""
-    from .serve import serve_main
-
-    return serve_main(argv)
