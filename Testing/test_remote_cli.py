@@ -125,9 +125,10 @@ def test_segment_with_server_matches_local(demo_server, image_file, tmp_path, mo
                      "--checkpoint", demo_file, "--wire-dtype", "float32", "--out", str(torch_out)]) == 0
     assert "decoder: local torch" in capsys.readouterr().out
     np.testing.assert_array_equal(read_volume(str(torch_out)).array, a)
+    refused_out = tmp_path / "refused.nii.gz"
     assert cli.main(["segment", path, *clicks, "--server", demo_server.url, "--server-key-file", str(key_file),
-                     "--checkpoint", demo_file, "--server-mode", "full", "--out", str(torch_out)]) == 1
-    assert "local decoder of split mode" in capsys.readouterr().err
+                     "--checkpoint", demo_file, "--server-mode", "full", "--out", str(refused_out)]) == 1
+    assert "local decoder of split mode" in capsys.readouterr().err and not refused_out.exists()
 
 
 def test_segment_with_a_refused_key_fails_clearly_and_writes_nothing(demo_server, image_file, tmp_path, monkeypatch,

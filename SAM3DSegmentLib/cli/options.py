@@ -187,7 +187,7 @@ def add_server_options(p: argparse.ArgumentParser) -> None:
     from ``--server-key-file`` or ``$SAM3D_SERVER_KEY``, never from the command line (other users can read a
     process's arguments). :func:`remote_options` turns the parsed values into the library's options."""
     g = p.add_argument_group("remote inference (docs/remote.md)")
-    g.add_argument("--server", action="append", default=[], metavar="URL", help=SERVER_HELP)
+    g.add_argument("--server", action="append", default=None, metavar="URL", help=SERVER_HELP)
     g.add_argument("--server-key-file", metavar="PATH", default=None, help=SERVER_KEY_FILE_HELP)
     g.add_argument("--server-mode", choices=("auto", "split", "full"), default="auto", help=SERVER_MODE_HELP)
     g.add_argument("--server-timeout", type=positive_float, default=60.0, metavar="S", help=SERVER_TIMEOUT_HELP)
