@@ -40,7 +40,7 @@ from .protocol import (
     PROTOCOL_VERSION, ProtocolError, choose_codec, content_key, error_body, pack, unpack)
 from .service import ServedModel, ServerConfig, ServerState, _Refused
 
-__all__ = ["ServedModel", "ServerConfig", "ServerState", "ServerThread", "create_app", "main"]
+__all__ = ["ServedModel", "ServerConfig", "ServerState", "ServerThread", "create_app"]
 
 log = logging.getLogger("sam3d.serve")
 
