@@ -122,18 +122,20 @@ class RemotePanel:
         self._servers(remote)
         return self.link.load_remote(dataclasses.asdict(remote), self.key(), model or None)
 
-    def test_connection(self) -> None:
-        """Queue the connection test (version, models, device, round-trip time of each server); the result
-        comes back through the module's pump to :meth:`show_reports`."""
+    def test_connection(self):
+        """Queue the connection test (version, models, device, round-trip time of each server) and return its
+        job (None when nothing could be queued: the reason is shown); the result comes back through the
+        module's pump to :meth:`show_reports`."""
         try:
             remote = self.save()
             servers = self._servers(remote)
-            self.link.check_servers(servers, self.key(), remote.timeout_s, remote.ca_file or None)
+            job = self.link.check_servers(servers, self.key(), remote.timeout_s, remote.ca_file or None)
         except (ValueError, RuntimeError) as err:  # no URL; the engine process cannot start
             self.ui.remoteStatusLabel.text = " ".join(str(err).split())
-            return
+            return None
         self.ui.remoteStatusLabel.text = f"Testing {len(servers)} server(s)..."
         self.started()
+        return job
 
     def show_reports(self, reports) -> None:
         """Show each server's line; offer the models of the servers that answered in the model list, and pick
