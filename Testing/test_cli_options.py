@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from SAM3DSegmentLib import cli
-from SAM3DSegmentLib.cli import demo, diagnose, download, evaluate, runner, segment, train
+from SAM3DSegmentLib.cli import demo, diagnose, download, evaluate, runner, segment, serve, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,7 @@ def test_library_packages_do_not_import_the_cli():
     import ast
 
     siblings = {p.stem for p in (REPO / "SAM3DSegmentLib" / "cli").glob("*.py")}
-    for module in (demo, diagnose, download, evaluate, segment, train):
+    for module in (demo, diagnose, download, evaluate, segment, serve, train):
         tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
         from_root = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                      and node.level == 1 and node.module is None for a in node.names if a.name not in siblings]

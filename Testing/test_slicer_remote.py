@@ -214,6 +214,8 @@ def test_remote_load_matches_local_and_survives_a_dead_server():
         engine.call("sync_clicks", "S", clicks(vol), "t")               # two more clicks: on the survivor
         np.testing.assert_array_equal(engine.call("mask", "S"), expected[1])
         assert (b_backend if survivor is b else a_backend).decodes >= 2
+        ui.runOnComboBox.currentText = LOCAL          # the next click loads the model where the choice says
+        assert link.model_name is None and not load_settings(panel.settings).enabled
     engine.shutdown()
 
 

@@ -99,8 +99,12 @@ class RemotePanel:
         self.ui.deviceComboBox.enabled = not self.remote   # a remote server's device is the operator's choice
 
     def on_run_on_changed(self, _text=None) -> None:
+        """Local <-> Remote: saved at once, and the loaded model is forgotten, so the next click (or Load model)
+        loads it where the choice now says; the segment's clicks are replayed there, nothing is lost."""
         self.update_visibility()
         self.save()
+        if self.link is not None:
+            self.link.model_name = None
 
     # ------------------------------------------------------------------ actions
     def _servers(self, remote: RemoteSettings) -> List[str]:
