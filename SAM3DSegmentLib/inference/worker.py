@@ -222,8 +222,11 @@ def describe_update(update, wall_s: Optional[float]) -> str:
 # ------------------------------------------------------------------------------------------- job API
 #: What the GUI may ask of an engine (Engine method names); those in :data:`JOB_OPS` also get their Job
 #: (cancellation).
-OPS = ("load", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask", "forget_object", "find_all")
+OPS = ("load", "load_remote", "check_servers", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask",
+       "forget_object", "find_all")
 JOB_OPS = ("sync_clicks", "find_all")
+#: The ops that choose the model (a restarted engine process replays the last one).
+LOAD_OPS = ("load", "load_remote")
 
 
 class ThreadEngine:
