@@ -82,6 +82,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.modelComboBox.addItems(names)
         ui.modelComboBox.setCurrentText(weights.DEFAULT_MODEL if weights.DEFAULT_MODEL in names else names[0])
         self.remote = sb.RemotePanel(ui, qt.QSettings(), self.link, self.startPump)  # Local/Remote, kept in QSettings
+        self.findAll = sb.FindAllPanel(ui, self.link, self.startPump, lambda: self.currentNodes()[:2], self.onFindAllChanged)
         self.timer = qt.QTimer()
         self.timer.setInterval(30)
         self.timer.connect("timeout()", self.pump)
@@ -137,6 +138,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.link.close_scene()
+        self.findAll.reset()
         self._setMarkupsObserver(None)
         if self._parameterNode is not None:
             self._parameterNode.disconnectGui(self._guiTag)
@@ -237,6 +239,12 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.history = None
         self.updateButtons()
 
+    def onFindAllChanged(self, seg):
+        """Find all added or removed a batch of segments: show that segmentation; restart the click history."""
+        with self._target.module_change():
+            self.ui.segmentationSelector.setCurrentNode(seg)
+        self.history = None
+
     def onSegmentChanged(self, segId):
         """The USER chose another target segment (SAM3DSegmentLib.slicer.TargetSegment): show its clicks; the history
         restarts."""
@@ -262,7 +270,8 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.exception("SAM3DSegment: handling a finished job failed")
         job = engine.current
         if job is not None and self._progress is None and time.perf_counter() - (job.started or time.perf_counter()) > 0.4:
-            text = {"load": "Loading the model...", "clicks": "Computing the image embedding (first click of a region)..."}
+            text = {"load": "Loading the model...", "clicks": "Computing the image embedding (first click of a region)...",
+                    "find_all": "Finding all objects..."}
             self._progress = slicer.util.createProgressDialog(labelText=text.get((job.context or {}).get("kind"), "Working..."), maximum=0)
             self._progress.connect("canceled()", engine.cancel_all)
         if self._progress is not None and engine.download:
@@ -288,6 +297,9 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showDeviceWarning(None, job.result["warning"])
         elif kind == "servers":
             self.remote.show_reports(job.result)
+        elif kind == "find_all":
+            with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not add the segments", waitCursor=False):
+                self.findAll.show_result(job)
         elif kind == "points" and ctx["segment"] == self._target.segment_id:
             self.rewritePoints(job.result)
         elif kind in ("clicks", "reset", "undo", "redo"):

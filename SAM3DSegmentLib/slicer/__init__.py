@@ -8,6 +8,7 @@
 * :mod:`.history`: undo/redo of the voxels in step with the engine, the write-back of engine results;
 * :mod:`.engine_link`: the module's link to the engine (jobs queued and polled on the GUI thread);
 * :mod:`.remote_link`: the Local / Remote panel (remote settings in Slicer's settings, connection test, messages);
+* :mod:`.auto`: "Find all" (automatic masks as new segments, one undo step per batch);
 * :mod:`.export`: ``.seg.nrrd``, NIfTI and DICOM SEG export;
 * :mod:`.dependencies`: installing torch and slicerio inside Slicer.
 
@@ -32,6 +33,7 @@ Coordinate frames (see :mod:`SAM3DSegmentLib.core.geometry`):
   re-parented or resampled; one whose labelmaps lie on another grid is refused before anything changes. A
   segmentation the module creates is put under the volume's parent transform.
 """
+from .auto import FindAllPanel, InstanceBatch, roi_from_node, submit_find_all
 from .dependencies import ensure_dependencies
 from .engine_link import EngineLink
 from .export import export_dicom_seg, export_nifti, export_seg_nrrd, export_segmentation
@@ -48,7 +50,7 @@ from .volumes import (numpy_to_vtk_matrix, parent_to_world, scalars_view, volume
                       volume_token, vtk_matrix_to_numpy)
 
 __all__ = [
-    "ensure_dependencies", "EngineLink", "RemotePanel", "failure_text", "export_dicom_seg", "export_nifti",
+    "FindAllPanel", "InstanceBatch", "roi_from_node", "submit_find_all", "ensure_dependencies", "EngineLink", "RemotePanel", "failure_text", "export_dicom_seg", "export_nifti",
     "export_seg_nrrd", "export_segmentation",
     "SegmentHistory", "apply_engine_result", "write_job_result", "MASK_MODES", "OVERWRITE_MODES", "read_segment",
     "remove_temporary_node", "write_mask_to_segment", "check_segmentation_geometry",
