@@ -14,10 +14,11 @@ __all__ = ["AutoOptions", "RANK_BY", "PRESETS", "preset"]
 RANK_BY = ("stability", "predicted_iou", "product")
 
 #: Named starting points (any option can still be changed): ``nodules`` prompts at bright blobs of 4 to 30 mm
-#: and keeps objects up to 20 ml (a 34 mm ball); ``everything`` prompts on a 20 mm grid and keeps any size.
+#: and keeps objects up to 20 ml (a 34 mm ball) that no region cut (a cut mask is part of something larger);
+#: ``everything`` prompts on a 20 mm grid and keeps any size.
 PRESETS = {
     "nodules": {"grid_spacing_mm": None, "blob_diameters_mm": (4.0, 8.0, 16.0, 30.0), "max_volume_ml": 20.0,
-                "label": "nodules"},
+                "drop_cut": True, "label": "nodules"},
     "everything": {"grid_spacing_mm": 20.0, "label": "everything"},
 }
 
@@ -61,7 +62,8 @@ class AutoOptions:
     #: Neighbouring regions overlap by this much (mm); every prompt lies at least about half of it inside its
     #: region, so objects up to about this diameter are seen whole.
     region_overlap_mm: float = 48.0
-    #: Drop instances the region cut (they touch a region face where the volume continues).
+    #: Drop instances the region cut (they touch a region face where the volume continues: the region saw only part
+    #: of a larger object).
     drop_cut: bool = False
     #: Skip a prompt that lies in a mask already accepted in its region, or in the low-res cells of one rejected
     #: as too large (the same object again: no new decode). Blob prompts are decoded before grid points.

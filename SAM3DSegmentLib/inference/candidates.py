@@ -9,7 +9,8 @@
   (the volume's axes permuted/flipped to RAS order), kept where it lies in the search area.
 * :func:`blob_candidates` — the local maxima of a scale-normalised Laplacian-of-Gaussian response (scipy.ndimage),
   one scale per requested blob diameter ``d`` (sigma = d / (2 sqrt 3), the scale at which a ball of diameter d
-  responds most). The response is ``-sigma^2 * Laplacian`` of the (clipped) HU image: a bright ball of the
+  responds most), kept where the body extends at least the blob's radius (plus half a coarse body voxel) around
+  them along each axis: the skin against air is the strongest "blob" of a CT and never a nodule. The response is ``-sigma^2 * Laplacian`` of the (clipped) HU image: a bright ball of the
   matching size and contrast C gives ``sqrt(2/pi) * 3^1.5 * exp(-3/2) * C = 0.925 C``, so ``min_response``
   reads in HU of contrast. Each scale runs on a block-averaged copy whose voxels are at most ``sigma`` wide,
   in slabs along the array's first axis (bounded memory on a 512x512x300 CT).
@@ -143,14 +144,20 @@ class SearchArea:
 
     def contains(self, ras: np.ndarray) -> np.ndarray:
         ras = np.asarray(ras, dtype=np.float64).reshape(-1, 3)
+        ok = self.in_body(ras)
+        if self.roi is not None and ok.any():
+            ok &= self.roi.contains(ras)
+        return ok
+
+    def in_body(self, ras: np.ndarray) -> np.ndarray:
+        """True for the (N, 3) RAS points inside the volume and the body (the ROI not considered)."""
+        ras = np.asarray(ras, dtype=np.float64).reshape(-1, 3)
         ijk = self.volume.ras_to_ijk_points(ras)
         ok = self.volume.contains_ijk(ijk)
         if self.body is not None and ok.any():
             kji = np.floor(ijk[:, ::-1] + 0.5).astype(int)
             c = np.clip(np.floor(kji / self.steps + 0.5).astype(int), 0, np.asarray(self.body.shape) - 1)
             ok &= self.body[c[:, 0], c[:, 1], c[:, 2]]
-        if self.roi is not None and ok.any():
-            ok &= self.roi.contains(ras)
         return ok
 
     def bounds_ras(self) -> Tuple[np.ndarray, np.ndarray]:
@@ -267,6 +274,9 @@ def blob_candidates(volume: Volume, area: SearchArea, diameters_mm: Sequence[flo
         v = np.concatenate(vals) / BALL_RESPONSE
         ras = volume.ijk_to_ras_points(kji[:, ::-1])
         keep = area.contains(ras)
+        reach = 0.5 * d + 0.5 * float((area.steps * sp).max())      # the radius + half a coarse body voxel
+        for off in np.vstack([np.eye(3), -np.eye(3)]) * reach:   # the body surface (skin against air) is no blob
+            keep &= area.in_body(ras + off)
         ras, v = ras[keep], v[keep]
         order = np.argsort(-v, kind="stable")[:int(max_per_diameter)]
         out.extend(Candidate(tuple(float(x) for x in ras[n]), "blob", d, float(v[n])) for n in order)
