@@ -59,9 +59,10 @@ class AutoOptions:
     max_volume_ml: Optional[float] = None
     #: Non-maximum suppression: a mask whose IoU with a better kept one exceeds this is dropped.
     nms_iou: float = 0.5
-    #: Neighbouring regions overlap by this much (mm); every prompt lies at least about half of it inside its
-    #: region, so objects up to about this diameter are seen whole.
-    region_overlap_mm: float = 48.0
+    #: Neighbouring regions overlap by this much (mm; None: a quarter of the region, 48 mm for SAM-Med3D's 192 mm);
+    #: every prompt lies at least about half of it inside its region, so objects up to about this diameter are
+    #: seen whole.
+    region_overlap_mm: Optional[float] = None
     #: Drop instances the region cut (they touch a region face where the volume continues: the region saw only part
     #: of a larger object).
     drop_cut: bool = False
@@ -103,6 +104,8 @@ class AutoOptions:
         if not 0.0 <= float(self.nms_iou) <= 1.0:
             p.append(f"nms_iou must be in [0, 1], got {self.nms_iou}")
         region_mm = int(self.region_size) * float(self.spacing_mm)
+        if self.region_overlap_mm is None:
+            self.region_overlap_mm = 0.25 * region_mm
         if not 0.0 <= float(self.region_overlap_mm) < region_mm:
             p.append(f"region_overlap_mm must be in [0, {region_mm:g}) (the region is {region_mm:g} mm), got "
                      f"{self.region_overlap_mm}")
