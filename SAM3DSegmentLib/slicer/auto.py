@@ -29,11 +29,7 @@ def roi_from_node(roi_node) -> Optional[dict]:
     transforms); None for no node."""
     if roi_node is None:
         return None
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    roi_node.GetObjectToWorldMatrix(m)
-    m = vtk_matrix_to_numpy(m)
+    m = vtk_matrix_to_numpy(roi_node.GetObjectToWorldMatrix())
     scale = np.linalg.norm(m[:3, :3], axis=0)
     size = np.asarray(roi_node.GetSize(), dtype=float) * scale
     return {"centre": [float(v) for v in m[:3, 3]], "size": [float(v) for v in size],
