@@ -319,3 +319,33 @@ def test_chest_phantom_places_nodules_of_every_kind_and_site():
     part = case.table[1]
     vals = case.image.array[case.nodules.array == part["label"]]
     assert (vals < -300).any() and (vals > -100).any()          # ground glass and a solid core
+
+
+# ------------------------------------------------------------------------------------------ engine job
+def test_engine_find_all_payload_crosses_the_process_protocol_and_a_cancel_changes_nothing():
+    import pickle
+
+    from SAM3DSegmentLib.inference.protocol import decode, encode
+    from SAM3DSegmentLib.inference.session import SessionOptions
+    from SAM3DSegmentLib.inference.worker import CANCELLED, DONE, ThreadEngine
+
+    vol, labels = spheres_volume([(-12.0, -6.0, -8.0), (10.0, 12.0, 6.0)], [6.0, 7.0])
+    engine = ThreadEngine(SessionOptions(region_size=32, spacing_mm=1.5), backend=ImageBackend())
+    try:
+        engine.call("set_volume", vol, "token")
+        options = {"grid_spacing_mm": 5.0, "max_volume_ml": 10.0, "drop_cut": True, "region_overlap_mm": 16.0}
+        job = engine.submit("find_all", options, None, "token")
+        job.cancel()                                          # cancelled before it ran: nothing happens
+        job.wait(30)
+        assert job.state == CANCELLED
+        result = engine.call("find_all", options, None, "token")
+        with pytest.raises(RuntimeError, match="another volume"):
+            engine.call("find_all", options, None, "other token")
+        assert engine.engine.session.object_ids() == []       # the search made no object
+    finally:
+        engine.shutdown()
+    back = decode(pickle.loads(pickle.dumps(encode(result))))
+    assert [i["name"] for i in back["instances"]] == ["auto 001", "auto 002"] and back["report"]["count"] == 2
+    truth = objects_of(labels)
+    masks = [BoxMask.of(i["mask"], [a for a, _ in i["box"]]) for i in back["instances"]]
+    assert match_instances(masks, truth)["tp"] == 2 and job.state != DONE
