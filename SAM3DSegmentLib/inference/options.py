@@ -6,11 +6,13 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["SessionOptions", "PROMPT_MODES"]
+__all__ = ["SessionOptions", "PROMPT_MODES", "INIT_PROMPTS"]
 
 #: ``"newest"``: each decode sees only the newest click (+ the region's previous logits), as the model was
 #: trained; ``"all"``: every point of the object inside the region so far.
 PROMPT_MODES = ("newest", "all")
+#: How an initial mask (``Session.set_initial_mask``) prompts the model: :mod:`~SAM3DSegmentLib.inference.prior`.
+INIT_PROMPTS = ("distance", "occupancy", "binary", "zeros")
 
 
 @dataclass
@@ -47,6 +49,11 @@ class SessionOptions:
     #: 6-connected (face neighbours), on the volume grid. False is the reference mode: the mask is the
     #: merged, thresholded model output and nothing else, as the reference pipeline produces it.
     honour_clicks: bool = True
+    #: An initial mask's previous-mask prompt (:data:`INIT_PROMPTS`, :mod:`~SAM3DSegmentLib.inference.prior`):
+    #: the encoding, its logit magnitude and (``"distance"``) the signed distance in mm that reaches it.
+    init_prompt: str = "distance"
+    init_logit: float = 8.0
+    init_width_mm: float = 6.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,6 +71,10 @@ class SessionOptions:
             problems.append("history_limit must be >= 1 and history_mb > 0")
         if int(self.cache_size) < 1:
             problems.append(f"cache_size must be >= 1, got {self.cache_size}")
+        if self.init_prompt not in INIT_PROMPTS:
+            problems.append(f"init_prompt must be one of {INIT_PROMPTS}, got {self.init_prompt!r}")
+        if not (float(self.init_logit) > 0 and float(self.init_width_mm) > 0):
+            problems.append("init_logit and init_width_mm must be > 0")
         if self.clamp_hu is not None:
             lo, hi = (float(v) for v in self.clamp_hu)
             if not lo < hi:
