@@ -62,6 +62,12 @@ def _on_grid(mask, volume: Volume, box: Optional[Sequence[slice]]) -> np.ndarray
     return arr != 0
 
 
+def _blocks(a: np.ndarray, n: int) -> np.ndarray:
+    """The mean of each n x n x n block of a cubic array (a side a multiple of n)."""
+    m = a.shape[0] // n
+    return a.reshape(m, n, m, n, m, n).mean(axis=(1, 3, 5))
+
+
 @dataclass
 class InitialMask:
     """An object's initial mask on the session grid: ``array`` (uint8, read-only) on ``box``, and the way it
@@ -162,19 +168,22 @@ class InitialMask:
         occ = _regions.sample_volume(crop, region)                 # soft occupancy at the region's voxel centres
         s = self.low_res_size
         f = region.size // s
-        cells = lambda a: a.reshape(s, f, s, f, s, f).mean(axis=(1, 3, 5))  # noqa: E731 - mean per low-res cell
+
         if self.prompt == "distance":
-            inside = occ > 0.5
+            # signed distance on a grid twice as coarse as the region's (3 mm for 1.5 mm regions): 8x less work
+            # for the distance transform, well within the width over which the distance is used
+            g = 2 if f % 2 == 0 else 1
+            inside = _blocks(occ, g) > 0.5
             if inside.all() or not inside.any():
                 unit = np.full((s, s, s), 1.0 if inside.all() else -1.0)
             else:
                 sd = np.where(inside, ndimage.distance_transform_edt(inside) - 0.5,
-                              0.5 - ndimage.distance_transform_edt(~inside)) * region.spacing
-                unit = np.clip(cells(sd) / self.width_mm, -1.0, 1.0)
+                              0.5 - ndimage.distance_transform_edt(~inside)) * (region.spacing * g)
+                unit = np.clip(_blocks(sd, f // g) / self.width_mm, -1.0, 1.0)
         elif self.prompt == "occupancy":
-            unit = 2.0 * cells(occ) - 1.0
+            unit = 2.0 * _blocks(occ, f) - 1.0
         else:
-            unit = np.where(cells(occ) > 0.5, 1.0, -1.0)
+            unit = np.where(_blocks(occ, f) > 0.5, 1.0, -1.0)
         out = (self.logit * unit).astype(np.float32)
         out.flags.writeable = False
         return out
