@@ -232,6 +232,9 @@ def test_set_volume_forgets_the_initial_mask_and_memory_counts_it():
     init = sphere(s.volume, (20, 18, 15), 9.0)
     s.set_initial_mask(init)
     assert s.memory_bytes()["masks"] >= int(init.sum())
+    logits = s.memory_bytes()["logits"]
+    s.add_click(ras=centre_ras(s.volume, (20, 18, 15)))    # the region's logits and its prompt (8^3 float32 each)
+    assert s.memory_bytes()["logits"] == logits + 2 * 8 ** 3 * 4
     s.set_volume(make_volume())
     assert not s.mask().any()
     s.add_click(ras=centre_ras(s.volume, (20, 18, 15)))

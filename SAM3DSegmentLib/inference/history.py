@@ -220,6 +220,8 @@ def memory_report(objects, volume_shape) -> dict:
         for e in obj.history.undo + obj.history.redo:
             states += list(e.regions_before) + list(e.regions_after)
         logits += unique_bytes([r.logits for r in states if r.logits is not None], seen)
+        if obj.init is not None:
+            logits += unique_bytes(obj.init.prompt_arrays(), seen)
     full = int(np.prod(volume_shape)) if volume_shape is not None else 0
     return {"masks": masks, "history": history, "logits": logits, "total": masks + history + logits,
             "objects": len(objects), "full_grid_mask_bytes": full}

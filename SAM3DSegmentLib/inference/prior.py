@@ -188,6 +188,6 @@ class InitialMask:
         out.flags.writeable = False
         return out
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.array.nbytes) + sum(int(p.nbytes) for p in self._prompts.values() if p is not None)
+    def prompt_arrays(self) -> list:
+        """The prompts computed so far (one per region it touched; kept for replays and undo)."""
+        return [p for p in self._prompts.values() if p is not None]

@@ -157,10 +157,10 @@ class Session:
     def memory_bytes(self, oid: Optional[str] = None) -> Dict[str, int]:
         """Memory held for one object (``oid``) or for all (None), in bytes: ``masks`` (the cropped masks, the
         click-honouring state and the initial mask), ``history`` (undo/redo mask patches beyond those shared with
-        the live masks; each array counted once), ``logits`` (the regions' low-res logits, current and in the history,
-        each array counted once), their ``total``, the ``objects`` counted and ``full_grid_mask_bytes`` (what
-        one uncropped uint8 mask would take, for comparison). Embeddings are in :attr:`cache`
-        (``cache.stats()``), bounded by ``SessionOptions.cache_size``."""
+        the live masks; each array counted once), ``logits`` (the regions' low-res logits, current and in the
+        history, and the initial mask's prompts; each array counted once), their ``total``, the ``objects``
+        counted and ``full_grid_mask_bytes`` (what one uncropped uint8 mask would take, for comparison).
+        Embeddings are in :attr:`cache` (``cache.stats()``), bounded by ``SessionOptions.cache_size``."""
         objs = [self._object(oid)] if oid is not None else list(self._objects.values())
         return memory_report(objs, None if self.volume is None else self.volume.array.shape)
 

@@ -62,7 +62,8 @@ class EngineLink:
         token = self._send_volume(volume_node)
         return self._edit_job(self.engine.submit(
             "sync_clicks", segment_id, clicks, token, tag="clicks", supersede=True,
-            context={"kind": "clicks", "segmentation": segmentation_node, "segment": segment_id, "volume": volume_node}))
+            context={"kind": "clicks", "segmentation": segmentation_node, "segment": segment_id,
+                     "volume": volume_node}))
 
     def refine(self, volume_node, segmentation_node, segment_id: str):
         """Queue "Refine selected segment": the segment's object starts over from the segment's voxels (read here
