@@ -186,7 +186,7 @@ def test_voxels_outside_the_regions_stay_bit_identical_and_undo_returns_to_the_i
 
 
 def test_replaying_the_clicks_gives_the_incremental_mask():
-    s, _ = refine_session(extend=True, max_regions=3)
+    s, _ = refine_session(extend=True, init_extend=True, max_regions=3)
     init = np.zeros(s.volume.array.shape, np.uint8)
     init[6:24, 8:28, 5:35] = 1
     s.set_initial_mask(init)
@@ -196,6 +196,32 @@ def test_replaying_the_clicks_gives_the_incremental_mask():
     incremental = s.mask().copy()
     s.set_clicks(clicks)
     assert np.array_equal(s.mask(), incremental)
+
+
+def _slab(s):
+    init = np.zeros(s.volume.array.shape, np.uint8)
+    init[12:18, 14:22, :] = 1                            # along i across the whole volume: beyond any region
+    return init
+
+
+def test_a_refined_object_grows_into_neighbouring_regions_only_when_asked():
+    s, b = refine_session(extend=True, max_regions=3)
+    s.set_initial_mask(_slab(s))
+    s.add_click(ras=centre_ras(s.volume, (20, 18, 15)))
+    assert s.region_count() == 1 and len(b.decodes) == 1
+    s, b = refine_session(extend=True, init_extend=True, max_regions=2, init_prompt="binary", init_logit=5.0)
+    s.set_initial_mask(_slab(s))
+    s.add_click(ras=centre_ras(s.volume, (20, 18, 15)))
+    assert s.region_count() == 2 and len(b.decodes) == 2
+    # the new region's prompt: the old region's logits where it overlaps, the initial mask's prompt elsewhere
+    old, new = s.regions()
+    prompt, own = b.decodes[1]["mask"], s._object().init.region_prompt(new)
+    lr = (np.arange(8) + 0.5) * 4 - 0.5
+    cells = np.stack(np.meshgrid(lr, lr, lr, indexing="ij"), -1).reshape(-1, 3)
+    in_old = (old.ras_to_index(new.index_to_ras(cells)) + 0.5) / 4 - 0.5
+    covered = np.all((in_old >= -0.5) & (in_old <= 7.5), axis=-1).reshape(8, 8, 8)
+    assert 0 < covered.sum() < covered.size
+    assert np.array_equal(prompt[~covered], own[~covered]) and not np.array_equal(prompt[covered], own[covered])
 
 
 def test_an_exclude_click_never_drops_the_part_of_the_object_the_model_does_not_see():

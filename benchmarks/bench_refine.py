@@ -84,7 +84,7 @@ def spoil(gt: np.ndarray, how: str, volume) -> np.ndarray:
 def run(backend, vol, gt, init, config, n_clicks, cache):
     name, prompt, logit, width, extend = config
     opts = SessionOptions(extend=extend) if prompt is None else SessionOptions(
-        extend=extend, init_prompt=prompt, init_logit=logit, init_width_mm=width)
+        extend=extend, init_extend=extend, init_prompt=prompt, init_logit=logit, init_width_mm=width)
     s = Session(backend, opts)
     s.cache = cache                       # embeddings shared across runs (same volume and region = same key)
     s.set_volume(vol)

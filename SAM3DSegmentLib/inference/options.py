@@ -54,6 +54,10 @@ class SessionOptions:
     init_prompt: str = "distance"
     init_logit: float = 8.0
     init_width_mm: float = 6.0
+    #: Region extension (``extend``) for objects started from an initial mask. Off by default: the mask already
+    #: holds the object beyond the clicked region, and re-predicting the neighbouring regions lowered the Dice
+    #: of refined masks (docs/refine.md).
+    init_extend: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -86,3 +90,4 @@ class SessionOptions:
         self.max_regions = int(self.max_regions)
         self.cache_size = int(self.cache_size)
         self.honour_clicks = bool(self.honour_clicks)
+        self.init_extend = bool(self.init_extend)

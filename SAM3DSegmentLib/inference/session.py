@@ -301,7 +301,8 @@ class Session:
     def _apply_click(self, regions: List[RegionState], clicks: List[Click], stats: Stats,
                      init: Optional[InitialMask] = None) -> Optional[Box]:
         """Apply the LAST of ``clicks`` to ``regions`` (modified in place); a new region's first prompt comes
-        from the object's initial mask ``init`` when it has one. Returns the box that changed."""
+        from the object's initial mask ``init`` when it has one (such an object grows into neighbouring regions
+        only with ``SessionOptions.init_extend``). Returns the box that changed."""
         ras = np.asarray(clicks[-1].ras, dtype=np.float64)
         n = self._predictor.choose_region(regions, ras)
         if n is None:
@@ -314,7 +315,7 @@ class Session:
         prev = rs.logits if rs.logits is not None or init is None else init.region_prompt(rs.region)
         regions[n] = self._predictor.decode(rs, pts, labels, prev, stats)
         dirty = self._composer.changed_box(regions, n, old)
-        if self.options.extend:
+        if self.options.extend and (init is None or self.options.init_extend):
             dirty = box_union(dirty, self._growth.extend(regions, n, stats, clicks, init))
         return dirty
 
