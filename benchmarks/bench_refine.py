@@ -3,8 +3,8 @@
 Prints one JSON object. ``Session.set_initial_mask`` (SAM3DSegmentLib/inference/prior.py) turns an initial mask into
 the previous-mask prompt (32^3 low-res logits) of every region it touches; this script measures, for each way of
 doing that (``SessionOptions.init_prompt`` x ``init_logit``), the Dice of the object's mask after 0, 1, 2 and 3
-simulated corrective clicks, with the bundled demo model on CPU, and compares with starting from scratch (no initial
-mask: the same clicks on an empty object).
+simulated corrective clicks, with the bundled demo model (or ``--checkpoint FILE``) on CPU, and compares with
+starting from scratch (no initial mask: the same clicks on an empty object).
 
 Cases (ground truth from the image's own labels):
 
@@ -14,13 +14,16 @@ Cases (ground truth from the image's own labels):
   1.5 x 1.5 x 3.5 mm, seed 103), held out of the demo model's training (it chose the checkpoint).
 
 Initial masks are the ground truth spoiled four ways, in millimetres: ``eroded`` (4 mm off the surface),
-``dilated`` (4 mm added), ``shifted`` (moved 6 mm along R, to the nearest voxel), ``partial`` (the part above
-its centroid along S removed). Clicks: :func:`SAM3DSegmentLib.eval.clicker.next_click` (the deepest point of the
-deeper error region, never the same voxel twice) on the object's full mask. Click 0 is the initial mask itself
-(the same for every encoding); ``scratch`` has no click-0 mask (Dice 0).
+``dilated`` (4 mm added), ``shifted`` (moved 6 mm along the image's i axis, to the nearest voxel), ``partial``
+(the part above its centroid along S removed). Clicks: :func:`SAM3DSegmentLib.eval.clicker.next_click` (the
+deepest point of the deeper error region, never the same voxel twice) on the object's full mask. Click 0 is the
+initial mask itself (the same for every encoding); ``scratch`` has no click-0 mask (Dice 0).
 
-Run: ``.venv/bin/python benchmarks/bench_refine.py [--threads 2] [--clicks 3]`` (over an hour on 2 busy CPU
-cores, most of it in the extension rows; ``--no-extension`` skips them).
+``--costs-only``: the engine's own cost instead (``set_initial_mask`` and one region's prompt per encoding for a
+liver mask on a 512 x 512 x 300 grid).
+
+Run: ``.venv/bin/python benchmarks/bench_refine.py [--threads 2] [--clicks 3]`` (1127 s measured on 2 busy CPU
+cores, most of it in the rows with region growth; ``--no-extension`` skips them).
 """
 from __future__ import annotations
 
@@ -107,12 +110,51 @@ def run(backend, vol, gt, init, config, n_clicks, cache):
     return scores, time.perf_counter() - t
 
 
+def costs() -> dict:
+    """Engine cost of an initial mask on a 512 x 512 x 300 CT grid (the phantom's liver): ``set_initial_mask``
+    (crop and store) and one region's prompt per encoding (sampling, block means, distance transform)."""
+    from SAM3DSegmentLib.data.phantoms import ct_body_phantom
+    from SAM3DSegmentLib.inference.prior import INIT_PROMPTS, InitialMask
+    from SAM3DSegmentLib.inference.regions import Region
+
+    img, masks = ct_body_phantom(large_object=True)
+    liver = masks["liver"].array
+    out = {"grid": list(img.shape_ijk), "mask_voxels": int(liver.sum())}
+    s = Session(_NullBackend(), SessionOptions())
+    s.set_volume(img)
+    s.new_object()
+    t = time.perf_counter()
+    s.set_initial_mask(liver)
+    out["set_initial_mask_s"] = round(time.perf_counter() - t, 3)
+    k, j, i = (int(np.median(a)) for a in np.nonzero(liver[::4, ::4, ::4]))
+    region = Region.around(img, img.ijk_to_ras_points(np.array([i * 4.0, j * 4.0, k * 4.0])))
+    out["region_prompt_s"] = {}
+    for prompt in INIT_PROMPTS[:3]:
+        best = np.inf
+        for _ in range(3):   # best of 3 (the first call also pays one-time warm-up)
+            init = InitialMask.of(liver, img, SessionOptions(init_prompt=prompt), 32)
+            t = time.perf_counter()
+            init.region_prompt(region)
+            best = min(best, time.perf_counter() - t)
+        out["region_prompt_s"][prompt] = round(best, 3)
+    return out
+
+
+class _NullBackend:
+    name, image_size, low_res_size = "none", 128, 32
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clicks", type=int, default=3)
     ap.add_argument("--no-extension", action="store_true", help="skip the configurations with region extension")
+    ap.add_argument("--costs-only", action="store_true", help="only the engine costs on a 512 x 512 x 300 grid")
+    ap.add_argument("--checkpoint", default=None, help="another model's checkpoint file (default: the demo model)")
     args = ap.parse_args(argv)
+    if args.costs_only:
+        print(json.dumps({"benchmark": "refine_initial_mask_costs", **costs()}, indent=1))
+        return 0
     configs = [c for c in CONFIGS if not (args.no_extension and c[4])]
     import torch
 
@@ -121,7 +163,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    backend = LocalBackend(load_checkpoint(os.path.join(root, "SAM3DSegmentLib", "resources", "demo_model.pt")))
+    backend = LocalBackend(load_checkpoint(args.checkpoint or os.path.join(root, "SAM3DSegmentLib", "resources",
+                                                                           "demo_model.pt")))
     rows = []
     t0 = time.perf_counter()
     for case, vol, targets in cases():

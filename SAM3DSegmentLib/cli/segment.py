@@ -79,8 +79,8 @@ def configure(p) -> None:
                    help="clicks are voxel indices i,j,k (0-based, as in Slicer's data probe) instead of RAS mm")
     p.add_argument("--init-mask", default=None, metavar="FILE",
                    help="refine an existing segmentation: start from this mask (a label file or .seg.nrrd on any "
-                        "grid, placed in physical space) and let the clicks edit it; voxels outside the model's "
-                        "regions keep it exactly")
+                        "grid, placed in physical space) and let the clicks edit it; voxels outside the regions "
+                        "around the clicks keep it exactly (such an object does not grow into neighbouring regions)")
     p.add_argument("--init-segment", default=None, metavar="NAME|VALUE",
                    help="with --init-mask: the segment of a .seg.nrrd (name or id), or the label value of a label "
                         "map; needed when the file holds several")
@@ -311,7 +311,7 @@ def run(args) -> int:
                       "max_regions": args.max_regions,
                       "init_mask": None if init is None else {
                           "path": os.path.abspath(args.init_mask), "segment": args.init_segment,
-                          "voxels_on_image_grid": int(init.array.sum())},
+                          "voxels_on_image_grid": int(init.array.sum()), "extend": opts.init_extend},
                       "regions": session.region_count(), "max_regions_reached": truncated,
                       "mask_voxels": voxels, "mask_ml": vol_ml,
                       "timings": {"read_s": read_s, "load_model_s": load_s, "write_s": write_s,

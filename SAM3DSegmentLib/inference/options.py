@@ -12,7 +12,7 @@ __all__ = ["SessionOptions", "PROMPT_MODES", "INIT_PROMPTS"]
 #: trained; ``"all"``: every point of the object inside the region so far.
 PROMPT_MODES = ("newest", "all")
 #: How an initial mask (``Session.set_initial_mask``) prompts the model: :mod:`~SAM3DSegmentLib.inference.prior`.
-INIT_PROMPTS = ("distance", "occupancy", "binary", "zeros")
+INIT_PROMPTS = ("binary", "occupancy", "distance", "zeros")
 
 
 @dataclass
@@ -51,7 +51,7 @@ class SessionOptions:
     honour_clicks: bool = True
     #: An initial mask's previous-mask prompt (:data:`INIT_PROMPTS`, :mod:`~SAM3DSegmentLib.inference.prior`):
     #: the encoding, its logit magnitude and (``"distance"``) the signed distance in mm that reaches it.
-    init_prompt: str = "distance"
+    init_prompt: str = "binary"
     init_logit: float = 8.0
     init_width_mm: float = 6.0
     #: Region extension (``extend``) for objects started from an initial mask. Off by default: the mask already

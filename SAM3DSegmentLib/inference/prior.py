@@ -8,20 +8,24 @@ touch start from zeros. The prompt is computed in physical space: the mask is sa
 soft occupancy) at the region's 1.5 mm voxel centres, then turned into low-res logits by
 ``SessionOptions.init_prompt`` (:data:`INIT_PROMPTS`):
 
-* ``"distance"``: the signed distance to the mask's surface (mm, positive inside) averaged over each low-res
-  cell, divided by ``init_width_mm`` and clipped to [-1, 1], times ``init_logit``;
-* ``"occupancy"``: ``init_logit * (2 p - 1)`` with ``p`` the fraction of the cell inside the mask;
-* ``"binary"``: ``+init_logit`` where ``p > 0.5``, else ``-init_logit``;
+* ``"binary"`` (default): ``+init_logit`` where ``p > 0.5``, else ``-init_logit``, with ``p`` the fraction of
+  the low-res cell inside the mask;
+* ``"occupancy"``: ``init_logit * (2 p - 1)``;
+* ``"distance"``: the signed distance to the mask's surface (mm, positive inside, on a grid twice as coarse as
+  the region's) averaged over each low-res cell, divided by ``init_width_mm`` and clipped to [-1, 1], times
+  ``init_logit``;
 * ``"zeros"``: no prompt from the mask (each region starts as for a fresh object; the mask is still shown
   where the model does not look).
 
-Which is the default, and why (Dice after 0, 1 and 3 clicks with the demo model): docs/refine.md.
+Why binary is the default (Dice after 0 to 3 clicks with the demo model, ``benchmarks/bench_refine.py``):
+docs/refine.md.
 
 The object's mask is the initial mask wherever no region of the object covers a voxel (voxel centre inside
 the region), and the model's merged mask where one does (:meth:`InitialMask.compose`): voxels outside the
 regions the model sees keep the initial mask exactly. Click honouring keeps every mask component that holds
 such an untouched voxel (:meth:`InitialMask.anchors`): an exclude click never drops the part of the object the
-model did not see.
+model did not see. Such an object does not grow into neighbouring regions (:mod:`~SAM3DSegmentLib.inference.growth`)
+unless ``SessionOptions.init_extend``: its mask already covers it there.
 """
 from __future__ import annotations
 
@@ -76,7 +80,7 @@ class InitialMask:
     volume: Volume
     box: Box
     array: np.ndarray
-    prompt: str = "distance"
+    prompt: str = "binary"
     logit: float = 8.0
     width_mm: float = 6.0
     low_res_size: int = 32
