@@ -17,7 +17,7 @@ import pytest
 
 from SAM3DSegmentLib import cli
 from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.io.volumes import read_segmentation, read_volume, write_volume
+from SAM3DSegmentLib.io import read_segmentation, read_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,7 +243,7 @@ def test_run_demo_writes_masks_overlay_and_report(inputs, tmp_path):
     from PIL import Image
 
     from SAM3DSegmentLib.cli.demo import run_demo
-    from SAM3DSegmentLib.io.volumes import read_segmentation
+    from SAM3DSegmentLib.io.segmentations import read_segmentation
 
     vol = inputs["volume"]
     backend, info = cli.load_backend(None, str(inputs["ckpt"]), "cpu")

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from SAM3DSegmentLib import cli
 from SAM3DSegmentLib.core import atomic
-from SAM3DSegmentLib.io import volumes as io
+from SAM3DSegmentLib import io
 from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
 
 REPO = Path(__file__).resolve().parents[1]

@@ -304,7 +304,7 @@ def write_output_mask(path: str, mask_volume, reference, name: str = "Segment_1"
                       color: Optional[Sequence[float]] = None, group=None) -> str:
     """Write the mask as a label map (NIfTI/NRRD/MHA) or a one-segment ``.seg.nrrd`` (with ``color``,
     default :data:`DEFAULT_SEGMENT_COLOR`). ``group``: stage into an ``AtomicGroup`` instead of writing now."""
-    from ..io.volumes import file_extension, write_mask, write_segmentation
+    from ..io import file_extension, write_mask, write_segmentation
 
     if file_extension(path) == ".seg.nrrd":
         rgb = tuple(color) if color is not None else DEFAULT_SEGMENT_COLOR

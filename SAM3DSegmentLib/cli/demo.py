@@ -252,7 +252,7 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
 
     ``title``: lines printed on top of the overlay picture (which model ran, ...)."""
     from ..eval.clicker import next_click
-    from ..io.volumes import write_segmentation
+    from ..io.segmentations import write_segmentation
     from ..eval.metrics import dice
     from ..inference.session import Session, SessionOptions
 

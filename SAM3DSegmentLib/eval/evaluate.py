@@ -40,6 +40,7 @@ import numpy as np
 
 from .clicker import next_click, next_click_index, random_error_click
 from ..core.geometry import Volume
+from ..core.interp import resize
 from .metrics import score
 
 __all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "EvalConfig", "Case", "CaseRef", "EvaluationError",
@@ -326,21 +327,8 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
 # ------------------------------------------------------------------------------ legacy protocol
 def upsample_logits(logits: np.ndarray, size: int) -> np.ndarray:
     """Trilinear upsampling of a cubic (s, s, s) array to (size,)*3 with ``align_corners=False``
-    semantics (torch's ``F.interpolate(mode="trilinear")``: source = (dst + 0.5) * s / size - 0.5,
-    clamped at 0). Separable, numpy only."""
-    x = np.asarray(logits, dtype=np.float32)
-    for axis in range(3):
-        n = x.shape[axis]
-        src = (np.arange(size, dtype=np.float64) + 0.5) * (n / size) - 0.5
-        src = np.maximum(src, 0.0)
-        i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
-        i1 = np.minimum(i0 + 1, n - 1)
-        w = (src - i0).astype(np.float32)
-        shape = [1, 1, 1]
-        shape[axis] = size
-        w = w.reshape(shape)
-        x = np.take(x, i0, axis=axis) * (1.0 - w) + np.take(x, i1, axis=axis) * w
-    return x
+    semantics (torch's ``F.interpolate(mode="trilinear")``), numpy only: :func:`SAM3DSegmentLib.core.interp.resize`."""
+    return resize(logits, size)
 
 
 def _reference_grid(volume: Volume, spacing: float, interpolation: str,

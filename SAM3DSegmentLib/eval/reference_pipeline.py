@@ -167,12 +167,15 @@ def reference_model_input(volume: Volume, centre_ras: Optional[Sequence[float]] 
 
 
 def reference_upsampled_mask(low_res_logits: np.ndarray, size: int = 128) -> np.ndarray:
-    """32^3 logits -> trilinear (align_corners=False) ``size``^3 -> sigmoid > 0.5, uint8 ``[a, b, c]``."""
-    import torch
+    """32^3 logits -> trilinear (align_corners=False) ``size``^3 -> sigmoid > 0.5, uint8 ``[a, b, c]``.
 
-    t = torch.as_tensor(np.ascontiguousarray(low_res_logits, dtype=np.float32))[None, None]
-    up = torch.nn.functional.interpolate(t, size=(size,) * 3, mode="trilinear", align_corners=False)
-    return (torch.sigmoid(up)[0, 0] > 0.5).numpy().astype(np.uint8)
+    The upsample is :func:`SAM3DSegmentLib.core.interp.resize` (torch's ``interpolate`` to within 1e-5) and
+    ``sigmoid > 0.5`` is ``logits > 0``: the two differ only where float32 sigmoid rounds a logit within
+    about 1e-7 of zero to exactly 0.5.
+    """
+    from ..core.interp import resize
+
+    return (resize(low_res_logits, size) > 0).astype(np.uint8)
 
 
 def reference_paste_back(low_res_logits: np.ndarray, roi_to_ras: np.ndarray, volume: Volume,

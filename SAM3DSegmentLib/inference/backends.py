@@ -35,6 +35,15 @@ class Backend(Protocol):
         """
 
 
+def require_torch() -> None:
+    """Raise a RuntimeError saying how to install torch when it cannot be imported."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError("torch is not installed: in 3D Slicer press 'Install dependencies' (it installs the "
+                           "PyTorch extension's torch); elsewhere pip install torch") from exc
+
+
 class LocalBackend:
     """Runs a :class:`~SAM3DSegmentLib.models.sam_med3d.model.SamMed3D` in this process (CPU, CUDA or MPS)."""
 
