@@ -33,6 +33,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.boxes import box_union
 from ..core.geometry import mask_bounds, spacing_mm
 
 __all__ = ["dice", "surface", "surface_distances", "normalized_surface_dice", "hd95",
@@ -182,14 +183,6 @@ class CaseScores:
     per_class: dict
 
 
-def _union_box(a, b):
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
-
-
 def multiclass_scores(gt: np.ndarray, seg: np.ndarray, classes: Sequence[int],
                       spacing: Optional[Sequence[float]] = None, tolerance_mm: float = 2.0,
                       nsd_dice_gate: float = SEGFM_NSD_DICE_GATE) -> CaseScores:
@@ -216,7 +209,7 @@ def multiclass_scores(gt: np.ndarray, seg: np.ndarray, classes: Sequence[int],
     s_boxes = ndimage.find_objects(s, max_label=top)
     per_class = {}
     for c in classes:
-        box = _union_box(g_boxes[c - 1], s_boxes[c - 1])
+        box = box_union(g_boxes[c - 1], s_boxes[c - 1])
         if box is None:   # in neither map: a perfect "nothing"
             per_class[c] = (1.0, 1.0)
             continue
