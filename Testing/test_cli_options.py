@@ -106,7 +106,7 @@ def test_unknown_arguments_are_refused_with_status_2_before_anything_runs(argv, 
 def test_failures_map_to_exit_statuses_in_one_place(capsys):
     from SAM3DSegmentLib.core.geometry import GeometryError
     from SAM3DSegmentLib.inference.backends import BackendError
-    from SAM3DSegmentLib.io.volumes import VolumeReadError
+    from SAM3DSegmentLib.io import VolumeReadError
     from SAM3DSegmentLib.models.checkpoint_file import CheckpointError
     from SAM3DSegmentLib.weights import WeightsError
 

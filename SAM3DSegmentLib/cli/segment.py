@@ -111,7 +111,7 @@ def check_output_path(path: str, allowed: Sequence[str], flag: str, inputs: Sequ
     import tempfile
 
     from ..core.atomic import resolve_target
-    from ..io.volumes import file_extension
+    from ..io import file_extension
 
     ext = file_extension(path)
     if ext not in allowed:
@@ -144,7 +144,7 @@ def write_output_mask(path: str, mask_volume, reference, name: str = "Segment_1"
                       color: Optional[Sequence[float]] = None, group=None) -> str:
     """Write the mask as a label map (NIfTI/NRRD/MHA) or a one-segment ``.seg.nrrd`` (with ``color``,
     default :data:`DEFAULT_SEGMENT_COLOR`). ``group``: stage into an ``AtomicGroup`` instead of writing now."""
-    from ..io.volumes import file_extension, write_mask, write_segmentation
+    from ..io import file_extension, write_mask, write_segmentation
 
     if file_extension(path) == ".seg.nrrd":
         rgb = tuple(color) if color is not None else DEFAULT_SEGMENT_COLOR
@@ -154,7 +154,7 @@ def write_output_mask(path: str, mask_volume, reference, name: str = "Segment_1"
 
 def _read_input(args):
     """The input volume (file, DICOM folder or ``--sample``), with ``meta["source"]`` its path."""
-    from ..io.volumes import read_volume
+    from ..io import read_volume
 
     try:
         if args.sample == "chest":
