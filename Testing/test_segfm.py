@@ -201,6 +201,18 @@ def test_bad_case_files_get_one_line_errors(tmp_path, change, message):
     assert message in str(err.value) and "\n" not in str(err.value) and path in str(err.value)
 
 
+def test_window_maps_the_stored_0_255_image_back(tmp_path):
+    gts = cube((4, 5, 6), (1, 1, 1), (3, 3, 3))
+    imgs = np.array([0, 51, 255], dtype=np.uint8)[np.arange(gts.size) % 3].reshape(gts.shape)
+    case = read_segfm_case(write_segfm_case(str(tmp_path / "w.npz"), imgs, gts, (1.0, 1.0, 1.0)))
+    assert np.array_equal(case.volume().array, imgs)
+    hu = case.volume(window=(-1000.0, 1000.0)).array
+    assert hu.dtype == np.float32 and sorted(np.unique(hu).tolist()) == pytest.approx([-1000.0, -600.0, 1000.0])
+    assert SegFMTask.from_npz(case, window=(-160, 240)).image.array.max() == pytest.approx(240.0)
+    with pytest.raises(ValueError, match="low < high"):
+        case.volume(window=(10, 10))
+
+
 def test_synthetic_set_with_separate_ground_truth(tmp_path):
     paths = write_synthetic_segfm_set(str(tmp_path / "imgs"), n_cases=3, seed=5, shape_ijk=(32, 32, 20),
                                       separate_gts=str(tmp_path / "gts"))
@@ -308,3 +320,75 @@ def test_box_mode_auto_needs_the_case_boxes():
     task.boxes = {1: boxes_from_gt(task.gts)[1]}
     with pytest.raises(ValueError, match=r"no box for class\(es\) \[2\]"):
         run_case(BallBackend(), task, SegFMConfig(box="auto", spacing_mm=1.0, extend=False))
+
+
+# ------------------------------------------------------------------------------ dataset runs, CLI
+def test_nnunet_folder_runs_with_names_and_label_selection(tmp_path):
+    import json
+
+    from SAM3DSegmentLib.eval.segfm_run import run_segfm, segfm_data
+    from SAM3DSegmentLib.io import write_volume
+
+    task = ball_task()
+    root = tmp_path / "Dataset001_Balls"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    write_volume(task.image, str(root / "imagesTr" / "b1_0000.nii.gz"))
+    write_volume(Volume(task.gts, task.image.ijk_to_ras), str(root / "labelsTr" / "b1.nii.gz"))
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "left": 1, "right": 2},
+                                                   "file_ending": ".nii.gz"}))
+    data = segfm_data(str(root), labels=["2"])
+    assert data.kind == "nnunet" and data.names == ["b1"]
+    out = tmp_path / "out"
+    summary = run_segfm(data, BallBackend(), SegFMConfig(box="gt", spacing_mm=1.0, extend=False), str(out))
+    rows = (out / "per_class.csv").read_text().splitlines()
+    assert rows[0].startswith("case,class,name,step") and len(rows) == 1 + 6          # one class, box + 5 steps
+    assert all(",2,right," in r for r in rows[1:])
+    case = (out / "per_case.csv").read_text().splitlines()
+    assert len(case) == 2 and case[1].startswith("b1,2,1,")
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["means"]["DSC_AUC"] == pytest.approx(summary["means"]["DSC_AUC"]) and saved["cases"] == 1
+    assert [p["step"] for p in saved["per_step"]] == ["box", 1, 2, 3, 4, 5]
+    assert (out / "dice_vs_clicks.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="by label value"):
+        segfm_data(str(root), labels=["right"])
+    with pytest.raises(ValueError, match="--gts is for folders of .npz cases; .* is an nnU-Net dataset"):
+        segfm_data(str(root), gts=str(tmp_path))
+
+
+def test_cli_segfm_end_to_end_with_the_demo_model(tmp_path, capsys):
+    import json
+
+    from SAM3DSegmentLib.cli.evaluate import main
+
+    write_synthetic_segfm_set(str(tmp_path / "cases"), n_cases=1, seed=3, shape_ijk=(40, 40, 24), n_classes=1)
+    out = tmp_path / "out"
+    argv = ["--protocol", "segfm", "--data", str(tmp_path / "cases"), "--model", "demo", "--device", "cpu",
+            "--threads", "2", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "DSC_AUC" in printed and "not comparable" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == "segfm" and summary["model"]["name"] == "demo"
+    assert summary["settings"]["box"] == "auto" and "include click" in summary["settings"]["box_use"]
+    assert summary["reference"]["DSC_AUC"] == 3.35 and summary["auc_max"] == 4.0
+    header, row = (out / "per_case.csv").read_text().splitlines()
+    values = dict(zip(header.split(","), row.split(",")))
+    assert values["box_step"] == "1" and float(values["DSC_AUC"]) == pytest.approx(summary["means"]["DSC_AUC"],
+                                                                                      rel=1e-5)
+    assert 0.0 <= float(values["DSC_AUC"]) <= 4.0 and float(values["RunningTime_box"]) > 0
+    assert main(argv) == 1                                       # never replaces results without --overwrite
+    assert "already holds" in capsys.readouterr().err
+
+
+def test_cli_segfm_option_misuse(tmp_path, capsys):
+    from SAM3DSegmentLib.cli.evaluate import main
+
+    assert main(["--data", str(tmp_path), "--box", "gt", "--out", str(tmp_path / "o")]) == 2
+    assert "--box is an option of --protocol segfm only" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "--npz-window", "-1000,1000", "--out", str(tmp_path / "o")]) == 2
+    assert "--npz-window is an option of --protocol segfm only" in capsys.readouterr().err   # value parsed
+    assert main(["--sample", "chest", "--protocol", "segfm", "--out", str(tmp_path / "o")]) == 1
+    assert "give --data" in capsys.readouterr().err
+    assert main(["--data", str(tmp_path), "--protocol", "segfm", "--model", "demo", "--out", str(tmp_path / "o")]) == 1
+    assert "holds no .npz files" in capsys.readouterr().err

@@ -17,7 +17,7 @@ DESCRIPTION = ("Evaluate a SAM-Med3D-family checkpoint and the interactive engin
 #: What ``--protocol`` takes; "both" runs the engine and the legacy protocol; "segfm" the CVPR 2025 challenge's.
 PROTOCOL_CHOICES = ("engine", "legacy", "both", "segfm")
 #: The options only ``--protocol segfm`` takes (their defaults are None so a stray one is refused).
-SEGFM_OPTIONS = ("box", "gts", "spacing_order")
+SEGFM_OPTIONS = ("box", "gts", "spacing_order", "npz_window")
 
 
 def configure(p) -> None:
@@ -46,6 +46,9 @@ def configure(p) -> None:
                      help="folder of ground-truth .npz files ('gts' only, same names as the cases)")
     seg.add_argument("--spacing-order", choices=("xyz", "zyx"), default=None,
                      help="order of the .npz 'spacing' (default xyz: SimpleITK's, as the challenge wrote it)")
+    seg.add_argument("--npz-window", type=O.clamp_range, default=None, metavar="LO,HI",
+                     help="map the .npz images (0..255) back onto LO..HI before the model, e.g. the CT window in HU "
+                          "the cases were scaled from (--npz-window=-160,240); default: the 0..255 values")
     O.add_device_options(p)
     O.add_engine_options(p)
     p.add_argument("--nsd-tolerance", type=O.non_negative_float, default=2.0, metavar="MM",
@@ -56,7 +59,9 @@ def configure(p) -> None:
     O.add_quiet_option(p)
 
 
-normalise_argv = O.join_option_values
+def normalise_argv(argv):
+    """``--clamp-hu`` / ``--npz-window`` values may start with '-': glued to their flags."""
+    return O.join_option_values(argv, O.NEGATIVE_VALUE_OPTIONS + ("--npz-window",))
 
 
 def _cases(args):
@@ -132,7 +137,8 @@ def _run_segfm(args, out: str, log) -> int:
                          "or an nnU-Net dataset) instead of --sample")
     outputs = [os.path.join(out, n) for n in (CSV_NAME, CLASS_CSV_NAME, JSON_NAME, PNG_NAME)]
     O.refuse_existing("--out", outputs, args.overwrite, folder=out)
-    data = segfm_data(args.data, args.gts, args.spacing_order or "xyz", args.split, args.labels, args.max_cases)
+    data = segfm_data(args.data, args.gts, args.spacing_order or "xyz", args.split, args.labels, args.max_cases,
+                      args.npz_window)
     config = SegFMConfig(clicks=args.clicks, box=args.box or "auto", prompt_mode=args.prompt_mode,
                          spacing_mm=args.spacing, clamp_hu=args.clamp_hu, extend=not args.no_extend,
                          max_regions=args.max_regions, nsd_tolerance_mm=args.nsd_tolerance, data=data.info)

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..core.geometry import LPS_TO_RAS, Volume, make_ijk_to_ras
+from .datasets import DataError
 
 __all__ = ["SegFMDataError", "SegFMCase", "BOX_KEYS", "SPACING_ORDERS", "read_segfm_case", "list_segfm_cases",
            "boxes_from_gt", "write_segfm_case"]
@@ -41,8 +42,9 @@ BOX_KEYS = ("z_min", "z_max", "z_mid", "z_mid_x_min", "z_mid_y_min", "z_mid_x_ma
 SPACING_ORDERS = ("xyz", "zyx")
 
 
-class SegFMDataError(ValueError):
-    """A case file that cannot be used; the message names the file and the fix."""
+class SegFMDataError(DataError):
+    """A case file that cannot be used; the message names the file and the fix (a :class:`DataError`, the
+    one error type of the dataset readers)."""
 
 
 @dataclass
@@ -63,10 +65,20 @@ class SegFMCase:
         counts = np.bincount(self.gts.ravel())
         return [int(v) for v in np.flatnonzero(counts) if v != 0]
 
-    def volume(self) -> Volume:
-        """The image as a :class:`Volume` (identity LPS direction, origin 0; see the module docstring)."""
+    def volume(self, window: Optional[Sequence[float]] = None) -> Volume:
+        """The image as a :class:`Volume` (identity LPS direction, origin 0; see the module docstring).
+
+        ``window`` = (lo, hi): the intensity range the challenge scaled to 0..255 (e.g. a CT window in HU);
+        the image is mapped back linearly (0 -> lo, 255 -> hi, float32). Values the scaling clipped stay at
+        the window's ends. None: the 0..255 values as stored."""
         ijk_to_lps = make_ijk_to_ras(self.spacing_zyx[::-1])
-        return Volume(self.imgs, LPS_TO_RAS @ ijk_to_lps, {"name": self.name, "source": self.source})
+        array = self.imgs
+        if window is not None:
+            lo, hi = (float(v) for v in window)
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+                raise ValueError(f"window must be (low, high) with low < high, got {window!r}")
+            array = self.imgs.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+        return Volume(array, LPS_TO_RAS @ ijk_to_lps, {"name": self.name, "source": self.source})
 
 
 # ------------------------------------------------------------------------------------------ reading

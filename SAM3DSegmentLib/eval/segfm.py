@@ -80,10 +80,12 @@ class SegFMTask:
     names: Dict[int, str] = field(default_factory=dict)
 
     @classmethod
-    def from_npz(cls, case, classes: Optional[Sequence[int]] = None) -> "SegFMTask":
-        """From a :class:`~SAM3DSegmentLib.data.segfm_npz.SegFMCase` (all its classes unless ``classes``)."""
+    def from_npz(cls, case, classes: Optional[Sequence[int]] = None,
+                 window: Optional[Sequence[float]] = None) -> "SegFMTask":
+        """From a :class:`~SAM3DSegmentLib.data.segfm_npz.SegFMCase` (all its classes unless ``classes``; the
+        image mapped back onto ``window``, see :meth:`~SAM3DSegmentLib.data.segfm_npz.SegFMCase.volume`)."""
         chosen = case.classes if classes is None else [c for c in case.classes if c in set(classes)]
-        return cls(case.name, case.volume(), case.gts, chosen, case.boxes, {c: f"label_{c}" for c in chosen})
+        return cls(case.name, case.volume(window), case.gts, chosen, case.boxes, {c: f"label_{c}" for c in chosen})
 
     @classmethod
     def from_volumes(cls, name: str, image: Volume, label: np.ndarray, names: Optional[Dict[int, str]] = None,

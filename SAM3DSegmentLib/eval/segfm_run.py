@@ -47,17 +47,19 @@ def _classes(labels: Optional[Sequence[str]]) -> Optional[List[int]]:
 
 
 def segfm_data(root: str, gts: Optional[str] = None, spacing_order: str = "xyz", split: str = "Tr",
-               labels: Optional[Sequence[str]] = None, max_cases: Optional[int] = None) -> SegFMData:
-    """The cases of ``root``: its ``.npz`` files (ground truth in them, or in ``gts``: files of the same names),
-    or, when it has an ``images<split>/`` folder, the nnU-Net dataset. ``labels``: only these label values."""
+               labels: Optional[Sequence[str]] = None, max_cases: Optional[int] = None,
+               npz_window: Optional[Sequence[float]] = None) -> SegFMData:
+    """The cases of ``root``: its ``.npz`` files (ground truth in them, or in ``gts``: files of the same names;
+    images mapped back onto ``npz_window`` when given), or, when it has an ``images<split>/`` folder, the
+    nnU-Net dataset. ``labels``: only these label values."""
     from ..data.segfm_npz import list_segfm_cases, read_segfm_case
 
     root = os.path.abspath(os.fspath(root))
     classes = _classes(labels)
     if os.path.isdir(os.path.join(root, f"images{split}")):
-        if gts is not None:
-            raise ValueError(f"--gts is for folders of .npz cases; {root} is an nnU-Net dataset (its labels are in "
-                             f"labels{split}/)")
+        for flag, value in (("--gts", gts), ("--npz-window", npz_window)):
+            if value is not None:
+                raise ValueError(f"{flag} is for folders of .npz cases; {root} is an nnU-Net dataset")
         from ..data.datasets import read_case, read_nnunet_dataset
 
         ds = read_nnunet_dataset(root, split, source="--data")
@@ -78,11 +80,12 @@ def segfm_data(root: str, gts: Optional[str] = None, spacing_order: str = "xyz",
 
     def load_npz(n: int) -> SegFMTask:
         gts_path = None if gts_dir is None else os.path.join(gts_dir, os.path.basename(paths[n]))
-        return SegFMTask.from_npz(read_segfm_case(paths[n], gts_path, spacing_order), classes)
+        return SegFMTask.from_npz(read_segfm_case(paths[n], gts_path, spacing_order), classes, npz_window)
 
     names = [os.path.basename(p)[: -len(".npz")] for p in paths]
     info = {"name": os.path.basename(root), "path": root, "format": "SegFM .npz", "gts": gts_dir,
-            "spacing_order": spacing_order, "cases": names, "labels": list(labels or [])}
+            "spacing_order": spacing_order, "npz_window": None if npz_window is None else list(npz_window),
+            "cases": names, "labels": list(labels or [])}
     return SegFMData("npz", names, info, load_npz)
 
 
