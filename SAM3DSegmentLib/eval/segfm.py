@@ -161,7 +161,8 @@ def _class_click(gts: np.ndarray, seg: np.ndarray, cls: int, gt_box, seg_box, se
 def run_case(backend, task: SegFMTask, config: SegFMConfig, log: Log = lambda m: None,
              on_step: Optional[Callable[[Any, np.ndarray], None]] = None) -> CaseResult:
     """The protocol on one case (see the module docstring). ``on_step(step, label_map)`` (optional) is called
-    with each step's combined prediction ("box" or the click number; the array is reused by no one)."""
+    with each step's combined prediction ("box" or the click number); the next step's clicks are computed from
+    that array, so the callback must not change it (copy it to keep it)."""
     from scipy import ndimage
 
     from ..inference.session import Session, SessionOptions

@@ -28,7 +28,7 @@ SEGFM_LABEL = ("segfm: CVPR 2025 interactive 3D segmentation challenge protocol;
 BOX_USE = ("our models take no box prompt: the box places the model's first region, as one include click at "
            "the centre of the box's rectangle on slice z_mid; the box is not used otherwise")
 #: Published figures for context (docs/evaluation.md): not comparable with a run of this command.
-REFERENCE = {"entry": "a SAM-Med3D-based entry of the CVPR 2025 challenge, CT cases (published)",
+REFERENCE = {"entry": "a SAM-Med3D-based entry of the CVPR 2025 challenge, CT cases",
              "DSC_AUC": 3.35, "NSD_AUC": 3.47, "DSC_Final": 0.846, "NSD_Final": 0.880,
              "note": "the challenge's own CT test cases and a model fine-tuned on the challenge data; "
                      "different cases and model, so not comparable with this run"}
