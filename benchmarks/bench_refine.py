@@ -19,8 +19,9 @@ Initial masks are the ground truth spoiled four ways, in millimetres: ``eroded``
 deepest point of the deeper error region, never the same voxel twice) on the object's full mask. Click 0 is the
 initial mask itself (the same for every encoding); ``scratch`` has no click-0 mask (Dice 0).
 
-``--costs-only``: the engine's own cost instead (``set_initial_mask`` and one region's prompt per encoding for a
-liver mask on a 512 x 512 x 300 grid).
+``--costs-only``: the engine's own cost instead, for a liver mask on a 512 x 512 x 300 grid: ``set_initial_mask``,
+one region's prompt per encoding, and the median later click inside an encoded region with and without the
+initial mask (a stub model returning a fixed ~100 mm ball, so only the engine is timed).
 
 Run: ``.venv/bin/python benchmarks/bench_refine.py [--threads 2] [--clicks 3]`` (1127 s measured on 2 busy CPU
 cores, most of it in the rows with region growth; ``--no-extension`` skips them).
@@ -137,11 +138,38 @@ def costs() -> dict:
             init.region_prompt(region)
             best = min(best, time.perf_counter() - t)
         out["region_prompt_s"][prompt] = round(best, 3)
+    # a later click inside an encoded region (stub model: a fixed ball), with and without the initial mask
+    centre = img.ijk_to_ras_points(np.array([i * 4.0, j * 4.0, k * 4.0]))
+    for name, mask in (("later_click_s_without_initial_mask", None), ("later_click_s_with_initial_mask", liver)):
+        s = Session(_BallBackend(), SessionOptions(extend=False))
+        s.set_volume(img)
+        s.new_object()
+        if mask is not None:
+            s.set_initial_mask(mask)
+        s.add_click(ras=centre)
+        times = []
+        for n in range(5):
+            t = time.perf_counter()
+            s.add_click(ras=centre + np.array([3.0 * (n + 1), 0.0, 0.0]), positive=n % 2 == 0)
+            times.append(time.perf_counter() - t)
+        out[name] = round(float(np.median(times)), 3)
     return out
 
 
 class _NullBackend:
     name, image_size, low_res_size = "none", 128, 32
+
+
+class _BallBackend(_NullBackend):
+    """Stub model: the same ~100 mm ball every time (the engine's own cost is what is timed)."""
+
+    def encode(self, image):
+        return None
+
+    def decode(self, embedding, points, labels, mask_logits):
+        c = np.arange(32) * 4 + 1.5
+        g = np.stack(np.meshgrid(c, c, c, indexing="ij"), -1)
+        return ((33.0 - np.linalg.norm(g - 64.0, axis=-1)) / 4.0).astype(np.float32)
 
 
 def main(argv=None) -> int:
