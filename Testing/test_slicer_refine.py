@@ -12,6 +12,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (test dependency) is 
 from SAM3DSegmentLib import slicer as sb  # noqa: E402
 from SAM3DSegmentLib.inference.session import SessionOptions  # noqa: E402
 from SAM3DSegmentLib.inference.worker import ThreadEngine  # noqa: E402
+from SAM3DSegmentLib.core.geometry import GeometryError  # noqa: E402
 from test_slicer_bridge import (SHAPE_KJI, _BallBackend, add_parent_transform, add_segmentation,  # noqa: E402,F401
                                 add_volume, box_of, scene)
 
@@ -130,3 +131,11 @@ def test_refining_an_empty_segment_or_during_a_click_is_refused_before_anything_
     link.refine(volume, seg, target)                    # once the click is back, refining works
     assert [j.context["kind"] for j in finish(link)] == ["refine"]
     assert np.array_equal(link.engine.call("mask", target), organ)
+
+
+def test_a_segmentation_on_another_grid_is_refused(scene, link):
+    volume, seg, target, other, organ = make_scene(scene, "refine moved")
+    volume.SetSpacing(0.9, 1.3, 2.5)          # the CT's grid changed after the segment was made on it
+    with pytest.raises(GeometryError, match="another voxel grid"):
+        link.refine(volume, seg, target)
+    assert not link.engine.busy

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 from ..core.boxes import mask_bounds
 from .history import SegmentHistory, write_job_result
 from .labelmap import read_segment
+from .layers import check_segmentation_geometry
 from .volumes import volume_from_node, volume_token
 
 #: Jobs whose result is a segment edit (written back by :meth:`EngineLink.write_result`).
@@ -84,11 +85,13 @@ class EngineLink:
         on the volume's grid in world space, :func:`~.labelmap.read_segment`; the engine's
         ``set_initial_mask``): its clicks and undo history are cleared, later clicks edit the segment and undo
         or reset return to these voxels. Nothing is written into the scene. Raises ValueError (nothing queued)
-        when the segment is empty or an edit of this segmentation is still being computed."""
+        when the segment is empty or an edit of this segmentation is still being computed, and GeometryError when
+        the segmentation lies on another voxel grid (clicks could not be written into it)."""
         name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
         if any(j.context["segmentation"] is segmentation_node for j in self._edits):
             raise ValueError("a click on this segmentation is still being computed; press 'Refine selected segment' "
                              "again when it is done")
+        check_segmentation_geometry(segmentation_node, volume_node)
         mask = read_segment(segmentation_node, segment_id, volume_node)
         box = mask_bounds(mask)
         if box is None:
