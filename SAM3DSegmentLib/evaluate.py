@@ -41,6 +41,7 @@ import numpy as np
 from .clicker import next_click, next_click_index, random_error_click
 from .geometry import Volume
 from .metrics import score
+from .reference_pipeline import upsample_logits
 
 __all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "EvalConfig", "Case", "CaseRef", "EvaluationError",
            "discover_dataset", "load_case", "sample_cases", "evaluate_engine", "evaluate_legacy",
@@ -322,25 +323,6 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
 
 
 # ------------------------------------------------------------------------------ legacy protocol
-def upsample_logits(logits: np.ndarray, size: int) -> np.ndarray:
-    """Trilinear upsampling of a cubic (s, s, s) array to (size,)*3 with ``align_corners=False``
-    semantics (torch's ``F.interpolate(mode="trilinear")``: source = (dst + 0.5) * s / size - 0.5,
-    clamped at 0). Separable, numpy only."""
-    x = np.asarray(logits, dtype=np.float32)
-    for axis in range(3):
-        n = x.shape[axis]
-        src = (np.arange(size, dtype=np.float64) + 0.5) * (n / size) - 0.5
-        src = np.maximum(src, 0.0)
-        i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
-        i1 = np.minimum(i0 + 1, n - 1)
-        w = (src - i0).astype(np.float32)
-        shape = [1, 1, 1]
-        shape[axis] = size
-        w = w.reshape(shape)
-        x = np.take(x, i0, axis=axis) * (1.0 - w) + np.take(x, i1, axis=axis) * w
-    return x
-
-
 def _reference_grid(volume: Volume, spacing: float, interpolation: str,
                     clamp_hu: Optional[Tuple[float, float]] = None) -> np.ndarray:
     """The reference's resampled, RAS-canonical array, indexed ``[a, b, c]`` (torchio ``Resample`` with

@@ -1,59 +1,101 @@
-"""The SAM-Med3D reference pre/post-processing, re-implemented step by step for parity checks.
+"""The SAM-Med3D reference inference, re-implemented step by step ("reference mode").
 
 This is NOT the path our tool uses (see :mod:`SAM3DSegmentLib.regions`); it reproduces what the
-reference inference did (SAM_MED3D.md section 5), including its quirks, so benchmarks and tests can
-compare against it. Written from the documented behaviour of torchio/SimpleITK (facts only):
+reference inference code (``validate_paired_img_gt`` in SAM-Med3D's ``utils/infer_utils.py``, with
+torchio 0.20 and nibabel 5; SAM_MED3D.md section 5) computes, quirks and rounding included, so
+benchmarks, ``sam3d evaluate --protocol reference`` and tests can compare against it. Written from the
+documented behaviour of torchio/nibabel/SimpleITK (facts only); every step below was checked against
+torchio 0.20.23 itself (``Testing/test_reference_torchio.py``).
 
-1. ``Resample(1.5)`` (torchio): output size ``ceil(n * old_spacing / 1.5)`` per axis (singleton axes
-   stay 1), same directions, origin at the input's continuous index ``0.5 * (1.5 / old_spacing - 1)``
-   (the first voxel's outer corner is kept), SimpleITK linear (image) / nearest (labels), output pixel
-   type = input pixel type, so integer images get interpolated values truncated toward zero.
-2. ``ToCanonical``: permute / flip the voxel axes so they point most nearly to +R, +A, +S (no
-   interpolation; an oblique volume keeps its rotation in the affine).
-3. ``CropOrPad(128)`` centred on a voxel: crop index ``64`` (``S // 2``) is that voxel; padding is 0.
-   With a mask, torchio takes the bounding box ``[first, last + 1)`` per axis, centre
-   ``(first + last + 1) / 2``, and for an even target moves a non-integer centre down by half a voxel:
-   the centre voxel is ``floor((first + last + 1) / 2)`` (:func:`torchio_mask_centre`).
-4. ``ZNormalization(masking_method=x > 0)``: the whole crop minus the mean, divided by the (unbiased,
-   torch default) standard deviation of its voxels > 0, in float32.
-5. Paste-back: low-res logits (32^3) -> ``interpolate(size=128, mode="trilinear",
-   align_corners=False)`` -> ``sigmoid > 0.5`` -> nearest-neighbour resampling of the 128^3 ROI mask
-   (with its ROI affine) onto the original grid (0 outside the ROI).
+1. ``Resample(1.5)`` (torchio 0.20): the image header goes through torchio's RAS affine, so the input
+   spacing is the norm of each affine column (a spacing stored as 1.5 in an oblique header can come back
+   as 1.4999999999999998). Output size ``floor(n * old_spacing / 1.5)`` per axis (singleton axes stay
+   1), same directions, and the CENTRE of the image kept: the physical midpoint of the first and last
+   voxel centres is the midpoint of the new grid. SimpleITK linear (image) / nearest (labels), default
+   value 0, output pixel type = input pixel type, so integer images get interpolated values truncated
+   toward zero. A 256x256x108 scan at 0.957x0.957x1.5 mm gives 163x163x108, and 107 slices when the
+   slice spacing reads 1.4999999999999998.
+2. ``ToCanonical`` (nibabel 5 ``io_orientation``): the nearest rotation to the direction matrix (polar
+   decomposition); input axes taken in order of their largest absolute cosine (stable), each assigned to
+   the RAS axis it points along most, that RAS axis then removed. Permute / flip the voxel axes
+   accordingly (no interpolation; an oblique volume keeps its rotation in the affine).
+3. ``CropOrPad(128, mask_name="label")``: the label's bounding box ``[first, last + 1)`` per axis, centre
+   ``(first + last + 1) / 2``, moved down by half a voxel when exactly one of "target size even" and
+   "centre on a voxel boundary" holds; the crop begins at ``centre - 128 / 2`` (negative: zero padding).
+   Without a label voxel torchio centres on the volume: crop begins at ``ceil((n - 128) / 2)`` where
+   ``n > 128`` and ``-ceil((128 - n) / 2)`` where ``n < 128``. The ROI affine moves the origin by the
+   padding first (``-pad``) and then by the crop, as torchio's ``Pad`` then ``Crop`` do.
+4. ``ZNormalization(masking_method=x > 0)``: the crop minus the mean, divided by the (unbiased) standard
+   deviation of its voxels > 0, in float32 (statistics accumulated in float64 here; torch's float32
+   reductions agree to about 1e-7 relative).
+5. Clicks (``sam_model_infer`` with its default random sampler): the numpy global random state is seeded
+   once per image (``seed``, 233 by default); per label value (ascending) and per step one voxel is drawn
+   uniformly (``randint`` over the error voxels ``FN | FP`` of the current 128^3 prediction in C order;
+   over the label when there is no error), positive when it is a false negative. ALL clicks so far are
+   fed, with the previous 32^3 logits (zeros at the first step) — the ``all-clicks`` protocol. A label
+   that vanishes from the crop gets an empty mask and consumes no random draw.
+6. Paste-back: low-res logits (32^3) -> trilinear (align_corners=False) to 128^3 -> ``sigmoid > 0.5`` ->
+   nearest-neighbour resampling of the 128^3 ROI mask (with its ROI affine) onto the original grid (0
+   outside the ROI); label values written in ascending order, a later label overwriting an earlier one.
 
 Axis conventions: the model arrays are ``(a, b, c)`` = the canonical resampled volume's NIfTI
 ``(i, j, k)`` order; ``roi_to_ras`` maps ``(a, b, c, 1)`` to RAS. Our ``Volume`` arrays are
-``[k, j, i]``. The returned mask of :func:`reference_paste_back` is ``[k, j, i]`` on the volume grid.
+``[k, j, i]``. Masks returned on the volume grid are ``[k, j, i]``.
+
+No torch here: the network is reached through a backend (:class:`~SAM3DSegmentLib.backends.Backend`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .geometry import Volume, closest_canonical_axes
+from .geometry import GeometryError, Volume, apply_affine
 
-__all__ = ["reference_resample", "reference_canonical", "reference_crop_or_pad", "reference_znorm",
-           "torchio_mask_centre", "reference_crop", "reference_model_input", "reference_paste_back",
-           "reference_upsampled_mask"]
+__all__ = ["REFERENCE_SEED", "reference_resample", "reference_orientation", "reference_canonical",
+           "torchio_crop_begin", "torchio_mask_centre", "reference_crop_or_pad", "reference_roi_affine",
+           "reference_znorm", "reference_crop", "reference_model_input", "upsample_logits",
+           "reference_upsampled_mask", "reference_paste_back", "ReferenceROI", "reference_preprocess",
+           "reference_random_click", "ReferenceObject", "reference_interact", "ReferenceResult",
+           "reference_validate"]
+
+#: ``validate_paired_img_gt``'s default seed of the numpy global random state.
+REFERENCE_SEED = 233
 
 
+# ------------------------------------------------------------------------------- 1. resample
 def reference_resample(volume: Volume, spacing: float = 1.5, interpolation: str = "linear",
                        keep_integer_type: bool = True) -> Volume:
-    """torchio ``Resample(spacing)`` semantics (see the module docstring, step 1)."""
+    """torchio 0.20 ``Resample(spacing)`` (module docstring, step 1).
+
+    ``keep_integer_type=False`` resamples a float32 copy (no truncation of integer images).
+    """
     import SimpleITK as sitk
 
+    # Volume.to_sitk derives spacing (column norms), directions and origin from ijk_to_ras with the
+    # same float arithmetic as torchio's affine -> SimpleITK conversion.
     src = volume.to_sitk()
     if not keep_integer_type and interpolation == "linear":
         src = sitk.Cast(src, sitk.sitkFloat32)
-    old_spacing = np.asarray(src.GetSpacing(), dtype=np.float64)
-    new_spacing = np.full(3, float(spacing))
-    old_size = np.asarray(src.GetSize())
-    new_size = np.ceil(old_size * old_spacing / new_spacing).astype(np.int64)
+    old_spacing = np.array(src.GetSpacing(), dtype=float)
+    new_spacing = np.array(3 * (float(spacing),), dtype=float)
+    old_size = np.array(src.GetSize())
+    first_lps = np.array(src.GetOrigin(), dtype=float)
+    last_lps = np.array(src.TransformIndexToPhysicalPoint((old_size - 1).tolist()), dtype=float)
+    centre_lps = (last_lps + first_lps) / 2
+    new_size = np.floor(old_size * old_spacing / new_spacing)
     new_size[old_size == 1] = 1
-    origin_index = 0.5 * (new_spacing / old_spacing - 1.0)
-    origin_lps = src.TransformContinuousIndexToPhysicalPoint(origin_index.tolist())
+    if np.any(new_size < 1):
+        axis = "ijk"[int(np.argmin(new_size))]
+        raise GeometryError(f"the volume is thinner than one {spacing} mm voxel along {axis} "
+                            f"({old_size.tolist()} voxels of {old_spacing.tolist()} mm): the reference "
+                            "resampling leaves no voxel; give a larger volume")
+    direction = np.asarray(src.GetDirection(), dtype=float).reshape(3, 3)
+    half_extent = (new_size - 1) / 2 * new_spacing
+    origin_lps = (centre_lps - direction @ half_extent).tolist()
     f = sitk.ResampleImageFilter()
-    f.SetSize([int(v) for v in new_size])
+    f.SetSize(new_size.astype(int).tolist())
     f.SetOutputSpacing(new_spacing.tolist())
     f.SetOutputDirection(src.GetDirection())
     f.SetOutputOrigin(origin_lps)
@@ -64,43 +106,81 @@ def reference_resample(volume: Volume, spacing: float = 1.5, interpolation: str 
     return Volume.from_sitk(out, **volume.meta)
 
 
+# ----------------------------------------------------------------------------- 2. canonical
+def reference_orientation(ijk_to_ras: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``(perm, signs)``: RAS axis ``r`` is volume axis ``perm[r]`` times ``signs[r]`` (nibabel 5
+    ``io_orientation`` rule, module docstring step 2)."""
+    rzs = np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3]
+    zooms = np.sqrt(np.sum(rzs * rzs, axis=0))
+    zooms[zooms == 0] = 1
+    u, s, vt = np.linalg.svd(rzs / zooms, full_matrices=False)
+    keep = s > s.max() * 3 * np.finfo(s.dtype).eps
+    r = u[:, keep] @ vt[keep]
+    perm = np.full(3, -1)
+    signs = np.ones(3)
+    for axis in np.argsort(np.min(-(r ** 2), axis=0), kind="stable"):
+        col = r[:, axis]
+        if np.allclose(col, 0):
+            raise GeometryError("the volume's axes are degenerate (collinear directions); fix its header")
+        ras = int(np.argmax(np.abs(col)))
+        perm[ras] = axis
+        signs[ras] = -1.0 if col[ras] < 0 else 1.0
+        r[ras, :] = 0
+    return perm, signs
+
+
 def reference_canonical(volume: Volume) -> Volume:
-    """Permute / flip the axes to the closest RAS-canonical order (nibabel ``as_closest_canonical``)."""
-    perm, signs = closest_canonical_axes(volume.directions)
+    """torchio ``ToCanonical``: permute / flip the axes to the closest RAS order (module docstring, 2)."""
+    perm, signs = reference_orientation(volume.ijk_to_ras)
+    if np.array_equal(perm, [0, 1, 2]) and np.all(signs > 0):
+        return Volume(volume.array, volume.ijk_to_ras.copy(), dict(volume.meta))
     arr_ijk = volume.array.transpose(2, 1, 0)  # (i, j, k)
     n = np.asarray(volume.shape_ijk)
-    # new axis r = old axis perm[r], reversed when signs[r] < 0
+    # new axis r = old axis perm[r], reversed when signs[r] < 0; f maps new (a, b, c, 1) to old (i, j, k, 1)
     arr = arr_ijk.transpose(perm)
     f = np.zeros((4, 4))
     f[3, 3] = 1.0
     for r in range(3):
+        f[perm[r], r] = signs[r]
         if signs[r] < 0:
             arr = np.flip(arr, axis=r)
-            f[perm[r], r] = -1.0
             f[perm[r], 3] = n[perm[r]] - 1.0
-        else:
-            f[perm[r], r] = 1.0
     return Volume(np.ascontiguousarray(arr.transpose(2, 1, 0)), volume.ijk_to_ras @ f, dict(volume.meta))
 
 
+# ---------------------------------------------------------------------------- 3. crop or pad
+def torchio_crop_begin(shape_abc: Sequence[int], size: int = 128,
+                       mask_abc: Optional[np.ndarray] = None) -> np.ndarray:
+    """Where torchio ``CropOrPad(size, mask_name=...)`` starts its crop, per axis (int64; negative =
+    zero padding before the first voxel). Volume-centred when ``mask_abc`` is None or empty."""
+    shape = np.asarray(shape_abc, dtype=np.int64).reshape(3)
+    mask = None if mask_abc is None else np.asarray(mask_abc)
+    if mask is None or not mask.any():
+        crop = np.maximum(shape - size, 0)
+        pad = np.maximum(size - shape, 0)
+        return (np.ceil(crop / 2) - np.ceil(pad / 2)).astype(np.int64)
+    begin = np.zeros(3, dtype=np.int64)
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        centre = (int(hit[0]) + int(hit[-1]) + 1) / 2
+        if (size % 2 == 0) != (centre % 1 == 0):
+            centre -= 0.5
+        begin[axis] = int(centre - size / 2)
+    return begin
+
+
 def torchio_mask_centre(mask_abc: np.ndarray) -> np.ndarray:
-    """The voxel torchio ``CropOrPad(mask_name=...)`` puts at index ``S // 2`` for an even ``S``."""
+    """The voxel torchio ``CropOrPad(mask_name=...)`` puts at index ``S // 2`` for an even ``S``:
+    ``floor((first + last + 1) / 2)`` of the mask's bounding box."""
     idx = np.nonzero(mask_abc)
     if len(idx[0]) == 0:
-        raise ValueError("empty mask: torchio falls back to the volume centre")
+        raise ValueError("empty mask: torchio falls back to the volume centre (torchio_crop_begin)")
     first = np.array([ax.min() for ax in idx])
     last = np.array([ax.max() for ax in idx])
     return np.floor((first + last + 1) / 2.0).astype(np.int64)
 
 
-def reference_crop_or_pad(arr_abc: np.ndarray, centre_index: Sequence[int], size: int = 128
-                          ) -> Tuple[np.ndarray, np.ndarray]:
-    """Crop / zero-pad ``arr_abc`` to ``size``^3 with ``centre_index`` at ``size // 2``.
-
-    Returns ``(crop, begin)``: crop index ``x`` is source index ``begin + x``.
-    """
-    c = np.asarray(centre_index, dtype=np.int64).reshape(3)
-    begin = c - size // 2
+def _crop_at(arr_abc: np.ndarray, begin: np.ndarray, size: int) -> np.ndarray:
     out = np.zeros((size,) * 3, dtype=arr_abc.dtype)
     src_lo = np.maximum(begin, 0)
     src_hi = np.minimum(begin + size, np.asarray(arr_abc.shape))
@@ -109,21 +189,56 @@ def reference_crop_or_pad(arr_abc: np.ndarray, centre_index: Sequence[int], size
         dst_hi = src_hi - begin
         out[dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
             arr_abc[src_lo[0]:src_hi[0], src_lo[1]:src_hi[1], src_lo[2]:src_hi[2]]
-    return out, begin
+    return out
 
 
+def reference_crop_or_pad(arr_abc: np.ndarray, centre_index: Optional[Sequence[int]] = None, size: int = 128,
+                          begin: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Crop / zero-pad ``arr_abc`` to ``size``^3 starting at ``begin``, or with ``centre_index`` at
+    ``size // 2`` (``begin = centre_index - size // 2``).
+
+    Returns ``(crop, begin)``: crop index ``x`` is source index ``begin + x``.
+    """
+    if begin is None:
+        if centre_index is None:
+            raise ValueError("give centre_index or begin")
+        b = np.asarray(centre_index, dtype=np.int64).reshape(3) - size // 2
+    else:
+        b = np.asarray(begin, dtype=np.int64).reshape(3)
+    return _crop_at(arr_abc, b, size), b
+
+
+def reference_roi_affine(canon_ijk_to_ras: np.ndarray, shape_abc: Sequence[int], begin: Sequence[int],
+                         size: int = 128) -> np.ndarray:
+    """The ROI affine torchio's ``Pad`` then ``Crop`` leave (module docstring, step 3)."""
+    m = np.array(canon_ijk_to_ras, dtype=np.float64)
+    b = np.asarray(begin, dtype=np.int64).reshape(3)
+    shape = np.asarray(shape_abc, dtype=np.int64).reshape(3)
+    pad_ini, crop_ini = np.maximum(-b, 0), np.maximum(b, 0)
+    end = b + size
+    if np.any(pad_ini > 0) or np.any(end > shape):  # torchio pads when either side needs it
+        m[:3, 3] = apply_affine(m, -pad_ini)
+    if np.any(crop_ini > 0) or np.any(end < shape):
+        m[:3, 3] = apply_affine(m, crop_ini)
+    return m
+
+
+# -------------------------------------------------------------------------------- 4. z-norm
 def reference_znorm(crop: np.ndarray) -> np.ndarray:
-    """torchio ``ZNormalization(masking_method=lambda x: x > 0)`` in float32 torch arithmetic."""
-    import torch
-
-    t = torch.as_tensor(np.ascontiguousarray(crop)).float()
+    """torchio ``ZNormalization(masking_method=lambda x: x > 0)``: float32 ``(crop - mean) / std`` over
+    the voxels > 0 (unbiased std). Raises RuntimeError where the reference fails (no spread)."""
+    t = np.asarray(crop).astype(np.float32)
     values = t[t > 0]
-    mean, std = values.mean(), values.std()
-    if not torch.isfinite(std) or float(std) == 0:
+    if values.size < 2:
+        raise RuntimeError("Standard deviation is 0 or undefined for masked values: the crop has fewer than "
+                           "two voxels > 0 (the reference fails here)")
+    mean = np.float32(values.mean(dtype=np.float64))
+    std = np.float32(values.std(ddof=1, dtype=np.float64))
+    if not np.isfinite(std) or std == 0:
         raise RuntimeError("Standard deviation is 0 for masked values (the reference fails here)")
-    t = t - mean
-    t = t / std
-    return t.numpy()
+    t -= mean
+    t /= std
+    return t
 
 
 def reference_crop(volume: Volume, centre_ras: Optional[Sequence[float]] = None,
@@ -133,20 +248,20 @@ def reference_crop(volume: Volume, centre_ras: Optional[Sequence[float]] = None,
     """Steps 1-3 (resample, canonical, crop/pad): ``(crop [a, b, c] in the resampled dtype, roi_to_ras)``.
 
     Centre: ``centre_index`` (a, b, c) in the canonical resampled grid, or ``centre_ras`` (its nearest
-    voxel there, rounding half up), or the grid centre. ``interpolation="nearest"`` for label maps.
+    voxel there, rounding half up), each placed at ``size // 2``; else torchio's volume-centred crop.
+    ``interpolation="nearest"`` for label maps.
     """
     canon = reference_canonical(reference_resample(volume, spacing, interpolation, keep_integer_type))
     arr_abc = canon.array.transpose(2, 1, 0)
+    if centre_index is None and centre_ras is not None:
+        ijk = canon.ras_to_ijk_points(np.asarray(centre_ras, dtype=np.float64).reshape(3))
+        centre_index = np.floor(ijk + 0.5).astype(np.int64)
     if centre_index is None:
-        if centre_ras is not None:
-            ijk = canon.ras_to_ijk_points(np.asarray(centre_ras, dtype=np.float64).reshape(3))
-            centre_index = np.floor(ijk + 0.5).astype(np.int64)
-        else:
-            centre_index = np.asarray(arr_abc.shape) // 2
-    crop, begin = reference_crop_or_pad(arr_abc, centre_index, size)
-    roi_to_ras = canon.ijk_to_ras.copy()
-    roi_to_ras[:3, 3] = canon.ijk_to_ras_points(begin.astype(np.float64))
-    return crop, roi_to_ras
+        begin = torchio_crop_begin(arr_abc.shape, size)
+    else:
+        begin = np.asarray(centre_index, dtype=np.int64).reshape(3) - size // 2
+    crop, begin = reference_crop_or_pad(arr_abc, size=size, begin=begin)
+    return crop, reference_roi_affine(canon.ijk_to_ras, arr_abc.shape, begin, size)
 
 
 def reference_model_input(volume: Volume, centre_ras: Optional[Sequence[float]] = None,
@@ -163,23 +278,177 @@ def reference_model_input(volume: Volume, centre_ras: Optional[Sequence[float]] 
         vol = volume.with_array(np.clip(volume.array, clamp_hu[0], clamp_hu[1]).astype(volume.array.dtype))
     crop, roi_to_ras = reference_crop(vol, centre_ras, centre_index, size, spacing, "linear",
                                       keep_integer_type)
-    return reference_znorm(crop.astype(np.float32)), roi_to_ras
+    return reference_znorm(crop), roi_to_ras
+
+
+# ---------------------------------------------------------------------------- 6. paste-back
+def upsample_logits(logits: np.ndarray, size: int) -> np.ndarray:
+    """Trilinear upsampling of a cubic (s, s, s) array to (size,)*3 with ``align_corners=False``
+    semantics (torch's ``F.interpolate(mode="trilinear")``: source = (dst + 0.5) * s / size - 0.5,
+    clamped at 0). Separable, numpy only, float32."""
+    x = np.asarray(logits, dtype=np.float32)
+    for axis in range(3):
+        n = x.shape[axis]
+        src = (np.arange(size, dtype=np.float64) + 0.5) * (n / size) - 0.5
+        src = np.maximum(src, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
+        i1 = np.minimum(i0 + 1, n - 1)
+        w = (src - i0).astype(np.float32)
+        shape = [1, 1, 1]
+        shape[axis] = size
+        w = w.reshape(shape)
+        x = np.take(x, i0, axis=axis) * (1.0 - w) + np.take(x, i1, axis=axis) * w
+    return x
 
 
 def reference_upsampled_mask(low_res_logits: np.ndarray, size: int = 128) -> np.ndarray:
     """32^3 logits -> trilinear (align_corners=False) ``size``^3 -> sigmoid > 0.5, uint8 ``[a, b, c]``."""
-    import torch
-
-    t = torch.as_tensor(np.ascontiguousarray(low_res_logits, dtype=np.float32))[None, None]
-    up = torch.nn.functional.interpolate(t, size=(size,) * 3, mode="trilinear", align_corners=False)
-    return (torch.sigmoid(up)[0, 0] > 0.5).numpy().astype(np.uint8)
+    return (upsample_logits(low_res_logits, size) > 0).astype(np.uint8)
 
 
 def reference_paste_back(low_res_logits: np.ndarray, roi_to_ras: np.ndarray, volume: Volume,
                          size: int = 128) -> np.ndarray:
-    """Reference paste-back: uint8 mask ``[k, j, i]`` on ``volume``'s grid (see step 5)."""
+    """Reference paste-back: uint8 mask ``[k, j, i]`` on ``volume``'s grid (see step 6)."""
+    return _paste_mask(reference_upsampled_mask(low_res_logits, size), roi_to_ras, volume)
+
+
+def _paste_mask(mask_abc: np.ndarray, roi_to_ras: np.ndarray, volume: Volume) -> np.ndarray:
     from .io import resample_like
 
-    mask_abc = reference_upsampled_mask(low_res_logits, size)
-    roi = Volume(np.ascontiguousarray(mask_abc.transpose(2, 1, 0)), roi_to_ras)
+    roi = Volume(np.ascontiguousarray(np.asarray(mask_abc, dtype=np.uint8).transpose(2, 1, 0)), roi_to_ras)
     return resample_like(roi, volume, "nearest").array.astype(np.uint8)
+
+
+# ------------------------------------------------------------------ the whole reference run
+@dataclass
+class ReferenceROI:
+    """One target's model input as the reference builds it (steps 1-4)."""
+
+    image: np.ndarray          # float32 (S, S, S) [a, b, c], z-normalised
+    label: np.ndarray          # uint8 (S, S, S) [a, b, c], the target inside the crop (0 padding)
+    roi_to_ras: np.ndarray     # (a, b, c, 1) -> RAS
+    begin: np.ndarray          # crop start in the canonical resampled grid (negative: padding)
+    grid_shape: Tuple[int, int, int]  # the canonical resampled grid (a, b, c)
+
+
+def _canonical_abc(volume: Volume, spacing: float, interpolation: str) -> Tuple[np.ndarray, np.ndarray]:
+    canon = reference_canonical(reference_resample(volume, spacing, interpolation, keep_integer_type=True))
+    return canon.array.transpose(2, 1, 0), canon.ijk_to_ras
+
+
+def reference_preprocess(image: Volume, target: np.ndarray, size: int = 128, spacing: float = 1.5,
+                         image_abc: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> ReferenceROI:
+    """Steps 1-4 for one binary ``target`` (``[k, j, i]`` on ``image``'s grid): the label decides the
+    crop (torchio ``CropOrPad(mask_name="label")``). ``image_abc``: the image's canonical resampled
+    ``(array [a, b, c], ijk_to_ras)`` when already computed (it does not depend on the target).
+    Raises RuntimeError where the reference fails (no spread in the crop's voxels > 0)."""
+    arr, affine = image_abc if image_abc is not None else _canonical_abc(image, spacing, "linear")
+    label_abc, _ = _canonical_abc(image.with_array((np.asarray(target) != 0).astype(np.uint8)), spacing,
+                                  "nearest")
+    begin = torchio_crop_begin(arr.shape, size, label_abc)
+    return ReferenceROI(image=reference_znorm(_crop_at(arr, begin, size)),
+                        label=_crop_at(label_abc, begin, size), begin=begin,
+                        roi_to_ras=reference_roi_affine(affine, arr.shape, begin, size),
+                        grid_shape=tuple(int(v) for v in arr.shape))
+
+
+def reference_random_click(pred: np.ndarray, gt: np.ndarray, rng: np.random.RandomState
+                           ) -> Tuple[np.ndarray, bool]:
+    """The reference's random click (step 5): ``((a, b, c) int64, positive)``."""
+    gt = np.asarray(gt) != 0
+    pred = np.asarray(pred) != 0
+    fn = gt & ~pred
+    error = fn | (pred & ~gt)
+    if not error.any():
+        points = np.argwhere(gt)
+        return points[rng.randint(len(points))], True
+    points = np.argwhere(error)
+    p = points[rng.randint(len(points))]
+    return p, bool(fn[tuple(p)])
+
+
+@dataclass
+class ReferenceObject:
+    """One label value's reference run: clicks (a, b, c) and the low-res logits after each click."""
+
+    value: int
+    roi: ReferenceROI
+    points: List[Tuple[int, int, int]] = field(default_factory=list)
+    positive: List[bool] = field(default_factory=list)
+    logits: List[np.ndarray] = field(default_factory=list)
+
+    def mask_abc(self, step: int = -1) -> np.ndarray:
+        """uint8 ``[a, b, c]`` ROI mask after click ``step`` (0-based; -1 = last); empty without clicks."""
+        if not self.logits:
+            return np.zeros(self.roi.label.shape, np.uint8)
+        return reference_upsampled_mask(self.logits[step], self.roi.label.shape[0])
+
+    def mask(self, volume: Volume, step: int = -1) -> np.ndarray:
+        """uint8 ``[k, j, i]`` mask on ``volume``'s grid after click ``step`` (step 6)."""
+        return _paste_mask(self.mask_abc(step), self.roi.roi_to_ras, volume)
+
+
+def reference_interact(backend, roi: ReferenceROI, num_clicks: int, rng: np.random.RandomState,
+                       value: int = 1) -> ReferenceObject:
+    """Step 5 on one ROI: encode once, then ``num_clicks`` random clicks, ALL clicks so far fed with the
+    previous low-res logits (zeros at the first step). An empty crop label: no click, no random draw."""
+    obj = ReferenceObject(value=int(value), roi=roi)
+    gt = roi.label != 0
+    if not gt.any():
+        return obj
+    size = roi.label.shape[0]
+    embedding = backend.encode(roi.image)
+    pred = np.zeros(gt.shape, bool)
+    prev: Optional[np.ndarray] = None
+    for _ in range(int(num_clicks)):
+        p, positive = reference_random_click(pred, gt, rng)
+        obj.points.append(tuple(int(v) for v in p))
+        obj.positive.append(positive)
+        prev = np.asarray(backend.decode(embedding, np.asarray(obj.points, dtype=np.float32),
+                                         np.asarray(obj.positive, dtype=np.int64), prev), dtype=np.float32)
+        obj.logits.append(prev)
+        pred = upsample_logits(prev, size) > 0
+    return obj
+
+
+@dataclass
+class ReferenceResult:
+    """What :func:`reference_validate` returns: the merged label map ``[k, j, i]`` on the image grid (as
+    the reference writes it) and each label value's run."""
+
+    label_map: np.ndarray
+    objects: Dict[int, ReferenceObject]
+
+
+def reference_validate(backend, image: Volume, label_map: np.ndarray, num_clicks: int = 1,
+                       spacing: float = 1.5, seed: int = REFERENCE_SEED,
+                       values: Optional[Sequence[int]] = None,
+                       on_object: Optional[Callable[[ReferenceObject], None]] = None) -> ReferenceResult:
+    """Reference mode: SAM-Med3D's ``validate_paired_img_gt`` on ``image`` and its ``label_map``
+    (``[k, j, i]`` on the image grid), every step as in the module docstring.
+
+    ``values``: the label values to run, in this order (default: every non-zero value present,
+    ascending, as the reference does; another choice changes which random draws each target gets).
+    ``on_object`` is called after each value's run. The output label map is uint8 when every value fits,
+    else int32 (the reference writes uint8 and would wrap larger values).
+    """
+    labels = np.asarray(label_map)
+    if labels.shape != image.array.shape:
+        raise ValueError(f"label map shape {labels.shape} differs from the image {image.array.shape} (k, j, i); "
+                         "resample the labels onto the image grid first")
+    if values is None:
+        values = [int(v) for v in np.unique(labels) if v != 0]
+    size = int(backend.image_size)
+    rng = np.random.RandomState(int(seed))
+    out = np.zeros(labels.shape, np.uint8 if max(list(values) + [0]) <= 255 else np.int32)
+    image_abc = _canonical_abc(image, spacing, "linear")
+    objects: Dict[int, ReferenceObject] = {}
+    for value in values:
+        roi = reference_preprocess(image, labels == value, size, spacing, image_abc=image_abc)
+        obj = reference_interact(backend, roi, num_clicks, rng, value)
+        objects[int(value)] = obj
+        if obj.logits:
+            out[obj.mask(image) == 1] = value
+        if on_object is not None:
+            on_object(obj)
+    return ReferenceResult(out, objects)

@@ -94,12 +94,12 @@ def test_reference_resample_and_canonical_keep_physical_space():
     p = np.array([[10.0, 20.0, 30.0]])
     i, j, k = canon.ras_to_voxel(image.ijk_to_ras_points(p)[0])
     assert canon.array[k, j, i] == image.array[30, 20, 10]
-    # torchio sizes: ceil(n * old / new), first-voxel corner kept
+    # torchio 0.20 sizes: floor(n * old / new) (35 / 1.5, 28 / 1.5, 45 / 1.5), the image centre kept
     aniso = P.sphere_phantom((50, 40, 9), (0.7, 0.7, 5.0), origin=(3, 4, 5))[0]
     r = reference_resample(aniso, 1.5)
-    assert r.shape_ijk == (24, 19, 30)
-    corner_old = aniso.ijk_to_ras_points(np.array([-0.5, -0.5, -0.5]))
-    np.testing.assert_allclose(r.ijk_to_ras_points(np.array([-0.5, -0.5, -0.5])), corner_old, atol=1e-9)
+    assert r.shape_ijk == (23, 18, 30)
+    centre = lambda v: v.ijk_to_ras_points((np.asarray(v.shape_ijk) - 1.0) / 2.0)  # noqa: E731
+    np.testing.assert_allclose(centre(r), centre(aniso), atol=1e-9)
     # integer images keep their type: interpolated values are truncated
     assert r.array.dtype == aniso.array.dtype
 

@@ -19,6 +19,6 @@ EXTRA=()
 "${PIP[@]}" install "${EXTRA[@]}" "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import torch" || { echo "torch failed to install ($TORCH_SPEC)" >&2; exit 1; }
 "${PIP[@]}" install "${EXTRA[@]}" -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import SAM3DSegmentLib, SimpleITK, slicerio, medim, slicer" \
+"$VENV/bin/python" -c "import SAM3DSegmentLib, SimpleITK, slicerio, medim, slicer, torchio" \
   || { echo "dependency installation failed" >&2; exit 1; }
 echo "environment ready: $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'))"
