@@ -158,3 +158,96 @@ def test_crop_begin_rule_equals_torchio_for_odd_and_even_sizes():
         src = np.array(np.unravel_index(first, shape))
         dst = np.argwhere(out == first + 1)[0]
         np.testing.assert_array_equal(src - dst, begin, err_msg=f"{shape} size {size} mask {mask.any()}")
+
+
+# ------------------------------------------------------------------- the whole reference run
+def _ct_case(name="oblique_float_noise", shape=(190, 170, 72)):
+    """A CT-like int16 phantom on the named grid's geometry (smaller field of view): a body with two
+    labelled organs (label map values 1 and 3)."""
+    _, spacing, directions = GRIDS[name]
+    m = make_ijk_to_ras(spacing, directions, (118.3, 104.9, -61.7))
+    shape_kji = shape[::-1]
+    centre = m[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + m[:3, 3]
+    rng = np.random.default_rng(11)
+    image = np.full(shape_kji, -1000.0, np.float32)
+    labels = np.zeros(shape_kji, np.uint8)
+    body = P.ellipsoid_mask(m, shape_kji, P.Ellipsoid(centre, (80.0, 70.0, 50.0))).astype(bool)
+    image[body] = 20.0
+    for value, hu, offset, semi in ((1, 70.0, (-30, 10, 0), (22.0, 16.0, 18.0)),
+                                    (3, 300.0, (35, -15, 8), (9.0, 12.0, 30.0))):
+        organ = P.ellipsoid_mask(m, shape_kji, P.Ellipsoid(centre + np.asarray(offset, float), semi,
+                                                          P.oblique_rotation((20.0, -10.0, 35.0)))).astype(bool)
+        image[organ] = hu
+        labels[organ] = value
+    image += rng.normal(0.0, 25.0, shape_kji).astype(np.float32)
+    return Volume(np.rint(image).astype(np.int16), m), labels
+
+
+def _oracle_validate(backend, image: Volume, labels: np.ndarray, num_clicks: int, seed: int = 233):
+    """validate_paired_img_gt with torchio 0.20 and torch doing every step (the model through ``backend``):
+    ``(label map [k, j, i], {value: clicks}, {value: model input})``."""
+    import torch.nn.functional as F
+
+    saved = np.random.get_state()
+    np.random.seed(seed)  # the reference seeds numpy's global state once per image
+    try:
+        out = np.zeros(labels.shape, np.uint8)
+        clicks, inputs = {}, {}
+        for value in sorted(int(v) for v in np.unique(labels) if v != 0):
+            _, cropped, x = _tio_preprocess(image, labels == value, backend.image_size)
+            inputs[value] = x
+            gt = cropped.label.data[0] > 0
+            clicks[value] = []
+            if not gt.any():
+                continue  # the reference returns an empty mask without drawing a click
+            emb = backend.encode(x)
+            pred = torch.zeros_like(gt)
+            prev = None
+            for _ in range(num_clicks):
+                fn, fp = gt & ~pred, ~gt & pred
+                error = fn | fp
+                pool = torch.argwhere(error if error.any() else gt)
+                point = pool[np.random.randint(len(pool))]
+                clicks[value].append((tuple(int(v) for v in point), bool(fn[tuple(point)]) if error.any() else True))
+                prev = backend.decode(emb, np.asarray([c[0] for c in clicks[value]], np.float32),
+                                      np.asarray([int(c[1]) for c in clicks[value]]), prev)
+                up = F.interpolate(torch.from_numpy(np.asarray(prev))[None, None], size=gt.shape,
+                                   mode="trilinear", align_corners=False)
+                pred = (torch.sigmoid(up) > 0.5)[0, 0]
+            roi_mask = tio.LabelMap(tensor=pred[None].float(), affine=cropped.image.affine)
+            grid = tio.ScalarImage(tensor=torch.zeros((1,) + image.shape_ijk), affine=image.ijk_to_ras.copy())
+            pasted = tio.Resample(target=grid, image_interpolation="nearest")(roi_mask).data[0].numpy()
+            out[pasted.transpose(2, 1, 0).astype(np.uint8) == 1] = value
+        return out, clicks, inputs
+    finally:
+        np.random.set_state(saved)
+
+
+@pytest.fixture(scope="module")
+def demo_backend():
+    from SAM3DSegmentLib.cli import load_backend
+
+    torch.set_num_threads(2)
+    backend, _ = load_backend(None, "SAM3DSegmentLib/resources/demo_model.pt", "cpu")
+    return backend
+
+
+def _dice(a, b):
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    return 1.0 if not (a.any() or b.any()) else 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.parametrize("grid", ["oblique_float_noise", "oblique_12deg_permuted"])
+def test_reference_mode_reproduces_validate_paired_img_gt(demo_backend, grid):
+    image, labels = _ct_case(grid)
+    expected, clicks, inputs = _oracle_validate(demo_backend, image, labels, num_clicks=3)
+    result = reference_validate(demo_backend, image, labels, num_clicks=3)
+    assert sorted(result.objects) == [1, 3]
+    for value, obj in result.objects.items():
+        np.testing.assert_allclose(obj.roi.image, inputs[value], rtol=0, atol=1e-4)
+        assert list(zip(obj.points, obj.positive)) == clicks[value]  # the same random clicks, in order
+        assert len(obj.points) == 3 and obj.positive[0]  # all clicks so far were fed at step 3
+        mine, theirs = result.label_map == value, expected == value
+        assert theirs.sum() > 500, (value, theirs.sum())  # the demo model segments something
+        assert _dice(mine, theirs) >= 0.999, (value, _dice(mine, theirs))
+    assert result.label_map.dtype == np.uint8 and result.label_map.shape == labels.shape
