@@ -1,25 +1,36 @@
 """``sam3d evaluate``: accuracy of a checkpoint / of the interactive engine under simulated clicks.
 
-Two protocols (see docs/evaluation.md):
+Three protocols (see docs/evaluation.md):
 
 ``engine`` (the honest number)
     The interactive engine end to end: :class:`~SAM3DSegmentLib.session.Session` on the FULL volume
     (click-centred regions, region extension, paste-back onto the original grid), N clicks from the
     deterministic RITM-style simulator :func:`~SAM3DSegmentLib.clicker.next_click`, Dice and NSD on the
-    full volume after EACH of clicks 1..N.
+    full volume after EACH of clicks 1..N; ``--prompt-mode`` chooses its click protocol.
 
 ``legacy`` (comparable with SAM-Med3D's published tables)
     :data:`LEGACY_LABEL`: the model alone on a 128^3 crop at 1.5 mm centred on the ground-truth bounding
     box, Dice inside the crop, first click at the deepest point, later clicks drawn at random from the
-    error region, only the newest click fed with the previous low-res logits, and the per-case score is
-    the BEST Dice over the click steps.
+    error region, the ``newest-click`` protocol, and the per-case score is the BEST Dice over the click
+    steps.
+
+``reference`` (SAM-Med3D's inference code)
+    :data:`REFERENCE_LABEL`: ``validate_paired_img_gt`` reproduced step by step
+    (:func:`~SAM3DSegmentLib.reference_pipeline.reference_validate`): torchio 0.20 resampling, GT-centred
+    crop, random clicks from numpy's state seeded per case, the ``all-clicks`` protocol, paste-back onto
+    the original grid, Dice on the full volume after each click.
+
+Click protocols (:data:`CLICK_PROTOCOLS`, SAM_MED3D.md section 5): which clicks the decoder sees at each
+step. ``newest-click``: only the newest click with the previous low-res logits (SAM-Med3D's training and
+its published evaluation). ``all-clicks``: every click so far with the previous low-res logits (its
+inference code, ``validate_paired_img_gt``).
 
 Outputs in ``--out`` (each written atomically; re-written after every case so an interrupted run keeps
 what it finished): ``per_case.csv``, ``summary.json``, ``dice_vs_clicks.png``.
 
-Axis conventions: volume arrays are ``[k, j, i]``; engine clicks are voxel ``(i, j, k)``; the legacy crop
-is indexed ``[a, b, c]`` in the region's own (RAS-canonical) axis order and its clicks are ``(a, b, c)``
-(the order the network takes).
+Axis conventions: volume arrays are ``[k, j, i]``; engine clicks are voxel ``(i, j, k)``; the legacy and
+reference crops are indexed ``[a, b, c]`` in the region's own (RAS-canonical) axis order and their clicks
+are ``(a, b, c)`` (the order the network takes).
 """
 from __future__ import annotations
 
@@ -43,12 +54,28 @@ from .geometry import Volume
 from .metrics import score
 from .reference_pipeline import upsample_logits
 
-__all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "EvalConfig", "Case", "CaseRef", "EvaluationError",
+__all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "REFERENCE_LABEL", "CLICK_PROTOCOLS", "EvalConfig", "Case", "CaseRef",
+           "EvaluationError",
            "discover_dataset", "load_case", "sample_cases", "evaluate_engine", "evaluate_legacy",
+           "evaluate_reference",
            "run_evaluation", "summarize", "plot_dice_vs_clicks", "build_parser", "main"]
 
+#: Click protocols: which clicks the decoder sees at each step (name: what it is).
+CLICK_PROTOCOLS = {
+    "newest-click": "only the newest click, with the previous low-res logits (SAM-Med3D's training and its "
+                    "published evaluation)",
+    "all-clicks": "all clicks so far, with the previous low-res logits (SAM-Med3D's inference code, "
+                  "validate_paired_img_gt)",
+}
+#: Older spellings of ``--prompt-mode`` values, still accepted.
+CLICK_PROTOCOL_ALIASES = {"newest": "newest-click", "all": "all-clicks"}
+_SESSION_PROMPT_MODE = {"newest-click": "newest", "all-clicks": "all"}  # SessionOptions.prompt_mode
+
 LEGACY_LABEL = ("legacy: GT-centred 128³ crop, Dice inside the crop, first click deepest point, later "
-                "clicks random in the error region, best Dice over click steps")
+                "clicks random in the error region, newest-click protocol, best Dice over click steps")
+REFERENCE_LABEL = ("reference: SAM-Med3D's validate_paired_img_gt (torchio 0.20 resampling, GT-centred 128³ "
+                   "crop, random clicks seeded per case, all-clicks protocol, paste-back), full-volume "
+                   "Dice/NSD after each click")
 ENGINE_LABEL = ("engine: interactive engine end to end on the full volume (click-centred regions, "
                 "extension, paste-back), deterministic deepest-point clicks in the larger error region, "
                 "full-volume Dice/NSD after exactly N clicks")
@@ -58,7 +85,9 @@ JSON_NAME = "summary.json"
 PNG_NAME = "dice_vs_clicks.png"
 CSV_FIELDS = ["protocol", "case", "target", "click", "positive", "index", "dice", "nsd", "hd95", "seconds",
               "encodes", "regions"]
-PROTOCOLS = ("engine", "legacy")
+PROTOCOLS = ("engine", "legacy", "reference")
+DEFAULT_PROTOCOLS = ("engine", "legacy")
+_CLICK_PROTOCOL_OF = {"legacy": "newest-click", "reference": "all-clicks"}  # engine: --prompt-mode
 
 
 class EvaluationError(ValueError):
@@ -246,14 +275,15 @@ def _filter_targets(case: Case, wanted: Optional[Sequence[str]]) -> Case:
 @dataclass
 class EvalConfig:
     clicks: int = 5
-    protocols: Tuple[str, ...] = PROTOCOLS
-    prompt_mode: str = "newest"
+    protocols: Tuple[str, ...] = DEFAULT_PROTOCOLS
+    prompt_mode: str = "newest-click"  # the engine's click protocol (CLICK_PROTOCOLS; aliases accepted)
     spacing_mm: float = 1.5
     clamp_hu: Optional[Tuple[float, float]] = None
     extend: bool = True
     max_regions: int = 8
     nsd_tolerance_mm: float = 2.0
     seed: int = 0
+    reference_seed: int = 233  # validate_paired_img_gt's default seed
     model: Dict[str, Any] = field(default_factory=dict)   # name, checkpoint, sha256, device ... for the JSON
     data: Dict[str, Any] = field(default_factory=dict)
 
@@ -263,8 +293,10 @@ class EvalConfig:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad or not self.protocols:
             raise EvaluationError(f"unknown protocol(s) {bad}; choose from {PROTOCOLS}")
-        if self.prompt_mode not in ("newest", "all"):
-            raise EvaluationError(f"--prompt-mode must be 'newest' or 'all', got {self.prompt_mode!r}")
+        self.prompt_mode = CLICK_PROTOCOL_ALIASES.get(self.prompt_mode, self.prompt_mode)
+        if self.prompt_mode not in CLICK_PROTOCOLS:
+            raise EvaluationError(f"--prompt-mode must be one of {', '.join(CLICK_PROTOCOLS)}, got "
+                                  f"{self.prompt_mode!r}")
         if not self.nsd_tolerance_mm >= 0:
             raise EvaluationError("--nsd-tolerance must be >= 0 mm")
         if not self.spacing_mm > 0:
@@ -290,7 +322,8 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
     between the targets of a case), one object per target, ``config.clicks`` simulated clicks each."""
     from .session import Session, SessionOptions
 
-    opts = SessionOptions(prompt_mode=config.prompt_mode, region_size=int(backend.image_size),
+    opts = SessionOptions(prompt_mode=_SESSION_PROMPT_MODE[config.prompt_mode],
+                          region_size=int(backend.image_size),
                           spacing_mm=float(config.spacing_mm), extend=bool(config.extend),
                           max_regions=int(config.max_regions), clamp_hu=config.clamp_hu)
     session = Session(backend, opts)
@@ -401,6 +434,60 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
     return rows
 
 
+# --------------------------------------------------------------------------- reference protocol
+def _target_order(case: Case) -> List[str]:
+    """Targets in ascending label value where known (the order validate_paired_img_gt runs them)."""
+    names = list(case.targets)
+    if isinstance(case.targets, LabelTargets):
+        return sorted(names, key=lambda n: case.targets._values[n])
+    return names
+
+
+def evaluate_reference(backend, case: Case, config: EvalConfig, log: Log = lambda m: None) -> List[Row]:
+    """Reference protocol (:data:`REFERENCE_LABEL`) for every target of ``case``: SAM-Med3D's
+    ``validate_paired_img_gt`` (:mod:`SAM3DSegmentLib.reference_pipeline`) with ``config.clicks`` clicks,
+    one numpy random state per case seeded with ``config.reference_seed``, targets in ascending label
+    value. Each click's ROI mask is pasted back onto the original grid and scored there. The mask after
+    the last click is what the reference writes for ``num_clicks = config.clicks`` (the same clicks and
+    masks as long as every label of the case is evaluated: the targets share the random stream)."""
+    from .reference_pipeline import reference_grid, reference_interact, reference_preprocess
+
+    size = int(backend.image_size)
+    sp = float(config.spacing_mm)
+    spacing_kji = np.asarray(case.image.spacing, dtype=np.float64)[::-1]
+    image = case.image
+    if config.clamp_hu is not None:
+        image = image.with_array(np.clip(image.array, config.clamp_hu[0], config.clamp_hu[1])
+                                 .astype(image.array.dtype))
+    image_abc = reference_grid(image, sp, "linear")  # once per case
+    rng = np.random.RandomState(int(config.reference_seed))
+    rows: List[Row] = []
+    for target in _target_order(case):
+        gt = np.asarray(case.targets[target], dtype=bool)
+        if not gt.any():
+            log(f"  {case.name} / {target}: empty ground truth, skipped")
+            continue
+        try:
+            roi = reference_preprocess(image, gt, size, sp, image_abc=image_abc)
+        except RuntimeError as err:  # no intensity spread in the crop: the reference stops here
+            log(f"  reference {case.name} / {target}: {err}; skipped")
+            continue
+        obj = reference_interact(backend, roi, config.clicks, rng)
+        if not obj.logits:
+            log(f"  reference {case.name} / {target}: the object vanishes when resampled to {sp} mm "
+                "(empty prediction, as the reference gives)")
+        for n in range(1, config.clicks + 1):
+            clicked = n <= len(obj.logits)
+            pred = obj.mask(case.image, n - 1) != 0 if clicked else np.zeros_like(gt)
+            s = score(pred, gt, spacing_kji, config.nsd_tolerance_mm)
+            rows.append(_row("reference", case.name, target, n, obj.positive[n - 1] if clicked else None,
+                             obj.points[n - 1] if clicked else None, s,
+                             obj.seconds[n - 1] if clicked else 0.0, int(n == 1 and clicked), 1))
+        log(f"  reference {case.name} / {target}: Dice " +
+            " ".join(f"{r['dice']:.3f}" for r in rows[-config.clicks:]))
+    return rows
+
+
 # -------------------------------------------------------------------------------------- summary
 def _stats(rows: List[Row]) -> Dict[str, Any]:
     d = [r["dice"] for r in rows]
@@ -424,6 +511,7 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
         "clicks": int(config.clicks), "prompt_mode": config.prompt_mode,
         "model_grid_spacing_mm": float(config.spacing_mm), "clamp_hu": config.clamp_hu,
         "nsd_tolerance_mm": float(config.nsd_tolerance_mm), "legacy_seed": int(config.seed),
+        "reference_seed": int(config.reference_seed), "click_protocols": dict(CLICK_PROTOCOLS),
         "protocols": {}, "timing": timing or {},
     }
     for protocol in config.protocols:
@@ -431,7 +519,8 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
         pairs = list(dict.fromkeys((r["case"], r["target"]) for r in pr))
         targets = list(dict.fromkeys(t for _, t in pairs))
         entry: Dict[str, Any] = {
-            "label": ENGINE_LABEL if protocol == "engine" else LEGACY_LABEL,
+            "label": {"engine": ENGINE_LABEL, "legacy": LEGACY_LABEL, "reference": REFERENCE_LABEL}[protocol],
+            "click_protocol": _CLICK_PROTOCOL_OF.get(protocol, config.prompt_mode),
             "cases": len({c for c, _ in pairs}), "case_targets": len(pairs),
             "per_click": [{"click": n, **_stats([r for r in pr if r["click"] == n])}
                           for n in range(1, config.clicks + 1)],
@@ -450,6 +539,10 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
             entry["note"] = ("Dice inside the crop; 'best_dice_*' is the number comparable with SAM-Med3D's "
                              "published tables (SAM_MED3D.md section 7), per_click is the crop Dice after "
                              "exactly N clicks")
+        if protocol == "reference":
+            entry["note"] = ("Dice on the full volume; after the last click the masks are what "
+                             "validate_paired_img_gt writes with num_clicks = clicks (per_click before that "
+                             "comes from the same run: the targets of a case share one random stream)")
         out["protocols"][protocol] = entry
     return out
 
@@ -587,22 +680,28 @@ def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
     emphasis, dashed = [], []
     engine = summary["protocols"].get("engine")
     legacy = summary["protocols"].get("legacy")
-    main_p = engine or legacy
+    reference = summary["protocols"].get("reference")
+    main_p = engine or reference or legacy
     if main_p is None:
         return None
     # The mean first, so the thinner per-target lines are drawn over it and stay visible.
-    mean_name = "mean (full volume)" if engine else "mean (legacy crop Dice)"
+    mean_name = "mean (full volume)" if main_p is not legacy else "mean (legacy crop Dice)"
     series[mean_name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan")
                          for p in main_p["per_click"]]
     emphasis.append(mean_name)
     for t, per in main_p["per_target"].items():
         series[t] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in per]
-    if engine and legacy:
+    if reference and main_p is not reference:
+        name = "reference mean (full volume)"
+        series[name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan")
+                        for p in reference["per_click"]]
+    if legacy and main_p is not legacy:
         name = "legacy mean (crop Dice)"
         series[name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in legacy["per_click"]]
         dashed.append(name)
     model = summary.get("model", {}).get("name") or "model"
-    which = "engine, full-volume Dice" if engine else "legacy crop Dice"
+    which = ("engine, full-volume Dice" if main_p is engine else
+             "reference, full-volume Dice" if main_p is reference else "legacy crop Dice")
     title = f"Dice vs clicks - {model} ({which}, {summary['data'].get('name', '')})"
     return plot_dice_vs_clicks(series, path, title, emphasis=emphasis, dashed=dashed)
 
@@ -669,7 +768,7 @@ def run_evaluation(cases: Iterable[Case], backend, config: EvalConfig, out_dir: 
             f"i,j,k, spacing {np.round(case.image.spacing, 3).tolist()} mm)")
         for protocol in config.protocols:
             t0 = time.perf_counter()
-            fn = evaluate_engine if protocol == "engine" else evaluate_legacy
+            fn = {"engine": evaluate_engine, "legacy": evaluate_legacy, "reference": evaluate_reference}[protocol]
             rows.extend(fn(backend, case, config, log))
             per_protocol_s[protocol] += time.perf_counter() - t0
         timing = {"total_s": time.perf_counter() - t_start, "per_protocol_s": dict(per_protocol_s),
@@ -704,9 +803,12 @@ def build_parser(prog: str = "sam3d evaluate") -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these targets (names or label values)")
     p.add_argument("--split", default="Tr", choices=["Tr", "Ts"], help="use images<split>/labels<split>")
     p.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N cases (by name)")
-    p.add_argument("--protocol", choices=["engine", "legacy", "both"], default="both")
-    p.add_argument("--prompt-mode", choices=["newest", "all"], default="newest",
-                   help="engine: feed only the newest click + previous logits (reference) or all clicks")
+    p.add_argument("--protocol", choices=["engine", "legacy", "reference", "both", "all"], default="both",
+                   help="both = engine + legacy; all = engine + legacy + reference")
+    p.add_argument("--prompt-mode", choices=list(CLICK_PROTOCOLS) + list(CLICK_PROTOCOL_ALIASES),
+                   default="newest-click", metavar="{newest-click,all-clicks}",
+                   help="engine's click protocol: newest-click = " + CLICK_PROTOCOLS["newest-click"] +
+                   "; all-clicks = " + CLICK_PROTOCOLS["all-clicks"] + " (older spellings: newest, all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] or mps")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (GPU only)")
     p.add_argument("--spacing-mm", type=float, default=1.5, help="model-input grid spacing")
@@ -715,6 +817,8 @@ def build_parser(prog: str = "sam3d evaluate") -> argparse.ArgumentParser:
     p.add_argument("--no-extend", action="store_true", help="engine: do not grow past the first region")
     p.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM", help="NSD tolerance (mm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the legacy protocol's random clicks")
+    p.add_argument("--reference-seed", type=int, default=233,
+                   help="reference protocol: numpy seed per case (validate_paired_img_gt's default 233)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -747,7 +851,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if existing and not args.overwrite:
             raise EvaluationError(f"--out {out} already holds {', '.join(existing)}; choose another folder "
                                   "or pass --overwrite")
-        protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+        protocols = {"both": DEFAULT_PROTOCOLS, "all": PROTOCOLS}.get(args.protocol, (args.protocol,))
         if args.max_cases is not None and args.max_cases < 1:
             raise EvaluationError("--max-cases must be >= 1")
         if args.data:
@@ -769,7 +873,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             spacing_mm=args.spacing_mm,
                             clamp_hu=tuple(args.clamp_hu) if args.clamp_hu else None,
                             extend=not args.no_extend, nsd_tolerance_mm=args.nsd_tolerance, seed=args.seed,
-                            data=data_info)
+                            reference_seed=args.reference_seed, data=data_info)
         backend, model_info = _load_backend(args)
         config.model = model_info
         log(f"sam3d evaluate: {model_info['backend']}; protocols {', '.join(protocols)}; {args.clicks} clicks")
@@ -785,6 +889,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _print_table(summary: Dict[str, Any], stream) -> None:
     for protocol, entry in summary["protocols"].items():
         stream.write(f"[{protocol}] {entry['label']}\n")
+        cp = entry.get("click_protocol")
+        if cp in CLICK_PROTOCOLS:
+            stream.write(f"  click protocol: {cp} ({CLICK_PROTOCOLS[cp]})\n")
         per_t = entry["per_target"]
         clicks = [p["click"] for p in entry["per_click"]]
         width = max([len(t) for t in per_t] + [6])

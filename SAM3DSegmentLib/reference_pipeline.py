@@ -46,6 +46,7 @@ No torch here: the network is reached through a backend (:class:`~SAM3DSegmentLi
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -54,11 +55,11 @@ import numpy as np
 from .geometry import GeometryError, Volume, apply_affine
 
 __all__ = ["REFERENCE_SEED", "reference_resample", "reference_orientation", "reference_canonical",
-           "torchio_crop_begin", "torchio_mask_centre", "reference_crop_or_pad", "reference_roi_affine",
-           "reference_znorm", "reference_crop", "reference_model_input", "upsample_logits",
-           "reference_upsampled_mask", "reference_paste_back", "ReferenceROI", "reference_preprocess",
-           "reference_random_click", "ReferenceObject", "reference_interact", "ReferenceResult",
-           "reference_validate"]
+           "reference_grid", "torchio_crop_begin", "torchio_mask_centre", "reference_crop_or_pad",
+           "reference_roi_affine", "reference_znorm", "reference_crop", "reference_model_input",
+           "upsample_logits", "reference_upsampled_mask", "reference_paste_back", "ReferenceROI",
+           "reference_preprocess", "reference_random_click", "ReferenceObject", "reference_interact",
+           "ReferenceResult", "reference_validate"]
 
 #: ``validate_paired_img_gt``'s default seed of the numpy global random state.
 REFERENCE_SEED = 233
@@ -331,7 +332,9 @@ class ReferenceROI:
     grid_shape: Tuple[int, int, int]  # the canonical resampled grid (a, b, c)
 
 
-def _canonical_abc(volume: Volume, spacing: float, interpolation: str) -> Tuple[np.ndarray, np.ndarray]:
+def reference_grid(volume: Volume, spacing: float = 1.5, interpolation: str = "linear"
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """Steps 1-2: ``(array [a, b, c] of the canonical resampled volume, its ijk_to_ras)``."""
     canon = reference_canonical(reference_resample(volume, spacing, interpolation, keep_integer_type=True))
     return canon.array.transpose(2, 1, 0), canon.ijk_to_ras
 
@@ -342,8 +345,8 @@ def reference_preprocess(image: Volume, target: np.ndarray, size: int = 128, spa
     crop (torchio ``CropOrPad(mask_name="label")``). ``image_abc``: the image's canonical resampled
     ``(array [a, b, c], ijk_to_ras)`` when already computed (it does not depend on the target).
     Raises RuntimeError where the reference fails (no spread in the crop's voxels > 0)."""
-    arr, affine = image_abc if image_abc is not None else _canonical_abc(image, spacing, "linear")
-    label_abc, _ = _canonical_abc(image.with_array((np.asarray(target) != 0).astype(np.uint8)), spacing,
+    arr, affine = image_abc if image_abc is not None else reference_grid(image, spacing, "linear")
+    label_abc, _ = reference_grid(image.with_array((np.asarray(target) != 0).astype(np.uint8)), spacing,
                                   "nearest")
     begin = torchio_crop_begin(arr.shape, size, label_abc)
     return ReferenceROI(image=reference_znorm(_crop_at(arr, begin, size)),
@@ -369,13 +372,15 @@ def reference_random_click(pred: np.ndarray, gt: np.ndarray, rng: np.random.Rand
 
 @dataclass
 class ReferenceObject:
-    """One label value's reference run: clicks (a, b, c) and the low-res logits after each click."""
+    """One label value's reference run: clicks (a, b, c), the low-res logits after each click and the
+    seconds each click took (the image encoding counted in the first)."""
 
     value: int
     roi: ReferenceROI
     points: List[Tuple[int, int, int]] = field(default_factory=list)
     positive: List[bool] = field(default_factory=list)
     logits: List[np.ndarray] = field(default_factory=list)
+    seconds: List[float] = field(default_factory=list)
 
     def mask_abc(self, step: int = -1) -> np.ndarray:
         """uint8 ``[a, b, c]`` ROI mask after click ``step`` (0-based; -1 = last); empty without clicks."""
@@ -397,6 +402,7 @@ def reference_interact(backend, roi: ReferenceROI, num_clicks: int, rng: np.rand
     if not gt.any():
         return obj
     size = roi.label.shape[0]
+    t0 = time.perf_counter()
     embedding = backend.encode(roi.image)
     pred = np.zeros(gt.shape, bool)
     prev: Optional[np.ndarray] = None
@@ -408,6 +414,9 @@ def reference_interact(backend, roi: ReferenceROI, num_clicks: int, rng: np.rand
                                          np.asarray(obj.positive, dtype=np.int64), prev), dtype=np.float32)
         obj.logits.append(prev)
         pred = upsample_logits(prev, size) > 0
+        t1 = time.perf_counter()
+        obj.seconds.append(t1 - t0)
+        t0 = t1
     return obj
 
 
@@ -441,7 +450,7 @@ def reference_validate(backend, image: Volume, label_map: np.ndarray, num_clicks
     size = int(backend.image_size)
     rng = np.random.RandomState(int(seed))
     out = np.zeros(labels.shape, np.uint8 if max(list(values) + [0]) <= 255 else np.int32)
-    image_abc = _canonical_abc(image, spacing, "linear")
+    image_abc = reference_grid(image, spacing, "linear")
     objects: Dict[int, ReferenceObject] = {}
     for value in values:
         roi = reference_preprocess(image, labels == value, size, spacing, image_abc=image_abc)
