@@ -20,10 +20,10 @@ Three protocols (see docs/evaluation.md):
     crop, random clicks from numpy's state seeded per case, the ``all-clicks`` protocol, paste-back onto
     the original grid, Dice on the full volume after each click.
 
-Click protocols (:data:`CLICK_PROTOCOLS`, SAM_MED3D.md section 5): which clicks the decoder sees at each
-step. ``newest-click``: only the newest click with the previous low-res logits (SAM-Med3D's training and
-its published evaluation). ``all-clicks``: every click so far with the previous low-res logits (its
-inference code, ``validate_paired_img_gt``).
+Click protocols (:data:`CLICK_PROTOCOLS`): which clicks the decoder sees at each step. ``newest-click``:
+only the newest click with the previous low-res logits (SAM-Med3D's training and its published
+evaluation). ``all-clicks``: every click so far with the previous low-res logits (its inference code,
+``validate_paired_img_gt``).
 
 Outputs in ``--out`` (each written atomically; re-written after every case so an interrupted run keeps
 what it finished): ``per_case.csv``, ``summary.json``, ``dice_vs_clicks.png``.
@@ -537,7 +537,7 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
             entry["best_dice_per_target"] = {t: float(np.mean([v for (c, tt), v in best.items() if tt == t]))
                                              for t in targets}
             entry["note"] = ("Dice inside the crop; 'best_dice_*' is the number comparable with SAM-Med3D's "
-                             "published tables (SAM_MED3D.md section 7), per_click is the crop Dice after "
+                             "published tables (docs/evaluation.md), per_click is the crop Dice after "
                              "exactly N clicks")
         if protocol == "reference":
             entry["note"] = ("Dice on the full volume; after the last click the masks are what "

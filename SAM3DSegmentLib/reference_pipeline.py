@@ -1,11 +1,11 @@
 """The SAM-Med3D reference inference, re-implemented step by step ("reference mode").
 
 This is NOT the path our tool uses (see :mod:`SAM3DSegmentLib.regions`); it reproduces what the
-reference inference code (``validate_paired_img_gt`` in SAM-Med3D's ``utils/infer_utils.py``, with
-torchio 0.20 and nibabel 5; SAM_MED3D.md section 5) computes, quirks and rounding included, so
-benchmarks, ``sam3d evaluate --protocol reference`` and tests can compare against it. Written from the
-documented behaviour of torchio/nibabel/SimpleITK (facts only); every step below was checked against
-torchio 0.20.23 itself (``Testing/test_reference_torchio.py``).
+reference inference code (``validate_paired_img_gt`` in ``utils/infer_utils.py`` of
+github.com/uni-medical/SAM-Med3D, run with torchio 0.20 and nibabel 5) computes, quirks and rounding
+included, so benchmarks, ``sam3d evaluate --protocol reference`` and tests can compare against it.
+Written from the documented behaviour of torchio/nibabel/SimpleITK (facts only); every step below was
+checked against torchio 0.20.23 itself (``Testing/test_reference_torchio.py``).
 
 1. ``Resample(1.5)`` (torchio 0.20): the image header goes through torchio's RAS affine, so the input
    spacing is the norm of each affine column (a spacing stored as 1.5 in an oblique header can come back

@@ -125,7 +125,7 @@ def test_oracle_logits_agree_for_our_and_reference_inputs(oracle):
         emb_ours = oracle.image_encoder(torch.as_tensor(x_ours)[None, None])
         emb_ref = oracle.image_encoder(torch.as_tensor(x_ref)[None, None])
     zeros = np.zeros((32, 32, 32), np.float32)
-    # step 1: the first click; step 2: the newest click with the previous logits (legacy protocol)
+    # step 1: the first click; step 2: the newest click with the previous logits (newest-click protocol)
     lo1 = _decode(oracle, emb_ours, pts_ours[:1], [1], zeros)
     lr1 = _decode(oracle, emb_ref, pts_ref[:1], [1], zeros)
     lo2 = _decode(oracle, emb_ours, pts_ours[1:], [0], lo1)
@@ -133,6 +133,10 @@ def test_oracle_logits_agree_for_our_and_reference_inputs(oracle):
     assert lo1.shape == (32, 32, 32) and np.std(lo1) > 1e-3
     np.testing.assert_allclose(lo1, lr1, atol=1e-4)
     np.testing.assert_allclose(lo2, lr2, atol=1e-4)
+    # step 2 of the all-clicks protocol (the reference's inference code): both clicks + previous logits
+    la2 = _decode(oracle, emb_ours, pts_ours, [1, 0], lo1)
+    np.testing.assert_allclose(la2, _decode(oracle, emb_ref, pts_ref, [1, 0], lr1), atol=1e-4)
+    assert np.abs(la2 - lo2).max() > 1e-3  # the two click protocols are different computations
 
     # Paste-back: on this exact grid our logits at the original voxels equal the reference's upsample.
     box = footprint(image, region)
