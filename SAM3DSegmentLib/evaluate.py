@@ -16,7 +16,7 @@ Three protocols (see docs/evaluation.md):
 
 ``reference`` (SAM-Med3D's inference code)
     :data:`REFERENCE_LABEL`: ``validate_paired_img_gt`` reproduced step by step
-    (:func:`~SAM3DSegmentLib.reference_pipeline.reference_validate`): torchio 0.20 resampling, GT-centred
+    (:func:`~SAM3DSegmentLib.eval.reference_mode.reference_validate`): torchio 0.20 resampling, GT-centred
     crop, random clicks from numpy's state seeded per case, the ``all-clicks`` protocol, paste-back onto
     the original grid, Dice on the full volume after each click.
 
@@ -445,12 +445,13 @@ def _target_order(case: Case) -> List[str]:
 
 def evaluate_reference(backend, case: Case, config: EvalConfig, log: Log = lambda m: None) -> List[Row]:
     """Reference protocol (:data:`REFERENCE_LABEL`) for every target of ``case``: SAM-Med3D's
-    ``validate_paired_img_gt`` (:mod:`SAM3DSegmentLib.reference_pipeline`) with ``config.clicks`` clicks,
+    ``validate_paired_img_gt`` (:mod:`SAM3DSegmentLib.eval.reference_mode`) with ``config.clicks`` clicks,
     one numpy random state per case seeded with ``config.reference_seed``, targets in ascending label
     value. Each click's ROI mask is pasted back onto the original grid and scored there. The mask after
     the last click is what the reference writes for ``num_clicks = config.clicks`` (the same clicks and
     masks as long as every label of the case is evaluated: the targets share the random stream)."""
-    from .reference_pipeline import reference_grid, reference_interact, reference_preprocess
+    from .eval.reference_mode import reference_interact, reference_preprocess
+    from .reference_pipeline import reference_grid
 
     size = int(backend.image_size)
     sp = float(config.spacing_mm)

@@ -1,11 +1,12 @@
-"""The SAM-Med3D reference inference, re-implemented step by step ("reference mode").
+"""The SAM-Med3D reference pipeline's grid steps, re-implemented exactly (the steps of "reference mode").
 
 This is NOT the path our tool uses (see :mod:`SAM3DSegmentLib.regions`); it reproduces what the
 reference inference code (``validate_paired_img_gt`` in ``utils/infer_utils.py`` of
 github.com/uni-medical/SAM-Med3D, run with torchio 0.20 and nibabel 5) computes, quirks and rounding
-included, so benchmarks, ``sam3d evaluate --protocol reference`` and tests can compare against it.
-Written from the documented behaviour of torchio/nibabel/SimpleITK (facts only); every step below was
-checked against torchio 0.20.23 itself (``Testing/test_reference_torchio.py``).
+included, so benchmarks, tests and reference mode (:mod:`SAM3DSegmentLib.eval.reference_mode`: the
+clicks and the whole run) can compare against it. Written from the documented behaviour of
+torchio/nibabel/SimpleITK (facts only); every step below was checked against torchio 0.20.23 itself
+(``Testing/test_reference_torchio.py``).
 
 1. ``Resample(1.5)`` (torchio 0.20): the image header goes through torchio's RAS affine, so the input
    spacing is the norm of each affine column (a spacing stored as 1.5 in an oblique header can come back
@@ -28,42 +29,27 @@ checked against torchio 0.20.23 itself (``Testing/test_reference_torchio.py``).
 4. ``ZNormalization(masking_method=x > 0)``: the crop minus the mean, divided by the (unbiased) standard
    deviation of its voxels > 0, in float32 (statistics accumulated in float64 here; torch's float32
    reductions agree to about 1e-7 relative).
-5. Clicks (``sam_model_infer`` with its default random sampler): the numpy global random state is seeded
-   once per image (``seed``, 233 by default); per label value (ascending) and per step one voxel is drawn
-   uniformly (``randint`` over the error voxels ``FN | FP`` of the current 128^3 prediction in C order;
-   over the label when there is no error), positive when it is a false negative. ALL clicks so far are
-   fed, with the previous 32^3 logits (zeros at the first step) — the ``all-clicks`` protocol. A label
-   that vanishes from the crop gets an empty mask and consumes no random draw.
+5. (The clicks and the model: :mod:`SAM3DSegmentLib.eval.reference_mode`.)
 6. Paste-back: low-res logits (32^3) -> trilinear (align_corners=False) to 128^3 -> ``sigmoid > 0.5`` ->
    nearest-neighbour resampling of the 128^3 ROI mask (with its ROI affine) onto the original grid (0
-   outside the ROI); label values written in ascending order, a later label overwriting an earlier one.
+   outside the ROI).
 
 Axis conventions: the model arrays are ``(a, b, c)`` = the canonical resampled volume's NIfTI
 ``(i, j, k)`` order; ``roi_to_ras`` maps ``(a, b, c, 1)`` to RAS. Our ``Volume`` arrays are
-``[k, j, i]``. Masks returned on the volume grid are ``[k, j, i]``.
-
-No torch here: the network is reached through a backend (:class:`~SAM3DSegmentLib.backends.Backend`).
+``[k, j, i]``. Masks returned on the volume grid are ``[k, j, i]``. No torch here.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from .geometry import GeometryError, Volume, apply_affine
 
-__all__ = ["REFERENCE_SEED", "reference_resample", "reference_orientation", "reference_canonical",
-           "reference_grid", "torchio_crop_begin", "torchio_mask_centre", "reference_crop_or_pad",
-           "reference_roi_affine", "reference_znorm", "reference_crop", "reference_model_input",
-           "upsample_logits", "reference_upsampled_mask", "reference_paste_back", "ReferenceROI",
-           "reference_preprocess", "reference_random_click", "ReferenceObject", "reference_interact",
-           "ReferenceResult", "reference_validate"]
-
-#: ``validate_paired_img_gt``'s default seed of the numpy global random state.
-REFERENCE_SEED = 233
-
+__all__ = ["reference_resample", "reference_orientation", "reference_canonical", "reference_grid",
+           "torchio_crop_begin", "torchio_mask_centre", "reference_crop_or_pad", "reference_roi_affine",
+           "reference_znorm", "reference_crop", "reference_model_input", "upsample_logits",
+           "reference_upsampled_mask", "reference_paste_back", "reference_paste_mask"]
 
 # ------------------------------------------------------------------------------- 1. resample
 def reference_resample(volume: Volume, spacing: float = 1.5, interpolation: str = "linear",
@@ -147,6 +133,14 @@ def reference_canonical(volume: Volume) -> Volume:
             arr = np.flip(arr, axis=r)
             f[perm[r], 3] = n[perm[r]] - 1.0
     return Volume(np.ascontiguousarray(arr.transpose(2, 1, 0)), volume.ijk_to_ras @ f, dict(volume.meta))
+
+
+def reference_grid(volume: Volume, spacing: float = 1.5, interpolation: str = "linear"
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """Steps 1-2: ``(array [a, b, c] of the canonical resampled volume, its ijk_to_ras)``."""
+    canon = reference_canonical(reference_resample(volume, spacing, interpolation, keep_integer_type=True))
+    return canon.array.transpose(2, 1, 0), canon.ijk_to_ras
+
 
 
 # ---------------------------------------------------------------------------- 3. crop or pad
@@ -310,154 +304,12 @@ def reference_upsampled_mask(low_res_logits: np.ndarray, size: int = 128) -> np.
 def reference_paste_back(low_res_logits: np.ndarray, roi_to_ras: np.ndarray, volume: Volume,
                          size: int = 128) -> np.ndarray:
     """Reference paste-back: uint8 mask ``[k, j, i]`` on ``volume``'s grid (see step 6)."""
-    return _paste_mask(reference_upsampled_mask(low_res_logits, size), roi_to_ras, volume)
+    return reference_paste_mask(reference_upsampled_mask(low_res_logits, size), roi_to_ras, volume)
 
 
-def _paste_mask(mask_abc: np.ndarray, roi_to_ras: np.ndarray, volume: Volume) -> np.ndarray:
+def reference_paste_mask(mask_abc: np.ndarray, roi_to_ras: np.ndarray, volume: Volume) -> np.ndarray:
+    """A 0/1 ``[a, b, c]`` ROI mask resampled (nearest neighbour) onto ``volume``'s grid: uint8 ``[k, j, i]``."""
     from .io import resample_like
 
     roi = Volume(np.ascontiguousarray(np.asarray(mask_abc, dtype=np.uint8).transpose(2, 1, 0)), roi_to_ras)
     return resample_like(roi, volume, "nearest").array.astype(np.uint8)
-
-
-# ------------------------------------------------------------------ the whole reference run
-@dataclass
-class ReferenceROI:
-    """One target's model input as the reference builds it (steps 1-4)."""
-
-    image: np.ndarray          # float32 (S, S, S) [a, b, c], z-normalised
-    label: np.ndarray          # uint8 (S, S, S) [a, b, c], the target inside the crop (0 padding)
-    roi_to_ras: np.ndarray     # (a, b, c, 1) -> RAS
-    begin: np.ndarray          # crop start in the canonical resampled grid (negative: padding)
-    grid_shape: Tuple[int, int, int]  # the canonical resampled grid (a, b, c)
-
-
-def reference_grid(volume: Volume, spacing: float = 1.5, interpolation: str = "linear"
-                   ) -> Tuple[np.ndarray, np.ndarray]:
-    """Steps 1-2: ``(array [a, b, c] of the canonical resampled volume, its ijk_to_ras)``."""
-    canon = reference_canonical(reference_resample(volume, spacing, interpolation, keep_integer_type=True))
-    return canon.array.transpose(2, 1, 0), canon.ijk_to_ras
-
-
-def reference_preprocess(image: Volume, target: np.ndarray, size: int = 128, spacing: float = 1.5,
-                         image_abc: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> ReferenceROI:
-    """Steps 1-4 for one binary ``target`` (``[k, j, i]`` on ``image``'s grid): the label decides the
-    crop (torchio ``CropOrPad(mask_name="label")``). ``image_abc``: the image's canonical resampled
-    ``(array [a, b, c], ijk_to_ras)`` when already computed (it does not depend on the target).
-    Raises RuntimeError where the reference fails (no spread in the crop's voxels > 0)."""
-    arr, affine = image_abc if image_abc is not None else reference_grid(image, spacing, "linear")
-    label_abc, _ = reference_grid(image.with_array((np.asarray(target) != 0).astype(np.uint8)), spacing,
-                                  "nearest")
-    begin = torchio_crop_begin(arr.shape, size, label_abc)
-    return ReferenceROI(image=reference_znorm(_crop_at(arr, begin, size)),
-                        label=_crop_at(label_abc, begin, size), begin=begin,
-                        roi_to_ras=reference_roi_affine(affine, arr.shape, begin, size),
-                        grid_shape=tuple(int(v) for v in arr.shape))
-
-
-def reference_random_click(pred: np.ndarray, gt: np.ndarray, rng: np.random.RandomState
-                           ) -> Tuple[np.ndarray, bool]:
-    """The reference's random click (step 5): ``((a, b, c) int64, positive)``."""
-    gt = np.asarray(gt) != 0
-    pred = np.asarray(pred) != 0
-    fn = gt & ~pred
-    error = fn | (pred & ~gt)
-    if not error.any():
-        points = np.argwhere(gt)
-        return points[rng.randint(len(points))], True
-    points = np.argwhere(error)
-    p = points[rng.randint(len(points))]
-    return p, bool(fn[tuple(p)])
-
-
-@dataclass
-class ReferenceObject:
-    """One label value's reference run: clicks (a, b, c), the low-res logits after each click and the
-    seconds each click took (the image encoding counted in the first)."""
-
-    value: int
-    roi: ReferenceROI
-    points: List[Tuple[int, int, int]] = field(default_factory=list)
-    positive: List[bool] = field(default_factory=list)
-    logits: List[np.ndarray] = field(default_factory=list)
-    seconds: List[float] = field(default_factory=list)
-
-    def mask_abc(self, step: int = -1) -> np.ndarray:
-        """uint8 ``[a, b, c]`` ROI mask after click ``step`` (0-based; -1 = last); empty without clicks."""
-        if not self.logits:
-            return np.zeros(self.roi.label.shape, np.uint8)
-        return reference_upsampled_mask(self.logits[step], self.roi.label.shape[0])
-
-    def mask(self, volume: Volume, step: int = -1) -> np.ndarray:
-        """uint8 ``[k, j, i]`` mask on ``volume``'s grid after click ``step`` (step 6)."""
-        return _paste_mask(self.mask_abc(step), self.roi.roi_to_ras, volume)
-
-
-def reference_interact(backend, roi: ReferenceROI, num_clicks: int, rng: np.random.RandomState,
-                       value: int = 1) -> ReferenceObject:
-    """Step 5 on one ROI: encode once, then ``num_clicks`` random clicks, ALL clicks so far fed with the
-    previous low-res logits (zeros at the first step). An empty crop label: no click, no random draw."""
-    obj = ReferenceObject(value=int(value), roi=roi)
-    gt = roi.label != 0
-    if not gt.any():
-        return obj
-    size = roi.label.shape[0]
-    t0 = time.perf_counter()
-    embedding = backend.encode(roi.image)
-    pred = np.zeros(gt.shape, bool)
-    prev: Optional[np.ndarray] = None
-    for _ in range(int(num_clicks)):
-        p, positive = reference_random_click(pred, gt, rng)
-        obj.points.append(tuple(int(v) for v in p))
-        obj.positive.append(positive)
-        prev = np.asarray(backend.decode(embedding, np.asarray(obj.points, dtype=np.float32),
-                                         np.asarray(obj.positive, dtype=np.int64), prev), dtype=np.float32)
-        obj.logits.append(prev)
-        pred = upsample_logits(prev, size) > 0
-        t1 = time.perf_counter()
-        obj.seconds.append(t1 - t0)
-        t0 = t1
-    return obj
-
-
-@dataclass
-class ReferenceResult:
-    """What :func:`reference_validate` returns: the merged label map ``[k, j, i]`` on the image grid (as
-    the reference writes it) and each label value's run."""
-
-    label_map: np.ndarray
-    objects: Dict[int, ReferenceObject]
-
-
-def reference_validate(backend, image: Volume, label_map: np.ndarray, num_clicks: int = 1,
-                       spacing: float = 1.5, seed: int = REFERENCE_SEED,
-                       values: Optional[Sequence[int]] = None,
-                       on_object: Optional[Callable[[ReferenceObject], None]] = None) -> ReferenceResult:
-    """Reference mode: SAM-Med3D's ``validate_paired_img_gt`` on ``image`` and its ``label_map``
-    (``[k, j, i]`` on the image grid), every step as in the module docstring.
-
-    ``values``: the label values to run, in this order (default: every non-zero value present,
-    ascending, as the reference does; another choice changes which random draws each target gets).
-    ``on_object`` is called after each value's run. The output label map is uint8 when every value fits,
-    else int32 (the reference writes uint8 and would wrap larger values).
-    """
-    labels = np.asarray(label_map)
-    if labels.shape != image.array.shape:
-        raise ValueError(f"label map shape {labels.shape} differs from the image {image.array.shape} (k, j, i); "
-                         "resample the labels onto the image grid first")
-    if values is None:
-        values = [int(v) for v in np.unique(labels) if v != 0]
-    size = int(backend.image_size)
-    rng = np.random.RandomState(int(seed))
-    out = np.zeros(labels.shape, np.uint8 if max(list(values) + [0]) <= 255 else np.int32)
-    image_abc = reference_grid(image, spacing, "linear")
-    objects: Dict[int, ReferenceObject] = {}
-    for value in values:
-        roi = reference_preprocess(image, labels == value, size, spacing, image_abc=image_abc)
-        obj = reference_interact(backend, roi, num_clicks, rng, value)
-        objects[int(value)] = obj
-        if obj.logits:
-            out[obj.mask(image) == 1] = value
-        if on_object is not None:
-            on_object(obj)
-    return ReferenceResult(out, objects)

@@ -11,7 +11,7 @@ import pytest
 from SAM3DSegmentLib import evaluate as E
 from SAM3DSegmentLib import phantoms as P
 from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.reference_pipeline import reference_validate
+from SAM3DSegmentLib.eval.reference_mode import reference_validate
 
 
 class RecordingBallBackend:

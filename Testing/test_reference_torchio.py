@@ -18,8 +18,9 @@ import pytest
 
 from SAM3DSegmentLib import phantoms as P
 from SAM3DSegmentLib.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.reference_pipeline import (reference_canonical, reference_orientation, reference_preprocess,
-                                                reference_resample, reference_validate, torchio_crop_begin)
+from SAM3DSegmentLib.eval.reference_mode import reference_preprocess, reference_validate
+from SAM3DSegmentLib.reference_pipeline import (reference_canonical, reference_orientation, reference_resample,
+                                                torchio_crop_begin)
 
 torch = pytest.importorskip("torch")
 tio = pytest.importorskip("torchio")

@@ -1,0 +1,1 @@
+"""Evaluation: click simulation, metrics, protocols and the reference pipeline (reference mode)."""
