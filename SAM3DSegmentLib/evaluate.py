@@ -389,7 +389,7 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
     ``config.spacing_mm`` (linear / nearest) and reoriented RAS-canonical, a ``backend.image_size``^3
     crop (zero padding) centred the way torchio ``CropOrPad(mask_name=label)`` centres it, the image
     z-normalised over the crop's voxels > 0. Dice/NSD/HD95 are computed inside the crop."""
-    from .reference_pipeline import reference_crop_or_pad, torchio_mask_centre
+    from .reference_pipeline import reference_crop_or_pad, torchio_crop_begin
 
     size = int(backend.image_size)
     sp = float(config.spacing_mm)
@@ -407,9 +407,9 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
             continue
         if image_abc is None:  # once per case
             image_abc = _reference_grid(case.image, sp, "linear", config.clamp_hu)
-        centre = torchio_mask_centre(label_abc)
-        crop_gt = reference_crop_or_pad(label_abc, centre, size)[0] != 0
-        image = _normalise_crop(reference_crop_or_pad(image_abc, centre, size)[0])
+        begin = torchio_crop_begin(label_abc.shape, size, label_abc)
+        crop_gt = reference_crop_or_pad(label_abc, size=size, begin=begin)[0] != 0
+        image = _normalise_crop(reference_crop_or_pad(image_abc, size=size, begin=begin)[0])
         rng = np.random.default_rng(_stable_seed(config.seed, case.name, target))
         t0 = time.perf_counter()
         embedding = backend.encode(image)
