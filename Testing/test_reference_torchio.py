@@ -161,6 +161,24 @@ def test_crop_begin_rule_equals_torchio_for_odd_and_even_sizes():
         np.testing.assert_array_equal(src - dst, begin, err_msg=f"{shape} size {size} mask {mask.any()}")
 
 
+def test_upsampled_logits_round_like_torch():
+    """32^3 -> 128^3 trilinear as torch's CPU kernel rounds it: bit for bit on x86 builds with FMA (the
+    sign of every voxel decides the reference's next random click)."""
+    from SAM3DSegmentLib.reference_pipeline import upsample_logits
+
+    rng = np.random.default_rng(1)
+    fma_build = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    for _ in range(4):
+        x = (rng.standard_normal((32, 32, 32)) * 5).astype(np.float32)
+        t = torch.nn.functional.interpolate(torch.from_numpy(x)[None, None], size=(128,) * 3, mode="trilinear",
+                                            align_corners=False)[0, 0].numpy()
+        u = upsample_logits(x, 128)
+        if fma_build:
+            np.testing.assert_array_equal(u, t)
+        else:  # other builds round differently in the last bit
+            np.testing.assert_allclose(u, t, rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------- the whole reference run
 def _ct_case(name="oblique_float_noise", shape=(190, 170, 72)):
     """A CT-like int16 phantom on the named grid's geometry (smaller field of view): a body with two
