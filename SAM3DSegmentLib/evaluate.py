@@ -55,10 +55,9 @@ from .metrics import score
 from .reference_pipeline import upsample_logits
 
 __all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "REFERENCE_LABEL", "CLICK_PROTOCOLS", "EvalConfig", "Case", "CaseRef",
-           "EvaluationError",
-           "discover_dataset", "load_case", "sample_cases", "evaluate_engine", "evaluate_legacy",
-           "evaluate_reference",
-           "run_evaluation", "summarize", "plot_dice_vs_clicks", "build_parser", "main"]
+           "EvaluationError", "discover_dataset", "load_case", "sample_cases", "evaluate_engine",
+           "evaluate_legacy", "evaluate_reference", "run_evaluation", "summarize", "plot_dice_vs_clicks",
+           "build_parser", "main"]
 
 #: Click protocols: which clicks the decoder sees at each step (name: what it is).
 CLICK_PROTOCOLS = {
@@ -448,8 +447,9 @@ def evaluate_reference(backend, case: Case, config: EvalConfig, log: Log = lambd
     ``validate_paired_img_gt`` (:mod:`SAM3DSegmentLib.eval.reference_mode`) with ``config.clicks`` clicks,
     one numpy random state per case seeded with ``config.reference_seed``, targets in ascending label
     value. Each click's ROI mask is pasted back onto the original grid and scored there. The mask after
-    the last click is what the reference writes for ``num_clicks = config.clicks`` (the same clicks and
-    masks as long as every label of the case is evaluated: the targets share the random stream)."""
+    the last click is what the reference computes for ``num_clicks = config.clicks`` before merging the
+    targets into one label map (the same clicks and masks as long as every label of the case is
+    evaluated: the targets share the random stream)."""
     from .eval.reference_mode import reference_interact, reference_preprocess
     from .reference_pipeline import reference_grid
 
@@ -542,8 +542,9 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
                              "exactly N clicks")
         if protocol == "reference":
             entry["note"] = ("Dice on the full volume; after the last click the masks are what "
-                             "validate_paired_img_gt writes with num_clicks = clicks (per_click before that "
-                             "comes from the same run: the targets of a case share one random stream)")
+                             "validate_paired_img_gt computes with num_clicks = clicks, before it merges them "
+                             "into one label map (per_click before that comes from the same run: the targets "
+                             "of a case share one random stream)")
         out["protocols"][protocol] = entry
     return out
 
