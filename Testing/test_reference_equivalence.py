@@ -35,6 +35,9 @@ def _case():
 def oracle():
     torch.manual_seed(0)
     model = medim.create_model("SAM-Med3D", pretrained=False)
+    # Random weights and only the first of the 12 encoder blocks (a padded-window block): the check is
+    # about the model inputs, and the 12-block encoder took over a minute on 2 busy cores.
+    model.image_encoder.blocks = model.image_encoder.blocks[:1]
     return model.eval()
 
 
