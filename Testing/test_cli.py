@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from SAM3DSegmentLib import cli
-from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.io import read_segmentation, read_volume, write_volume
+from SAM3DSegmentLib.io import read_segmentation, read_volume
+from _cli_fixtures import make_cli_inputs  # noqa: E402  (Testing/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,23 +31,7 @@ def run_cli(*args, cwd=None):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    import torch
-
-    from SAM3DSegmentLib.models import SamMed3DConfig, build_sam_med3d, save_checkpoint
-
-    d = tmp_path_factory.mktemp("cli_inputs")
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(build_sam_med3d(SamMed3DConfig.tiny()), d / "tiny.pt", extra={"name": "tiny-test"})
-    shape_ijk = (40, 36, 24)
-    ijk_to_ras = make_ijk_to_ras((1.2, 1.1, 2.0), np.diag([-1.0, -1.0, 1.0]), (30.0, 20.0, -15.0))
-    i, j, k = np.meshgrid(*(np.arange(n) for n in shape_ijk), indexing="ij")
-    sphere = ((i - 20) ** 2 + (j - 18) ** 2 + ((k - 12) * 1.8) ** 2) < 100
-    arr = np.where(sphere, 80, -50).astype(np.int16).transpose(2, 1, 0)
-    image = d / "ct.nii.gz"
-    write_volume(Volume(arr, ijk_to_ras), str(image))
-    vol = read_volume(str(image))
-    centre_ras = vol.ijk_to_ras_points(np.array([20.0, 18.0, 12.0]))
-    return {"dir": d, "ckpt": ckpt, "image": image, "volume": vol, "centre": centre_ras}
+    return make_cli_inputs(tmp_path_factory.mktemp("cli_inputs"))
 
 
 def ras_arg(p):

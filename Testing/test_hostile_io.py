@@ -30,6 +30,7 @@ from SAM3DSegmentLib.cli import segment as segment_command
 from SAM3DSegmentLib.core import atomic
 from SAM3DSegmentLib import io
 from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
+from _cli_fixtures import make_cli_inputs  # noqa: E402  (Testing/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,21 +74,7 @@ def _listing(folder) -> list:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    import torch
-
-    from SAM3DSegmentLib.models import SamMed3DConfig, build_sam_med3d, save_checkpoint
-
-    d = tmp_path_factory.mktemp("hostile_inputs")
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(build_sam_med3d(SamMed3DConfig.tiny()), d / "tiny.pt", extra={"name": "tiny-test"})
-    shape_ijk = (40, 36, 24)
-    ijk_to_ras = make_ijk_to_ras((1.2, 1.1, 2.0), np.diag([-1.0, -1.0, 1.0]), (30.0, 20.0, -15.0))
-    i, j, k = np.meshgrid(*(np.arange(n) for n in shape_ijk), indexing="ij")
-    sphere = ((i - 20) ** 2 + (j - 18) ** 2 + ((k - 12) * 1.8) ** 2) < 100
-    arr = np.where(sphere, 80, -50).astype(np.int16).transpose(2, 1, 0)
-    image = d / "ct.nii.gz"
-    io.write_volume(Volume(arr, ijk_to_ras), str(image))
-    return {"dir": d, "ckpt": ckpt, "image": image, "volume": io.read_volume(str(image))}
+    return make_cli_inputs(tmp_path_factory.mktemp("hostile_inputs"))
 
 
 def _segment_args(inputs, image, out, *extra):

@@ -24,17 +24,24 @@ def default_device() -> str:
     return available_devices()[0]
 
 
-def resolve_device(name: Optional[str] = None):
-    """A ``torch.device`` for "auto"/None, "cpu", "cuda[:N]" or "mps", with a clear error if unavailable."""
+def resolve_device(name: Optional[str] = None, local_rank: Optional[int] = None, auto_mps: bool = True):
+    """The one device resolver: a ``torch.device`` for "auto"/None, "cpu", "cuda[:N]" or "mps", with a clear
+    error if unavailable. ``local_rank`` (distributed training): "auto" and an index-less "cuda" mean that
+    process's GPU. ``auto_mps=False``: "auto" never picks Apple MPS (training: no AMP/DDP there)."""
     import torch
 
     if name in (None, "", "auto"):
-        return torch.device(default_device())
+        auto = default_device()
+        if auto == "mps" and not auto_mps:
+            auto = "cuda" if torch.cuda.is_available() else "cpu"
+        name = auto
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"device {name!r} was requested but this torch ({torch.__version__}) sees no CUDA GPU. "
             "Use --device cpu, or install a CUDA build of torch (in 3D Slicer: the PyTorch extension).")
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:
+        dev = torch.device("cuda", local_rank)
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
