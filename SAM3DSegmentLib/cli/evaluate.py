@@ -45,6 +45,7 @@ def configure(p) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     O.add_overwrite_option(p)
     O.add_quiet_option(p)
+    O.add_server_options(p)
 
 
 normalise_argv = O.join_option_values
@@ -70,11 +71,16 @@ def _cases(args):
 
 
 def _backend(args):
-    """The model, and its description for the summary (with the checkpoint's sha256)."""
+    """The model, and its description for the summary (with the checkpoint's sha256; with ``--server``, the
+    sha256 of the file the server serves)."""
     from ..inference.backends import load_backend
     from ..weights import DEFAULT_MODEL, sha256_file
 
-    backend, info = load_backend(args.model, args.checkpoint, args.device, args.threads, args.dtype)
+    remote = O.remote_options(args)
+    backend, info = load_backend(args.model, args.checkpoint, args.device, args.threads, args.dtype, remote=remote)
+    if remote is not None:
+        info.update(name=info["model"], dtype=args.dtype)
+        return backend, info
     info.update(name=args.model or (None if args.checkpoint else DEFAULT_MODEL) or os.path.basename(info["checkpoint"]),
                 checkpoint_sha256=sha256_file(info["checkpoint"]), dtype=args.dtype)
     return backend, info

@@ -183,6 +183,47 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-regions", type=positive_int, default=8, metavar="N", help=MAX_REGIONS_HELP)
 
 
+SERVER_HELP = ("run the model on 'sam3d serve' at URL instead of here (docs/remote.md); repeat (or comma-separate) "
+               "for equivalent servers to fail over between. --model then names a model the server offers; "
+               "--device/--dtype/--threads apply only to a local torch decoder (--checkpoint)")
+SERVER_KEY_FILE_HELP = ("file holding the server's key on its first line (default: $SAM3D_SERVER_KEY); a key is never "
+                        "a command-line argument")
+SERVER_MODE_HELP = ("split: decode clicks here (ONNX, or torch with --checkpoint of the served file); full: the server "
+                    "decodes; auto (default): split when onnxruntime is installed")
+SERVER_TIMEOUT_HELP = "seconds to wait for one server's answer (default 60)"
+SERVER_CA_HELP = "CA certificate to trust for an https server (e.g. a self-signed one)"
+WIRE_DTYPE_HELP = "precision of the region and embedding on the wire (float32: exact, twice the bytes)"
+
+
+def add_server_options(p: argparse.ArgumentParser) -> None:
+    """``--server URL`` (+ key file, mode, time limit, CA, wire precision): remote inference. The key comes
+    from ``--server-key-file`` or ``$SAM3D_SERVER_KEY``, never from the command line (other users can read a
+    process's arguments). :func:`remote_options` turns the parsed values into the library's options."""
+    g = p.add_argument_group("remote inference (docs/remote.md)")
+    g.add_argument("--server", action="append", default=None, metavar="URL", help=SERVER_HELP)
+    g.add_argument("--server-key-file", metavar="PATH", default=None, help=SERVER_KEY_FILE_HELP)
+    g.add_argument("--server-mode", choices=("auto", "split", "full"), default="auto", help=SERVER_MODE_HELP)
+    g.add_argument("--server-timeout", type=positive_float, default=60.0, metavar="S", help=SERVER_TIMEOUT_HELP)
+    g.add_argument("--server-ca", metavar="PEM", default=None, help=SERVER_CA_HELP)
+    g.add_argument("--wire-dtype", choices=("float16", "float32"), default="float16", help=WIRE_DTYPE_HELP)
+
+
+def remote_options(args: argparse.Namespace):
+    """:class:`~SAM3DSegmentLib.remote.options.RemoteOptions` from :func:`add_server_options`' values (the key
+    read from its file or the environment), or None when no ``--server`` was given."""
+    servers = [u.strip() for item in (getattr(args, "server", None) or []) for u in item.split(",") if u.strip()]
+    if not servers:
+        return None
+    from ..remote.options import RemoteOptions, read_key
+
+    try:
+        key = read_key(args.server_key_file)
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    return RemoteOptions(servers=servers, key=key, mode=args.server_mode, timeout_s=args.server_timeout,
+                         ca_file=args.server_ca, wire_dtype=args.wire_dtype)
+
+
 def add_sample_option(p: argparse.ArgumentParser, target=None) -> None:
     (target or p).add_argument("--sample", choices=SAMPLES, default=None, help=SAMPLE_HELP)
 

@@ -34,14 +34,28 @@ class EngineLink:
         self.volume_token: Optional[tuple] = None  #: :func:`~.volumes.volume_token` of the volume sent last
 
     def load_model(self, name_or_path: str, device: str):
-        """Queue loading a model (a registry name or a checkpoint path) on ``device`` ("auto": the recommended
-        device, which imports torch here to look). A new model starts without a volume."""
-        from ..cli.diagnose import recommended_device
-
-        device = recommended_device() if device == "auto" else device
+        """Queue loading a model (a registry name or a checkpoint path) on ``device``; the engine process picks
+        the device for "auto" (this process never imports torch). The result is ``{"name", "device",
+        "warning"}`` (:meth:`~SAM3DSegmentLib.inference.engine.Engine.load`). A new model starts without a
+        volume."""
         self.volume_token = None
         return self.engine.submit("load", name_or_path, str(device),
                                   context={"kind": "load", "name": name_or_path, "device": device})
+
+    def load_remote(self, settings: dict, key: Optional[str], model: Optional[str] = None):
+        """Queue using the remote servers ``settings`` describe (the fields of
+        :class:`~SAM3DSegmentLib.remote.settings.RemoteSettings`) instead of a local model; the key travels to
+        the engine process over its private connection. Same result as :meth:`load_model`."""
+        self.volume_token = None
+        return self.engine.submit("load_remote", dict(settings), key, model,
+                                  context={"kind": "load", "name": model, "device": "remote"})
+
+    def check_servers(self, servers, key: Optional[str], timeout_s: float, ca_file: Optional[str] = None):
+        """Queue the connection test of each server (in the engine process: a dead server never blocks the
+        GUI); the result is one dict per server (``ok``, ``version``, ``models``, ``device``, ``rtt_ms``,
+        ``line``)."""
+        return self.engine.submit("check_servers", list(servers), key, float(timeout_s), ca_file,
+                                  context={"kind": "servers"})
 
     def sync_clicks(self, volume_node, segmentation_node, segment_id: str, clicks):
         """Queue: (re)send the volume if it changed (:func:`~.volumes.volume_token`), then bring the segment's
@@ -74,7 +88,7 @@ class EngineLink:
         for job in jobs:
             kind = (job.context or {}).get("kind")
             if kind == "load":
-                self.model_name = job.result if job.state == "done" else None
+                self.model_name = job.result["name"] if job.state == "done" else None
             elif kind == "volume" and job.state != "done" and self.volume_token == job.context["token"]:
                 self.volume_token = None
         return jobs
