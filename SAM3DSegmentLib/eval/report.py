@@ -92,12 +92,12 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
 # ----------------------------------------------------------------------------------------- plot
 def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: str,
                         emphasis: Sequence[str] = (), dashed: Sequence[str] = (),
-                        y_label: str = "Dice", x_label: str = "clicks") -> str:
+                        y_label: str = "Dice", x_label: str = "clicks", dotted: Sequence[str] = ()) -> str:
     """Draw Dice (0..1) against click number 1..N with matplotlib; one line per series.
 
     ``series``: ``{legend text: [value after click 1, 2, ...]}`` (NaN: no value); names in ``emphasis`` are
-    drawn black and thick (the mean), names in ``dashed`` grey and dashed, the others in the ``tab10``
-    colours in turn. Written atomically to ``path`` (PNG).
+    drawn black and thick (the mean), names in ``dashed`` grey and dashed, names in ``dotted`` black and
+    dotted (another protocol's mean), the others in the ``tab10`` colours but its grey in turn. Written atomically to ``path`` (PNG).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -107,7 +107,7 @@ def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: st
     fig = Figure(figsize=(9.6, 5.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    palette = colormaps["tab10"].colors
+    palette = [c for n, c in enumerate(colormaps["tab10"].colors) if n != 7]  # grey: the dashed line's
     n = max([len(v) for v in series.values()] + [1])
     k = 0
     for name, values in series.items():
@@ -117,6 +117,8 @@ def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: st
             style = dict(color="black", linewidth=4, marker="o", markersize=6, zorder=2)
         elif name in dashed:
             style = dict(color="dimgrey", linewidth=2, linestyle="--", marker="o", markersize=4, zorder=3)
+        elif name in dotted:
+            style = dict(color="black", linewidth=2.5, linestyle=":", marker="s", markersize=5, zorder=3)
         else:
             style = dict(color=palette[k % len(palette)], linewidth=2, marker="o", markersize=4, zorder=3)
             k += 1
@@ -135,7 +137,7 @@ def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: st
 
 def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
     series: Dict[str, List[float]] = {}
-    emphasis, dashed = [], []
+    emphasis, dashed, dotted = [], [], []
     engine = summary["protocols"].get("engine")
     legacy = summary["protocols"].get("legacy")
     reference = summary["protocols"].get("reference")
@@ -153,6 +155,7 @@ def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
         name = "reference mean (full volume)"
         series[name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan")
                         for p in reference["per_click"]]
+        dotted.append(name)
     if legacy and main_p is not legacy:
         name = "legacy mean (crop Dice)"
         series[name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in legacy["per_click"]]
@@ -161,7 +164,7 @@ def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
     which = ("engine, full-volume Dice" if main_p is engine else
              "reference, full-volume Dice" if main_p is reference else "legacy crop Dice")
     title = f"Dice vs clicks - {model} ({which}, {summary['data'].get('name', '')})"
-    return plot_dice_vs_clicks(series, path, title, emphasis=emphasis, dashed=dashed)
+    return plot_dice_vs_clicks(series, path, title, emphasis=emphasis, dashed=dashed, dotted=dotted)
 
 
 # ------------------------------------------------------------------------------------- writing
