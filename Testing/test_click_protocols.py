@@ -32,6 +32,17 @@ def test_names_say_what_each_protocol_feeds_and_old_spellings_map_onto_them():
         click_protocol("latest", "--prompt-mode")
 
 
+def test_evaluation_configs_store_the_new_name():
+    from SAM3DSegmentLib.eval.protocols import EvalConfig
+    from SAM3DSegmentLib.eval.segfm import SegFMConfig
+
+    for cls in (EvalConfig, SegFMConfig):
+        assert cls().prompt_mode == "newest-click"
+        assert cls(prompt_mode="all").prompt_mode == "all-clicks"
+        with pytest.raises(ValueError, match="--prompt-mode must be one of newest-click, all-clicks"):
+            cls(prompt_mode="reference")
+
+
 def test_session_options_store_the_new_name():
     assert SessionOptions().prompt_mode == "newest-click"
     assert SessionOptions(prompt_mode="newest").prompt_mode == "newest-click"
