@@ -341,12 +341,12 @@ def test_nnunet_folder_runs_with_names_and_label_selection(tmp_path):
     assert data.kind == "nnunet" and data.names == ["b1"]
     out = tmp_path / "out"
     summary = run_segfm(data, BallBackend(), SegFMConfig(box="gt", spacing_mm=1.0, extend=False), str(out))
-    rows = (out / "per_class.csv").read_text().splitlines()
+    rows = (out / "per_class.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("case,class,name,step") and len(rows) == 1 + 6          # one class, box + 5 steps
     assert all(",2,right," in r for r in rows[1:])
-    case = (out / "per_case.csv").read_text().splitlines()
+    case = (out / "per_case.csv").read_text(encoding="utf-8").splitlines()
     assert len(case) == 2 and case[1].startswith("b1,2,1,")
-    saved = json.loads((out / "summary.json").read_text())
+    saved = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert saved["means"]["DSC_AUC"] == pytest.approx(summary["means"]["DSC_AUC"]) and saved["cases"] == 1
     assert [p["step"] for p in saved["per_step"]] == ["box", 1, 2, 3, 4, 5]
     assert (out / "dice_vs_clicks.png").stat().st_size > 1000
@@ -368,11 +368,11 @@ def test_cli_segfm_end_to_end_with_the_demo_model(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "DSC_AUC" in printed and "not comparable" in printed
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["protocol"] == "segfm" and summary["model"]["name"] == "demo"
     assert summary["settings"]["box"] == "auto" and "include click" in summary["settings"]["box_use"]
     assert summary["reference"]["DSC_AUC"] == 3.35 and summary["auc_max"] == 4.0
-    header, row = (out / "per_case.csv").read_text().splitlines()
+    header, row = (out / "per_case.csv").read_text(encoding="utf-8").splitlines()
     values = dict(zip(header.split(","), row.split(",")))
     assert values["box_step"] == "1" and float(values["DSC_AUC"]) == pytest.approx(summary["means"]["DSC_AUC"],
                                                                                       rel=1e-5)

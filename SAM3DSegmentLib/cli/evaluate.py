@@ -14,8 +14,9 @@ NAME = "evaluate"
 HELP = "score a model with simulated clicks (Dice, NSD, HD95)"
 DESCRIPTION = ("Evaluate a SAM-Med3D-family checkpoint and the interactive engine with simulated clicks. "
                "Writes per_case.csv, summary.json and dice_vs_clicks.png into --out.")
-#: What ``--protocol`` takes; "both" runs the engine and the legacy protocol; "segfm" the CVPR 2025 challenge's.
-PROTOCOL_CHOICES = ("engine", "legacy", "both", "segfm")
+#: What ``--protocol`` takes; "both" runs the engine and the legacy protocol, "all" the reference one too;
+#: "segfm" the CVPR 2025 challenge's.
+PROTOCOL_CHOICES = ("engine", "legacy", "reference", "both", "all", "segfm")
 #: The options only ``--protocol segfm`` takes (their defaults are None so a stray one is refused).
 SEGFM_OPTIONS = ("box", "gts", "spacing_order", "npz_window")
 
@@ -35,8 +36,10 @@ def configure(p) -> None:
     p.add_argument("--max-cases", type=O.positive_int, default=None, metavar="N",
                    help="evaluate only the first N cases (by name)")
     p.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="both",
-                   help="engine: the interactive engine on the full volume; legacy: SAM-Med3D's crop protocol "
-                        "(default both); segfm: the CVPR 2025 interactive challenge's protocol (DSC_AUC, NSD_AUC)")
+                   help="engine: the interactive engine on the full volume; legacy: SAM-Med3D's crop protocol; "
+                        "reference: SAM-Med3D's inference code (validate_paired_img_gt) reproduced; both: engine "
+                        "and legacy (default); all: the three; segfm: the CVPR 2025 interactive challenge's "
+                        "protocol (DSC_AUC, NSD_AUC)")
     seg = p.add_argument_group("--protocol segfm")
     seg.add_argument("--box", choices=("auto", "none", "gt"), default=None,
                      help="initial box step: auto = the case's boxes when it has them (default), none, gt = boxes "
@@ -54,6 +57,9 @@ def configure(p) -> None:
     p.add_argument("--nsd-tolerance", type=O.non_negative_float, default=2.0, metavar="MM",
                    help="NSD tolerance in mm (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the legacy protocol's random clicks (default 0)")
+    p.add_argument("--reference-seed", type=int, default=233,
+                   help="reference protocol: numpy seed of each case's random clicks (default 233, "
+                        "validate_paired_img_gt's)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     O.add_overwrite_option(p)
     O.add_quiet_option(p)
@@ -102,7 +108,7 @@ def _backend(args):
 
 def run(args) -> int:
     from ..eval.evaluate import run_evaluation
-    from ..eval.protocols import PROTOCOLS, EvalConfig
+    from ..eval.protocols import DEFAULT_PROTOCOLS, PROTOCOLS, EvalConfig
     from ..eval.report import CSV_NAME, JSON_NAME, PNG_NAME
 
     quiet = args.quiet
@@ -116,12 +122,12 @@ def run(args) -> int:
                            "(see 'sam3d evaluate --help')")
     outputs = [os.path.join(out, n) for n in (CSV_NAME, JSON_NAME, PNG_NAME)]
     O.refuse_existing("--out", outputs, args.overwrite, folder=out)
-    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    protocols = {"both": DEFAULT_PROTOCOLS, "all": PROTOCOLS}.get(args.protocol, (args.protocol,))
     cases, data_info = _cases(args)
     config = EvalConfig(clicks=args.clicks, protocols=tuple(protocols), prompt_mode=args.prompt_mode,
                         spacing_mm=args.spacing, clamp_hu=args.clamp_hu, extend=not args.no_extend,
                         max_regions=args.max_regions, nsd_tolerance_mm=args.nsd_tolerance, seed=args.seed,
-                        data=data_info)
+                        reference_seed=args.reference_seed, data=data_info)
     backend, model_info = _backend(args)
     config.model = model_info
     log(f"sam3d evaluate: {model_info['backend']}; protocols {', '.join(protocols)}; {args.clicks} clicks")
@@ -174,9 +180,14 @@ def print_segfm_table(summary: Dict[str, Any], stream) -> None:
 
 
 def print_table(summary: Dict[str, Any], stream) -> None:
-    """Mean Dice per target after each click, per protocol (and the legacy best-of-N number)."""
+    """Mean Dice per target after each click, per protocol with its click protocol (and the legacy best-of-N
+    number)."""
+    protocols = summary.get("click_protocols", {})
     for protocol, entry in summary["protocols"].items():
         stream.write(f"[{protocol}] {entry['label']}\n")
+        cp = entry.get("click_protocol")
+        if cp in protocols:
+            stream.write(f"  click protocol: {cp} ({protocols[cp]})\n")
         per_t = entry["per_target"]
         clicks = [p["click"] for p in entry["per_click"]]
         width = max([len(t) for t in per_t] + [6])

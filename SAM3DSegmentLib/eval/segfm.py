@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.boxes import box_union
+from ..core.click_protocols import NEWEST_CLICK, click_protocol
 from ..core.geometry import Volume
 from .metrics import click_auc, multiclass_scores
 from .segfm_clicks import SEED, segfm_click
@@ -48,7 +49,7 @@ Log = Callable[[str], None]
 class SegFMConfig:
     clicks: int = 5
     box: str = "auto"
-    prompt_mode: str = "newest"
+    prompt_mode: str = NEWEST_CLICK  # the engine's click protocol (core/click_protocols.py; older spellings accepted)
     spacing_mm: float = 1.5
     clamp_hu: Optional[Tuple[float, float]] = None
     extend: bool = True
@@ -61,6 +62,7 @@ class SegFMConfig:
     def __post_init__(self) -> None:
         if int(self.clicks) < 2:
             raise ValueError(f"the SegFM protocol needs at least 2 clicks for its AUC, got {self.clicks}")
+        self.prompt_mode = click_protocol(self.prompt_mode, "--prompt-mode")
         if self.box not in BOX_MODES:
             raise ValueError(f"box must be one of {BOX_MODES}, got {self.box!r}")
         if not self.nsd_tolerance_mm >= 0:

@@ -6,25 +6,30 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ..core.click_protocols import CLICK_PROTOCOLS, click_protocol
+
 __all__ = ["SessionOptions", "PROMPT_MODES", "INIT_PROMPTS"]
 
-#: ``"newest"``: each decode sees only the newest click (+ the region's previous logits), as the model was
-#: trained; ``"all"``: every point of the object inside the region so far.
-PROMPT_MODES = ("newest", "all")
+#: The click protocols (:mod:`SAM3DSegmentLib.core.click_protocols`): ``"newest-click"``: each decode sees
+#: only the newest click (+ the region's previous logits), as the model was trained and published tables were
+#: evaluated; ``"all-clicks"``: every point of the object inside the region so far (+ the previous logits), as
+#: the reference's inference code feeds them. The older spellings ``"newest"`` / ``"all"`` are accepted.
+PROMPT_MODES = tuple(CLICK_PROTOCOLS)
 #: How an initial mask (``Session.set_initial_mask``) prompts the model: :mod:`~SAM3DSegmentLib.inference.prior`.
 INIT_PROMPTS = ("binary", "occupancy", "distance", "zeros")
 
 
 @dataclass
 class SessionOptions:
-    """``prompt_mode``: one of :data:`PROMPT_MODES`. ``region_size``, ``spacing_mm``: side (voxels) and voxel
+    """``prompt_mode``: one of :data:`PROMPT_MODES` (an older spelling is stored under its new name).
+    ``region_size``, ``spacing_mm``: side (voxels) and voxel
     size (mm) of the model-input regions. ``extend``: add neighbouring regions while the object's mask touches
     a region face (:mod:`~SAM3DSegmentLib.inference.growth`), up to ``max_regions`` per object.
     ``clamp_hu``: (low, high) clip of the original voxels before normalising (None: no clip).
     ``cache_size``: embeddings kept (:class:`~SAM3DSegmentLib.inference.cache.EmbeddingCache`).
     ``threshold``: the logit above which a voxel is in the mask (0: sigmoid > 0.5)."""
 
-    prompt_mode: str = "newest"
+    prompt_mode: str = "newest-click"
     region_size: int = 128
     spacing_mm: float = 1.5
     extend: bool = True
@@ -61,8 +66,10 @@ class SessionOptions:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.prompt_mode not in PROMPT_MODES:
-            problems.append(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        try:
+            self.prompt_mode = click_protocol(self.prompt_mode, "prompt_mode")
+        except ValueError as err:
+            problems.append(str(err))
         if int(self.region_size) < 8 or int(self.region_size) % 4:
             problems.append(f"region_size must be a multiple of 4 and >= 8, got {self.region_size}")
         if not (float(self.spacing_mm) > 0 and np.isfinite(float(self.spacing_mm))):
