@@ -95,6 +95,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button, slot in ((ui.newSegmentButton, self.onNextObject), (ui.nextObjectButton, self.onNextObject),
                              (ui.undoButton, lambda: self.onEdit("undo")), (ui.redoButton, lambda: self.onEdit("redo")),
                              (ui.resetButton, lambda: self.onEdit("reset")), (ui.loadModelButton, self.onLoadModel),
+                             (ui.refineButton, self.onRefine),
                              (ui.installDependenciesButton, self.onInstallDependencies), (ui.diagnoseButton, self.onDiagnose),
                              (ui.exportSegNrrdButton, lambda: self.onExport("seg.nrrd")),
                              (ui.exportNiftiButton, lambda: self.onExport("nifti")),
@@ -229,6 +230,17 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.link.edit(kind, seg, segId, volume)
             self.startPump()
 
+    def onRefine(self):
+        """Refine selected segment: the engine's object starts from the segment's voxels; clicks then edit it."""
+        with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not refine the segment", waitCursor=False):
+            if not all(self.currentNodes()[::2]):  # the volume and a segment
+                raise ValueError("select a volume and the segment to refine")
+            if self.link.model_name is None and not self.link.engine.busy:
+                self.onLoadModel()
+            self.link.refine(*self.ensureSegment())
+            self.rewritePoints([])  # the object starts over: no clicks
+            self.startPump()
+
     def onNextObject(self):
         if self.ui.volumeSelector.currentNode() is not None:
             with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not start a new object", waitCursor=False):
@@ -302,6 +314,10 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.findAll.show_result(job)
         elif kind == "points" and ctx["segment"] == self._target.segment_id:
             self.rewritePoints(job.result)
+        elif kind == "refine" and ctx["segment"] == self._target.segment_id:
+            if self.history is not None:  # the segment's undo restarts here, as the engine's
+                self.history.clear()
+            self.ui.statusLabel.text = f"Refining the segment ({ctx['voxels']} voxels): click Include / Exclude."
         elif kind in ("clicks", "reset", "undo", "redo"):
             with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not write the segment", waitCursor=False):
                 # undo/redo restore every segment exactly from the history when it holds that step

@@ -55,7 +55,7 @@ def test_segment_writes_a_mask_on_the_input_grid(inputs, tmp_path):
     mask = read_volume(str(out))
     assert mask.same_grid(inputs["volume"], atol=1e-4)
     assert set(np.unique(mask.array)) <= {0, 1}
-    info = json.loads(timings.read_text())
+    info = json.loads(timings.read_text(encoding="utf-8"))
     assert info["checkpoint"] == str(inputs["ckpt"]) and info["regions"] >= 1
     assert len(info["timings"]["clicks"]) == 2 and info["timings"]["clicks"][1]["encoded_regions"] == 0
     assert info["mask_voxels"] == int(mask.array.sum())
@@ -239,7 +239,7 @@ def test_run_demo_writes_masks_overlay_and_report(inputs, tmp_path):
                       log=lambda *a: None, volume=vol, references=refs)
     out = tmp_path / "demo"
     assert sorted(os.listdir(out)) == ["demo.json", "demo.seg.nrrd", "overlay.png"]
-    saved = json.loads((out / "demo.json").read_text())
+    saved = json.loads((out / "demo.json").read_text(encoding="utf-8"))
     assert saved["structures"]["ball"]["clicks"][0]["positive"] is True
     assert 0.0 <= saved["structures"]["ball"]["dice"] <= 1.0 and saved["model"]["checkpoint"] == str(inputs["ckpt"])
     segs = read_segmentation(str(out / "demo.seg.nrrd"), reference=vol)

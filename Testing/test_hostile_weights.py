@@ -102,7 +102,7 @@ def test_pinned_portal_page_is_reported_listed_and_repaired(tmp_path, monkeypatc
         out = capsys.readouterr().out
         assert f"deleted {target}" in out
         assert target.read_bytes() == good
-        record = json.loads(W.sidecar_path(target).read_text())
+        record = json.loads(W.sidecar_path(target).read_text(encoding="utf-8"))
         assert record["sha256"] == hashlib.sha256(good).hexdigest()
         # A good copy is kept: --repair checks it and fetches nothing.
         assert download_main(["--repair", "sam-med3d"]) == 0

@@ -105,7 +105,7 @@ def test_segment_with_server_matches_local(demo_server, image_file, tmp_path, mo
     a, b = read_volume(str(local_out)).array, read_volume(str(remote_out)).array
     assert a.sum() > 500
     np.testing.assert_array_equal(a, b)
-    report = json.loads(timings.read_text())
+    report = json.loads(timings.read_text(encoding="utf-8"))
     assert report["server"] == [demo_server.url] and report["server_mode"] == "full"
     assert len(report["checkpoint_sha256"]) == 64
     # split mode with the key from a file (environment cleared)
@@ -178,7 +178,7 @@ def test_evaluate_with_server_matches_local(demo_server, tmp_path, monkeypatch):
         return [(r["click"], r["dice"]) for r in csv.DictReader(open(folder / "per_case.csv", newline=""))]
 
     assert dice(tmp_path / "local") == dice(tmp_path / "remote")
-    summary = json.loads((tmp_path / "remote" / "summary.json").read_text())
-    local = json.loads((tmp_path / "local" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "remote" / "summary.json").read_text(encoding="utf-8"))
+    local = json.loads((tmp_path / "local" / "summary.json").read_text(encoding="utf-8"))
     assert summary["model"]["checkpoint_sha256"] == local["model"]["checkpoint_sha256"]
     assert summary["model"]["server"] == [demo_server.url]

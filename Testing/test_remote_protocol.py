@@ -195,5 +195,5 @@ def test_no_torch_import_statement_in_remote_package():
     import SAM3DSegmentLib.remote as remote
 
     for path in Path(remote.__file__).parent.glob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert "import torch" not in text and "from torch" not in text, path.name

@@ -335,7 +335,7 @@ def test_resolve_name_downloads_once_and_trusts_on_first_use(tmp_path, monkeypat
             path = W.resolve_checkpoint("sam-med3d", progress=None)
         assert path == tmp_path / "home" / "checkpoints" / "sam_med3d.pth"
         assert path.read_bytes() == data
-        record = json.loads(W.sidecar_path(path).read_text())
+        record = json.loads(W.sidecar_path(path).read_text(encoding="utf-8"))
         assert record["sha256"] == digest and record["verified"] == "trust-on-first-use"
         assert record["size"] == len(data)
         assert "trust on first use" in caplog.text and digest in caplog.text

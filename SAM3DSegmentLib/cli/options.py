@@ -11,6 +11,8 @@ import math
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from ..core.click_protocols import CLICK_PROTOCOLS, NEWEST_CLICK, click_protocol
+
 PROG = "sam3d"
 #: ``--sample`` names (bundled images, read by :mod:`SAM3DSegmentLib.data.sample_data`).
 SAMPLES = ("chest",)
@@ -101,6 +103,14 @@ def clamp_range(text: str) -> Optional[Tuple[float, float]]:
     return (lo, hi)
 
 
+def click_protocol_name(text: str) -> str:
+    """A click protocol (``newest-click`` | ``all-clicks``; the older ``newest`` / ``all`` accepted) -> its name."""
+    try:
+        return click_protocol(text, "the click protocol")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 #: Options whose values may start with '-' (``--clamp-hu -1000,1000``): argparse would read such a value
 #: as an option; :func:`join_option_values` glues it to its flag instead.
 NEGATIVE_VALUE_OPTIONS = ("--clamp-hu",)
@@ -138,8 +148,10 @@ CLAMP_HELP = ("clamp CT values to LO,HI HU before normalising, e.g. --clamp-hu=-
               "module's masks for the same model and clicks")
 OVERWRITE_HELP = "replace output files that already exist (default: refuse, and change nothing)"
 QUIET_HELP = "print nothing but errors"
-PROMPT_MODE_HELP = ("newest: each click with the previous mask (the model's training protocol, default); all: "
-                    "every click so far with the previous mask")
+PROMPT_MODE_HELP = ("the click protocol: newest-click: each click alone with the previous mask (SAM-Med3D's training "
+                    "and published evaluation; default); all-clicks: every click so far in the click's region with "
+                    "the previous mask (SAM-Med3D's inference code). The older spellings newest and all are "
+                    "accepted")
 NO_EXTEND_HELP = "do not grow beyond the first model region when the mask touches its border"
 MAX_REGIONS_HELP = "most model regions per object (default 8)"
 SAMPLE_HELP = ("use a bundled sample image instead of a file: 'chest' is the chest CT shipped in slicerio "
@@ -169,7 +181,8 @@ def add_region_options(p: argparse.ArgumentParser) -> None:
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """How the interactive engine turns clicks into a mask: prompt mode, spacing, clamp, region growth."""
-    p.add_argument("--prompt-mode", choices=("newest", "all"), default="newest", help=PROMPT_MODE_HELP)
+    p.add_argument("--prompt-mode", type=click_protocol_name, choices=tuple(CLICK_PROTOCOLS), default=NEWEST_CLICK,
+                   help=PROMPT_MODE_HELP)
     add_region_options(p)
     p.add_argument("--no-extend", action="store_true", help=NO_EXTEND_HELP)
     p.add_argument("--max-regions", type=positive_int, default=8, metavar="N", help=MAX_REGIONS_HELP)

@@ -223,7 +223,7 @@ def describe_update(update, wall_s: Optional[float]) -> str:
 #: What the GUI may ask of an engine (Engine method names); those in :data:`JOB_OPS` also get their Job
 #: (cancellation).
 OPS = ("load", "load_remote", "check_servers", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask",
-       "forget_object", "find_all")
+       "forget_object", "set_initial_mask", "find_all")
 JOB_OPS = ("sync_clicks", "find_all")
 #: The ops that choose the model (a restarted engine process replays the last one).
 LOAD_OPS = ("load", "load_remote")
