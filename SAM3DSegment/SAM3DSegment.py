@@ -82,7 +82,8 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.modelComboBox.addItems(names)
         ui.modelComboBox.setCurrentText(weights.DEFAULT_MODEL if weights.DEFAULT_MODEL in names else names[0])
         self.remote = sb.RemotePanel(ui, qt.QSettings(), self.link, self.startPump)  # Local/Remote, kept in QSettings
-        self.findAll = sb.FindAllPanel(ui, self.link, self.startPump, lambda: self.currentNodes()[:2], self.onFindAllChanged)
+        self.findAll = sb.FindAllPanel(ui, self.link, self.startPump, lambda: self.currentNodes()[:2],
+                                       lambda seg: setattr(self, "history", None), self._target)  # history restarts
         self.timer = qt.QTimer()
         self.timer.setInterval(30)
         self.timer.connect("timeout()", self.pump)
@@ -251,12 +252,6 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.history = None
         self.updateButtons()
 
-    def onFindAllChanged(self, seg):
-        """Find all added or removed a batch of segments: show that segmentation; restart the click history."""
-        with self._target.module_change():
-            self.ui.segmentationSelector.setCurrentNode(seg)
-        self.history = None
-
     def onSegmentChanged(self, segId):
         """The USER chose another target segment (SAM3DSegmentLib.slicer.TargetSegment): show its clicks; the history
         restarts."""
@@ -282,9 +277,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.exception("SAM3DSegment: handling a finished job failed")
         job = engine.current
         if job is not None and self._progress is None and time.perf_counter() - (job.started or time.perf_counter()) > 0.4:
-            text = {"load": "Loading the model...", "clicks": "Computing the image embedding (first click of a region)...",
-                    "find_all": "Finding all objects..."}
-            self._progress = slicer.util.createProgressDialog(labelText=text.get((job.context or {}).get("kind"), "Working..."), maximum=0)
+            self._progress = slicer.util.createProgressDialog(labelText=self.link.PROGRESS_TEXT.get((job.context or {}).get("kind"), "Working..."), maximum=0)
             self._progress.connect("canceled()", engine.cancel_all)
         if self._progress is not None and engine.download:
             done, total = engine.download
@@ -355,11 +348,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExport(self, kind):
         from SAM3DSegmentLib import slicer as sb
         volume, seg, segId = self.currentNodes()
-        if kind == "dicom":
-            path = qt.QFileDialog.getExistingDirectory(None, "DICOM SEG output folder")
-        else:
-            pattern = "Segmentation (*.seg.nrrd)" if kind == "seg.nrrd" else "NIfTI labelmap (*.nii.gz)"
-            path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", seg.GetName(), pattern)
+        path = sb.ask_export_path(kind, seg.GetName())
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
                 self.ui.statusLabel.text = f"Exported {sb.export_segmentation(kind, seg, volume, path)}"

@@ -188,3 +188,20 @@ def test_find_all_through_the_engine_to_segments_and_back(scene):
     assert ui.redoFindAllButton.enabled and shown[-1] is seg
     ui.redoFindAllButton.click()
     assert seg.GetSegmentation().GetNumberOfSegments() == len(batch.ids)
+
+
+def test_the_panel_shows_the_batch_segmentation_as_the_module_own_choice():
+    """Given the module's TargetSegment, a batch's segmentation is put in the selector inside module_change (so the
+    module does not take it for a user's choice), then the module's callback runs."""
+    target = sb.TargetSegment()
+    seen, told = [], []
+    ui = make_ui()
+    ui.segmentationSelector = Widget(setCurrentNode=lambda node: seen.append((node, target.changing)))
+    panel = sb.FindAllPanel(ui, link=None, started=lambda: None, nodes=lambda: (None, None), changed=told.append,
+                            target=target)
+    node = object()
+    panel.changed(node)
+    assert seen == [(node, True)] and told == [node] and not target.changing
+    bare = sb.FindAllPanel(make_ui(), None, lambda: None, lambda: (None, None), told.append)
+    bare.changed("other")  # no target: the selector is the module's business
+    assert told == [node, "other"] and len(seen) == 1

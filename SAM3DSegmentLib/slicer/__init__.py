@@ -36,7 +36,7 @@ Coordinate frames (see :mod:`SAM3DSegmentLib.core.geometry`):
 from .auto import FindAllPanel, InstanceBatch, roi_from_node, submit_find_all
 from .dependencies import ensure_dependencies
 from .engine_link import EngineLink
-from .export import export_dicom_seg, export_nifti, export_seg_nrrd, export_segmentation
+from .export import ask_export_path, export_dicom_seg, export_nifti, export_seg_nrrd, export_segmentation
 from .history import SegmentHistory, apply_engine_result, write_job_result
 from .labelmap import MASK_MODES, OVERWRITE_MODES, read_segment, remove_temporary_node, write_mask_to_segment
 from .layers import check_segmentation_geometry, volume_lattice_in_segmentation
@@ -50,7 +50,8 @@ from .volumes import (numpy_to_vtk_matrix, parent_to_world, scalars_view, volume
                       volume_token, vtk_matrix_to_numpy)
 
 __all__ = [
-    "FindAllPanel", "InstanceBatch", "roi_from_node", "submit_find_all", "ensure_dependencies", "EngineLink", "RemotePanel", "failure_text", "export_dicom_seg", "export_nifti",
+    "FindAllPanel", "InstanceBatch", "roi_from_node", "submit_find_all", "ensure_dependencies", "EngineLink", "RemotePanel", "failure_text", "ask_export_path", "export_dicom_seg",
+    "export_nifti",
     "export_seg_nrrd", "export_segmentation",
     "SegmentHistory", "apply_engine_result", "write_job_result", "MASK_MODES", "OVERWRITE_MODES", "read_segment",
     "remove_temporary_node", "write_mask_to_segment", "check_segmentation_geometry",

@@ -116,15 +116,17 @@ def describe(inst: dict) -> str:
 class FindAllPanel:
     """The Find all widgets (``ui`` as ``slicer.util.childWidgetVariables`` gives them), the module's
     :class:`~.engine_link.EngineLink`, a callback that starts the pump, ``nodes()`` -> (volume, segmentation) and
-    ``changed(node)``, called with the segmentation after a batch is added, undone or redone (the module shows that
-    segmentation and restarts its click history: Slicer's voxel history would otherwise restore states from
-    across the batch). Connects its own widgets."""
+    ``changed(node)``, called with the segmentation after a batch is added, undone or redone (the module restarts
+    its click history: Slicer's voxel history would otherwise restore states from across the batch). Given the
+    module's :class:`~.target.TargetSegment` as ``target``, that segmentation is first shown in
+    ``ui.segmentationSelector`` as the module's own choice. Connects its own widgets."""
 
     def __init__(self, ui, link, started: Callable[[], None], nodes: Callable[[], tuple],
-                 changed: Callable[[object], None] = lambda node: None):
+                 changed: Callable[[object], None] = lambda node: None, target=None):
         from ..inference.auto_options import PRESETS
 
-        self.ui, self.link, self.started, self.nodes, self.changed = ui, link, started, nodes, changed
+        self.ui, self.link, self.started, self.nodes, self.target = ui, link, started, nodes, target
+        self._changed = changed
         self.batches: List[InstanceBatch] = []
         self.undone: List[InstanceBatch] = []
         for name in PRESETS:
@@ -133,6 +135,13 @@ class FindAllPanel:
         ui.undoFindAllButton.connect("clicked()", self.undo)
         ui.redoFindAllButton.connect("clicked()", self.redo)
         self.update_buttons()
+
+    def changed(self, node) -> None:
+        """A batch was added, undone or redone on ``node``: show it (when a target was given), tell the module."""
+        if self.target is not None:
+            with self.target.module_change():
+                self.ui.segmentationSelector.setCurrentNode(node)
+        self._changed(node)
 
     def options(self) -> dict:
         from ..inference.auto_options import preset

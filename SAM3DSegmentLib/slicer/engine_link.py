@@ -25,6 +25,10 @@ EDIT_KINDS = ("clicks", "reset", "undo", "redo")
 class EngineLink:
     """The engine, the name of the loaded model and the volume the engine has (or will have)."""
 
+    #: the module's progress dialog text while a job of that kind (its ``context["kind"]``) runs
+    PROGRESS_TEXT = {"load": "Loading the model...", "find_all": "Finding all objects...",
+                     "clicks": "Computing the image embedding (first click of a region)..."}
+
     #: the pump waits this long for a reply, lock released, while a request is in flight
     PUMP_WAIT_S = 0.025
 

@@ -103,6 +103,17 @@ def export_segmentation(kind: str, segmentation_node, volume_node, path: str):
     raise ValueError(f"unknown export kind {kind!r}: use 'seg.nrrd', 'nifti' or 'dicom'")
 
 
+def ask_export_path(kind: str, name: str) -> str:
+    """Ask the user where to export (``kind`` as :func:`export_segmentation`): a folder for ``"dicom"``, else a file
+    named ``name`` by default; ``""`` when cancelled."""
+    import qt
+
+    if kind == "dicom":
+        return qt.QFileDialog.getExistingDirectory(None, "DICOM SEG output folder")
+    pattern = "Segmentation (*.seg.nrrd)" if kind == "seg.nrrd" else "NIfTI labelmap (*.nii.gz)"
+    return qt.QFileDialog.getSaveFileName(None, "Export segmentation", name, pattern)
+
+
 def export_dicom_seg(segmentation_node, folder: str, reference_volume) -> List[str]:
     """Export a DICOM SEG object with the DICOMSegmentationPlugin (only inside Slicer with the DICOM module; the
     plugin ships with Slicer from 5.12, before that with the QuantitativeReporting extension).
