@@ -214,6 +214,36 @@ def test_filters_roi_and_max_instances():
     assert len(one.instances) == 1
 
 
+class IoUBackend(ImageBackend):
+    """:class:`ImageBackend` with a batched decoder that also predicts an IoU: 0.9 for objects of more than
+    ``cells`` low-res cells, 0.2 for smaller ones (so a predicted-IoU filter must tell the two spheres apart)."""
+
+    def __init__(self, cells: int = 70):
+        super().__init__()
+        self.cells, self.batches = cells, []
+
+    def decode_batch(self, embedding, points, labels, mask_logits=None):
+        self.batches.append(len(points))
+        logits = np.stack([self.decode(embedding, p, lab, None) for p, lab in zip(points, labels)])
+        return logits, np.where((logits > 0).sum(axis=(1, 2, 3)) > self.cells, 0.9, 0.2).astype(np.float32)
+
+
+def test_predicted_iou_filters_and_ranks_and_is_reported():
+    centres = [(-12.0, -6.0, -8.0), (10.0, 12.0, 6.0)]                  # 6 mm (~33 cells) and 9 mm (~113 cells)
+    vol, labels = spheres_volume(centres, [6.0, 9.0])
+    base = dict(grid_spacing_mm=5.0, max_volume_ml=20.0, points_per_batch=8, **SIZED)
+    backend = IoUBackend()
+    res = AutomaticMaskGenerator3D(backend, AutoOptions(min_predicted_iou=0.5, **base)).generate(vol)
+    assert max(backend.batches) == 8                                    # many prompts per decoder call
+    m = match_instances([i.mask for i in res.instances], objects_of(labels), 0.5)
+    assert m["tp"] == 1 and 2 in m["matched"] and m["fp"] == 0          # only the big sphere passes the IoU filter
+    assert res.rejected.get("low_predicted_iou", 0) > 0
+    assert res.instances[0].predicted_iou == pytest.approx(0.9) and res.instances[0].to_dict()["predicted_iou"] == 0.9
+    both = AutomaticMaskGenerator3D(IoUBackend(), AutoOptions(rank_by="predicted_iou", **base)).generate(vol)
+    assert sorted(round(i.score, 3) for i in both.instances) == [0.2, 0.9]  # the score is the predicted IoU
+    assert both.rejected.get("low_predicted_iou", 0) == 0 and len(both.instances) == 2
+
+
 def test_cancel_between_decoder_calls():
     vol, _ = spheres_volume([(0.0, 0.0, 0.0)], [7.0])
     backend = ImageBackend()
