@@ -11,15 +11,17 @@ Parts:
   with 11 nodules of 3 to 30 mm (solid and part-solid; free, juxta-pleural, juxta-vascular) and 3 more where the
   generator's regions meet. Recall at mask IoU >= 0.5 and false positives per scan, overall and by size, kind and
   site, for (a) the model-free oracle (``eval/oracle.py``: the machinery alone; the true object under each prompt
-  at the model's 32^3 output resolution) and (b) the bundled demo model (with its stability filter, and without).
+  at the model's 32^3 output resolution) and (b) the bundled demo model (the ``nodules`` preset, and unfiltered:
+  no stability, volume or region-cut filter). Control: the demo model's mask after one include click at each
+  nodule's centre through the ordinary click loop (``Session``), outside the generator.
 * ``chest_ct``: the bundled chest CT (slicerio's CTChest4, 3.05x3.05x10 mm) with 5 spherical nodules of 10-30 mm
   implanted in its lungs (30 HU, ground truth = sphere inside the lung), same measures; and its 7 reference
   segments as objects for the ``everything`` preset (a 20 mm grid), oracle and demo model.
 * ``timing`` (``--timing``): a 512x512x300 chest phantom written as NRRD, ``nodules`` preset, each model in a fresh
   subprocess: wall time, CPU time and peak resident memory of the whole run (read the file, load the model,
   candidates, encodes, decodes, masks).
-  ``--full-size`` adds the full-size SAM-Med3D architecture (vit_b_ori, random weights: same cost as the
-  published weights, which cannot be downloaded here).
+  ``--full-size`` adds (or, without ``--timing``, times only) the full-size SAM-Med3D architecture (vit_b_ori,
+  random weights: same cost as the published weights, which cannot be downloaded here).
 
 The load average is recorded: on a shared machine wall times stretch; CPU seconds do not.
 """
@@ -146,35 +148,59 @@ def implanted_chest_ct(seed=0):
     return ct.with_array(np.rint(img).astype(np.int16)), Volume(labels, ct.ijk_to_ras.copy()), table, segs
 
 
+def one_click_masks(backend, case):
+    """Control outside the generator: the ordinary click loop's mask after one include click at each nodule's centre
+    (volume in ml and IoU with the nodule), to tell the model's quality from the generator's."""
+    from SAM3DSegmentLib.inference.session import Session
+
+    ml = abs(float(np.linalg.det(case.image.ijk_to_ras[:3, :3]))) / 1000.0
+    rows = []
+    for row in case.table:
+        s = Session(backend)
+        s.set_volume(case.image)
+        s.add_click(row["centre_ras"], True)
+        m, t = s.mask() > 0, case.nodules.array == row["label"]
+        rows.append({"label": row["label"], "diameter_mm": row["diameter_mm"], "site": row["site"],
+                     "mask_ml": round(float(m.sum() * ml), 3), "iou": round(float((m & t).sum() / max((m | t).sum(), 1)), 4)})
+    return rows
+
+
 def run_accuracy(args, out):
     from SAM3DSegmentLib.eval.oracle import OracleRegionDecoder
     from SAM3DSegmentLib.inference.auto_options import AutoOptions, preset
     from SAM3DSegmentLib.inference.automatic import AutomaticMaskGenerator3D
 
     nod = AutoOptions(**preset("nodules"))
+    loose = AutoOptions(**preset("nodules", min_stability=0.0, max_volume_ml=None, drop_cut=False))
     demo = _load_demo(args.threads) if args.demo_phantoms or args.chest else None
-    runs = {"oracle": [], "demo": [], "demo_no_stability_filter": []}
+    runs = {"oracle": [], "demo": [], "demo_unfiltered": []}
+    clicks = []
     for n, case in enumerate(phantom_cases(max(args.phantoms, args.demo_phantoms))):
         if n < args.phantoms:
             gen = AutomaticMaskGenerator3D(region_decoder=OracleRegionDecoder(case.structures), options=nod)
             runs["oracle"].append(_score(gen.generate(case.image), case.nodules, case.table))
         if n < args.demo_phantoms:
             runs["demo"].append(_score(AutomaticMaskGenerator3D(demo, nod).generate(case.image), case.nodules, case.table))
-            loose = AutoOptions(**preset("nodules", min_stability=0.0))
-            runs["demo_no_stability_filter"].append(
+            runs["demo_unfiltered"].append(
                 _score(AutomaticMaskGenerator3D(demo, loose).generate(case.image), case.nodules, case.table))
+            clicks += one_click_masks(demo, case)
         print(f"phantom {n + 1} done", file=sys.stderr, flush=True)
     out["phantoms"] = {"grid": "256x256x200 voxels, 1.2x1.2x1.5 mm", "nodules_per_scan": "11 + 3 at region borders",
                        "options": nod.to_dict(),
                        **{k: {"summary": _summary(v), "scans": v} for k, v in runs.items() if v}}
+    if clicks:
+        out["phantoms"]["demo_one_click_control"] = {
+            "what": "the click loop (Session, no generator): one include click at each nodule's centre, demo model",
+            "median_mask_ml": round(float(np.median([c["mask_ml"] for c in clicks])), 2),
+            "median_iou": round(float(np.median([c["iou"] for c in clicks])), 3),
+            "iou_at_least_0.5": sum(c["iou"] >= 0.5 for c in clicks), "nodules": len(clicks), "rows": clicks}
     if not args.chest:
         return
     image, labels, table, segs = implanted_chest_ct()
     chest = {"nodules": {}, "segments": {}}
     for name, gen in (("oracle", AutomaticMaskGenerator3D(region_decoder=OracleRegionDecoder(labels), options=nod)),
                       ("demo", AutomaticMaskGenerator3D(demo, nod)),
-                      ("demo_no_stability_filter", AutomaticMaskGenerator3D(demo, AutoOptions(**preset(
-                          "nodules", min_stability=0.0)))),):
+                      ("demo_unfiltered", AutomaticMaskGenerator3D(demo, loose)),):
         run = _score(gen.generate(image), labels, table)
         chest["nodules"][name] = {"summary": _summary([run]), "scan": run}
     from SAM3DSegmentLib.core.geometry import Volume
@@ -238,7 +264,7 @@ def run_timing(args, out):
         path = os.path.join(tmp, "ct.nrrd")
         write_volume(ph.case(ph.random_nodules([4.0, 6.0, 8.0, 12.0, 20.0, 30.0])).image, path)
         del ph
-        for model in ("demo",) + (("vit_b_ori",) if args.full_size else ()):
+        for model in (("demo",) if args.timing else ()) + (("vit_b_ori",) if args.full_size else ()):
             load0 = os.getloadavg()[0]
             r = subprocess.run([sys.executable, "-c", TIMING_WORKER, model, str(args.threads), path],
                                capture_output=True, text=True, env=env, timeout=3600)
@@ -249,13 +275,23 @@ def run_timing(args, out):
                                         load_average_1min=[round(load0, 2), round(os.getloadavg()[0], 2)])
 
 
+def _gpu():
+    """The CUDA device's name, or a sentence saying there was none (no GPU figure is then reported)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "none: CPU only (no GPU time measured)"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--phantoms", type=int, default=3, help="chest phantoms for the oracle (default 3)")
     p.add_argument("--demo-phantoms", type=int, default=2, help="of them, run with the demo model (default 2)")
     p.add_argument("--no-chest", dest="chest", action="store_false", help="skip the bundled chest CT")
     p.add_argument("--timing", action="store_true", help="time a 512x512x300 CT (subprocess per model)")
-    p.add_argument("--full-size", action="store_true", help="also time the full-size vit_b_ori architecture")
+    p.add_argument("--full-size", action="store_true",
+                   help="time the full-size vit_b_ori architecture on the 512x512x300 CT (with --timing: both)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
@@ -264,12 +300,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     out = {"benchmark": "bench_auto", "command": "python benchmarks/bench_auto.py " + " ".join(argv or sys.argv[1:]),
            "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                       "threads": args.threads, "load_average_1min_start": round(os.getloadavg()[0], 2)},
+                       "threads": args.threads, "load_average_1min_start": round(os.getloadavg()[0], 2),
+                       "gpu": _gpu()},
            "iou_threshold": 0.5}
     t0 = time.perf_counter()
     if args.phantoms or args.demo_phantoms or args.chest:
         run_accuracy(args, out)
-    if args.timing:
+    if args.timing or args.full_size:
         run_timing(args, out)
     out["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
