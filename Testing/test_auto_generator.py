@@ -244,6 +244,24 @@ def test_predicted_iou_filters_and_ranks_and_is_reported():
     assert both.rejected.get("low_predicted_iou", 0) == 0 and len(both.instances) == 2
 
 
+def test_the_stability_filter_drops_soft_masks():
+    """Logits squeezed into (-1.5, 0.9), signs kept: nothing is above threshold + offset (0 + 1), so every mask's
+    stability is 0 while the masks at threshold 0 stay close to the spheres."""
+
+    class SoftBackend(ImageBackend):
+        def decode(self, embedding, points, labels, mask_logits):
+            lg = super().decode(embedding, points, labels, mask_logits)
+            return np.where(lg > 0, lg * 0.9 / 20.0, lg * 1.5 / 20.0).astype(np.float32)   # into (-1.5, 0.9)
+
+    vol, labels = spheres_volume([(-12.0, -6.0, -8.0), (10.0, 12.0, 6.0)], [6.0, 9.0])
+    base = dict(grid_spacing_mm=5.0, max_volume_ml=20.0, **SIZED)
+    strict = AutomaticMaskGenerator3D(SoftBackend(), AutoOptions(min_stability=0.8, **base)).generate(vol)
+    assert strict.instances == [] and strict.rejected.get("low_stability", 0) > 0
+    loose = AutomaticMaskGenerator3D(SoftBackend(), AutoOptions(min_stability=0.0, **base)).generate(vol)
+    m = match_instances([i.mask for i in loose.instances], objects_of(labels), 0.5)
+    assert m["tp"] == 2 and all(i.stability == 0.0 for i in loose.instances)
+
+
 def test_cancel_between_decoder_calls():
     vol, _ = spheres_volume([(0.0, 0.0, 0.0)], [7.0])
     backend = ImageBackend()
