@@ -1,6 +1,7 @@
 """SAM3DSegment: interactive click-based 3D segmentation of CT (Slicer glue: UI, observers, engine pump).
-The work lives in SAM3DSegmentLib (slicer_bridge: MRML; engine_process: the model in a child process; worker: the
-engine and its job API); torch is only imported in the child process."""
+The work lives in SAM3DSegmentLib (slicer: MRML and the link to the engine; inference.engine_process: the model in a
+child process). The model runs in the child process; Slicer's process imports torch only to pick the device for
+"auto" (SAM3DSegmentLib.cli.diagnose.recommended_device) and for Diagnose."""
 import logging
 import os
 import sys
@@ -11,24 +12,20 @@ import slicer
 import vtk
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
 _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_root, "SAM3DSegmentLib")) and _root not in sys.path:
     sys.path.append(_root)  # running from a checkout ("Additional module paths" = SAM3DSegment/)
 
-try:
-    from slicer.parameterNodeWrapper import parameterNodeWrapper
-except ImportError:  # Slicer < 5.2
-    parameterNodeWrapper = None
 
-if parameterNodeWrapper is not None:
-    @parameterNodeWrapper
-    class SAM3DSegmentParameterNode:
-        volume: slicer.vtkMRMLScalarVolumeNode
-        segmentation: slicer.vtkMRMLSegmentationNode
-        positivePoints: slicer.vtkMRMLMarkupsFiducialNode
-        negativePoints: slicer.vtkMRMLMarkupsFiducialNode
+@parameterNodeWrapper
+class SAM3DSegmentParameterNode:
+    volume: slicer.vtkMRMLScalarVolumeNode
+    segmentation: slicer.vtkMRMLSegmentationNode
+    positivePoints: slicer.vtkMRMLMarkupsFiducialNode
+    negativePoints: slicer.vtkMRMLMarkupsFiducialNode
 
 
 class SAM3DSegment(ScriptedLoadableModule):
@@ -44,77 +41,23 @@ class SAM3DSegment(ScriptedLoadableModule):
 
 
 class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
-    """Owns the engine: the model runs in a child process (SAM3DSegmentLib.inference.engine_process, docs/slicer.md "How the
-    engine runs"); only the GUI thread calls these methods; jobs come back through :meth:`poll`. Cancel
-    (engine.cancel_all) never drops a queued volume, so engine and GUI agree on it."""
-
-    PUMP_WAIT_S = 0.025  # the pump waits this long for a reply, lock released, while a request is in flight
+    """``link`` (SAM3DSegmentLib.slicer.engine_link.EngineLink) queues the engine's jobs (the model runs in a child
+    process, docs/slicer.md "How the engine runs") and writes their results; only the GUI thread uses it."""
 
     def __init__(self, engine=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        from SAM3DSegmentLib.inference.engine_process import ProcessEngine
-        self.engine = engine if engine is not None else ProcessEngine()
-        self.modelName = self.volumeToken = None  # volumeToken: the volume the engine has or will have
+        from SAM3DSegmentLib.slicer.engine_link import EngineLink
+        self.link = EngineLink(engine)
 
     def getParameterNode(self):
-        return SAM3DSegmentParameterNode(super().getParameterNode()) if parameterNodeWrapper else super().getParameterNode()
-
-    def loadModel(self, nameOrPath, device):
-        from SAM3DSegmentLib.cli.diagnose import recommended_device
-        device = recommended_device() if device == "auto" else device
-        self.volumeToken = None  # a new session forgets the volume
-        return self.engine.submit("load", nameOrPath, str(device), context={"kind": "load", "name": nameOrPath, "device": device})
-
-    def syncClicks(self, volumeNode, segmentationNode, segmentId, clicks):
-        """Queue: (re)send the volume if it changed, then bring the segment's object to ``clicks``."""
-        from SAM3DSegmentLib import slicer as sb
-        parent = volumeNode.GetParentTransformNode()
-        token = (volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), parent.GetTransformToWorldMTime() if parent else 0)
-        if token != self.volumeToken:  # never cancelled: engine and GUI must agree on the volume
-            self.engine.submit("set_volume", sb.volume_from_node(volumeNode), token, cancellable=False,
-                               context={"kind": "volume", "token": token})
-            self.volumeToken = token
-        return self.engine.submit("sync_clicks", segmentId, clicks, token, tag="clicks", supersede=True,
-                                  context={"kind": "clicks", "segmentation": segmentationNode, "segment": segmentId,
-                                           "volume": volumeNode})
-
-    def edit(self, kind, segmentationNode, segmentId, volumeNode):
-        """Queue undo/redo/reset of a segment's object; the result is (update, clicks, changed)."""
-        return self.engine.submit("edit", kind, segmentId, context={
-            "kind": kind, "segmentation": segmentationNode, "segment": segmentId, "volume": volumeNode})
-
-    def poll(self, wait=None):
-        """Finished jobs (after noting the model's name; a volume the engine did not take is re-sent next time)."""
-        for job in (jobs := self.engine.poll(self.PUMP_WAIT_S if wait is None else wait)):
-            if (kind := (job.context or {}).get("kind")) == "load":
-                self.modelName = job.result if job.state == "done" else None
-            elif kind == "volume" and job.state != "done" and self.volumeToken == job.context["token"]:
-                self.volumeToken = None
-        return jobs
-
-    def writeUpdate(self, kind, update, changed, segmentationNode, segmentId, volumeNode, history):
-        """Bring the segment to an engine result, history in step with the engine (slicer_bridge.apply_engine_result)."""
-        from SAM3DSegmentLib import slicer as sb
-        settings = sb.editor_settings(slicer.mrmlScene, segmentationNode)
-        return sb.apply_engine_result(kind, update, changed, segmentationNode, segmentId, volumeNode, history, **settings)
+        return SAM3DSegmentParameterNode(super().getParameterNode())
 
     def waitIdle(self, pump, timeout=600.0):
         """Process events until the engine is idle, delivering results with ``pump`` (tests, scripts)."""
-        t0 = time.time()
-        while self.engine.busy and time.time() - t0 < timeout:
-            slicer.app.processEvents()
-            pump()
-        pump()
-
-    def closeScene(self):
-        """Scene closing: cancel clicks and free the engine's volume (the model stays loaded)."""
-        self.engine.cancel_all()
-        if self.volumeToken is not None and self.engine.running:  # never start a process just for this
-            self.engine.submit("forget_volume", cancellable=False, context={"kind": "forget"})
-        self.volumeToken = None
+        self.link.wait_idle(pump, slicer.app.processEvents, timeout)
 
     def shutdown(self):
-        self.engine.shutdown(wait=False)
+        self.link.shutdown()
 
 
 class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -133,8 +76,9 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SAM3DSegmentLogic()
+        self.link = self.logic.link
         from SAM3DSegmentLib import weights
-        names = list(getattr(weights, "MODELS", {}) or weights.known_names())
+        names = list(weights.known_names())
         ui.modelComboBox.addItems(names)
         ui.modelComboBox.setCurrentText(weights.DEFAULT_MODEL if weights.DEFAULT_MODEL in names else names[0])
         self.timer = qt.QTimer()
@@ -191,27 +135,23 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.excludeButton.setChecked(False)
 
     def onSceneStartClose(self, caller, event):
-        self.logic.closeScene()
+        self.link.close_scene()
         self._setMarkupsObserver(None)
-        if self._parameterNode is not None and parameterNodeWrapper is not None:
+        if self._parameterNode is not None:
             self._parameterNode.disconnectGui(self._guiTag)
         self._parameterNode, self.history = None, None
         self._target.reset()
 
     def initializeParameterNode(self):
         from SAM3DSegmentLib import slicer as sb
-        if self._parameterNode is not None and parameterNodeWrapper is not None:
+        if self._parameterNode is not None:
             self._parameterNode.disconnectGui(self._guiTag)
         p = self._parameterNode = self.logic.getParameterNode()
-        if parameterNodeWrapper is not None:
-            self._guiTag = p.connectGui(self.ui)
-            if p.volume is None:
-                p.volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        holder = p if parameterNodeWrapper else self
-        self.positivePoints, self.negativePoints = sb.prompt_nodes(
-            slicer.mrmlScene, getattr(holder, "positivePoints", None), getattr(holder, "negativePoints", None))
-        if parameterNodeWrapper:
-            p.positivePoints, p.negativePoints = self.positivePoints, self.negativePoints
+        self._guiTag = p.connectGui(self.ui)
+        if p.volume is None:
+            p.volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self.positivePoints, self.negativePoints = sb.prompt_nodes(slicer.mrmlScene, p.positivePoints, p.negativePoints)
+        p.positivePoints, p.negativePoints = self.positivePoints, self.negativePoints
         self._setMarkupsObserver(self.onPointsChanged)
 
     def _setMarkupsObserver(self, callback):
@@ -267,11 +207,11 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if reason == "defined" and index is not None and not node.GetNthControlPointSelected(index):
                 self.ui.statusLabel.text = unused[-1]  # nothing changed for the model
                 return
-            if self.logic.modelName is None and not self.logic.engine.busy:
+            if self.link.model_name is None and not self.link.engine.busy:
                 self.onLoadModel()
             volume, seg, segId = self.ensureSegment()
             clicks = sb.clicks_from_markups(self.positivePoints, self.negativePoints, volume)
-            self.logic.syncClicks(volume, seg, segId, clicks)
+            self.link.sync_clicks(volume, seg, segId, clicks)
             self.ui.statusLabel.text = " ".join(
                 [f"{len(clicks)} click(s) on {seg.GetSegmentation().GetSegment(segId).GetName()}."] + unused)
             self.startPump()
@@ -283,7 +223,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onEdit(self, kind):
         volume, seg, segId = self.currentNodes()
         if volume is not None and seg is not None and segId:
-            self.logic.edit(kind, seg, segId, volume)
+            self.link.edit(kind, seg, segId, volume)
             self.startPump()
 
     def onNextObject(self):
@@ -297,14 +237,14 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onSegmentChanged(self, segId):
-        """The USER chose another target segment (slicer_bridge.TargetSegment): show its clicks; the history restarts."""
+        """The USER chose another target segment (SAM3DSegmentLib.slicer.TargetSegment): show its clicks; the history
+        restarts."""
         if self._markupsObserver is None or not self._target.selector_changed(segId or None):
             return
         if self.history is not None:
             self.history.clear()
         self.rewritePoints([])
-        if segId and self.logic.modelName is not None and self.logic.volumeToken is not None:
-            self.logic.engine.submit("clicks", segId, context={"kind": "points", "segment": segId})
+        if segId and self.link.request_clicks(segId) is not None:
             self.startPump()
 
     def startPump(self):
@@ -313,24 +253,25 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QTimer.singleShot(0, self.pump)
 
     def pump(self):
-        for job in self.logic.poll():
+        engine = self.link.engine
+        for job in self.link.poll():
             try:
                 self.onJobFinished(job)
             except Exception:  # already shown to the user (tryWithErrorDisplay re-raises); keep pumping
                 logging.exception("SAM3DSegment: handling a finished job failed")
-        job = self.logic.engine.current
+        job = engine.current
         if job is not None and self._progress is None and time.perf_counter() - (job.started or time.perf_counter()) > 0.4:
             text = {"load": "Loading the model...", "clicks": "Computing the image embedding (first click of a region)..."}
             self._progress = slicer.util.createProgressDialog(labelText=text.get((job.context or {}).get("kind"), "Working..."), maximum=0)
-            self._progress.connect("canceled()", self.logic.engine.cancel_all)
-        if self._progress is not None and self.logic.engine.download:
-            done, total = self.logic.engine.download
+            self._progress.connect("canceled()", engine.cancel_all)
+        if self._progress is not None and engine.download:
+            done, total = engine.download
             self._progress.labelText = f"Downloading the checkpoint: {done / 1e6:.0f} / {(total or 0) / 1e6:.0f} MB"
-        if not self.logic.engine.busy:
+        if not engine.busy:
             self.timer.stop()
             if self._progress is not None:
                 self._progress.close()
-            self._progress = self.logic.engine.download = None
+            self._progress = engine.download = None
 
     def onJobFinished(self, job):
         ctx, kind = job.context or {}, (job.context or {}).get("kind")
@@ -346,11 +287,9 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind == "points" and ctx["segment"] == self._target.segment_id:
             self.rewritePoints(job.result)
         elif kind in ("clicks", "reset", "undo", "redo"):
-            update, clicks, changed = (job.result, None, True) if kind == "clicks" else job.result
-            history = self.history if self.history is not None and self.history.node is ctx["segmentation"] else None
             with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not write the segment", waitCursor=False):
                 # undo/redo restore every segment exactly from the history when it holds that step
-                self.logic.writeUpdate(kind, update, changed, ctx["segmentation"], ctx["segment"], ctx["volume"], history)
+                update, clicks = self.link.write_result(job, self.history)
             if clicks is not None and ctx["segment"] == self._target.segment_id:
                 self.rewritePoints(clicks)
             if update is not None and kind == "clicks":
@@ -359,7 +298,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLoadModel(self):
         path = self.ui.checkpointPathLineEdit.currentPath.strip()
-        self.logic.loadModel(path or self.ui.modelComboBox.currentText, self.ui.deviceComboBox.currentText)
+        self.link.load_model(path or self.ui.modelComboBox.currentText, self.ui.deviceComboBox.currentText)
         self.ui.modelStatusLabel.text = "Loading..."
         self.startPump()
 
@@ -377,7 +316,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDiagnose(self):
         from SAM3DSegmentLib.cli.diagnose import diagnose_report
-        text = diagnose_report({"loaded model": self.logic.modelName or "none", "module": __file__})
+        text = diagnose_report({"loaded model": self.link.model_name or "none", "module": __file__})
         slicer.util.infoDisplay("SAM3DSegment diagnostics (details: copy into bug reports).", detailedText=text)
 
     def onExport(self, kind):
@@ -423,12 +362,12 @@ class SAM3DSegmentTest(ScriptedLoadableModuleTest):
             action(*args)
             widget.logic.waitIdle(widget.pump)
         step(widget.onLoadModel)
-        self.assertIsNotNone(widget.logic.modelName, widget.ui.modelStatusLabel.text)
+        self.assertIsNotNone(widget.link.model_name, widget.ui.modelStatusLabel.text)
         # the new point fires PointPositionDefined -> one decode in the engine process -> write-back on the GUI thread
         step(widget.positivePoints.AddControlPointWorld, vtk.vtkVector3d(*(ijkToRas @ [30, 32, 20, 1])[:3]))
         _, seg, segId = widget.currentNodes()
-        engineMask = np.array(widget.logic.engine.call("mask", segId))
-        self.assertEqual(len(widget.logic.engine.call("clicks", segId)), 1)
+        engineMask = np.array(widget.link.engine.call("mask", segId))
+        self.assertEqual(len(widget.link.engine.call("clicks", segId)), 1)
         self.assertTrue(np.array_equal(sb.read_segment(seg, segId, volume), engineMask))
         step(widget.onEdit, "undo")
         self.assertFalse(sb.read_segment(seg, segId, volume).any())

@@ -32,7 +32,7 @@ def _imports(name: str, path: Path):
     is_pkg = path.name == "__init__.py"
     base = name.split(".") if is_pkg else name.split(".")[:-1]
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             out.extend((a.name, node.lineno) for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -110,5 +110,5 @@ def test_heavy_libraries_are_imported_only_where_they_belong(lib, allowed):
 
 def test_no_module_is_longer_than_one_sitting():
     long = [f"{p.relative_to(ROOT)}: {n} lines" for p in PKG.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES]
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES]
     assert not long, "split these modules:\n" + "\n".join(long)

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from SAM3DSegmentLib.inference.engine_process import EngineCrashed, ProcessEngine, decode, encode
+from SAM3DSegmentLib.inference.engine_process import EngineCrashed, ProcessEngine
+from SAM3DSegmentLib.inference.protocol import decode, encode
 from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
 from SAM3DSegmentLib.inference.worker import CANCELLED, DONE, FAILED, ThreadEngine
 

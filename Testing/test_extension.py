@@ -157,7 +157,7 @@ def test_extension_on_an_oblique_volume(oracle):
     assert dice(s.mask(), truth) >= 0.97
     # the dirty-box paste-back missed nothing: rendering all regions everywhere gives the same mask
     full = tuple(slice(0, n) for n in volume.array.shape)
-    np.testing.assert_array_equal(s._render(s._object().regions, full), s.mask())
+    np.testing.assert_array_equal(s._composer.render(s._object().regions, full), s.mask())
 
 
 def test_later_clicks_and_undo_after_extension(oracle):
@@ -191,16 +191,16 @@ def test_overlap_merge_is_a_tent_weighted_average(oracle):
     obj = s._object()
     r0, r1 = obj.regions[0], obj.regions[1]
     # a box in the overlap of the first two regions
-    from SAM3DSegmentLib.inference.session import _box_intersect
+    from SAM3DSegmentLib.core.boxes import box_intersect as _box_intersect
     box = _box_intersect(r0.box, r1.box)
     assert box is not None
     l0 = regions_module.logits_to_volume(r0.logits, r0.region, volume, box=box)
     l1 = regions_module.logits_to_volume(r1.logits, r1.region, volume, box=box)
-    w0, w1 = s._voxel_weights(r0, box), s._voxel_weights(r1, box)
+    w0, w1 = s._composer.voxel_weights(r0, box), s._composer.voxel_weights(r1, box)
     others = [r for r in obj.regions[2:] if _box_intersect(r.box, box) is not None]
     num, den = w0 * l0 + w1 * l1, w0 + w1
     for r in others:
-        w = s._voxel_weights(r, box)
+        w = s._composer.voxel_weights(r, box)
         num = num + w * regions_module.logits_to_volume(r.logits, r.region, volume, box=box)
         den = den + w
     expected = ((num > 0) & (den > 0)).astype(np.uint8)

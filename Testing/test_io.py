@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SAM3DSegmentLib.io import volumes as io
+from SAM3DSegmentLib import io
 from SAM3DSegmentLib.data import phantoms as P
 from SAM3DSegmentLib.core.geometry import Volume
-from SAM3DSegmentLib.io.volumes import VolumeReadError, VolumeWriteError
+from SAM3DSegmentLib.io import VolumeReadError, VolumeWriteError
 
 OBLIQUE = P.oblique_rotation((12.0, -8.0, 25.0))
 
@@ -328,3 +328,12 @@ def test_atomic_write_permissions_extension_and_failure(tmp_path):
     assert json.loads(target.read_text()) == {"a": 1} and os.listdir(target.parent) == ["mask.seg.nrrd"]
     with pytest.raises(IsADirectoryError):
         atomic.atomic_write(tmp_path, write)
+
+
+def test_io_package_reexports_the_public_names_of_its_modules():
+    from SAM3DSegmentLib.io import segmentations, volumes
+
+    for module in (volumes, segmentations):
+        for name in module.__all__:
+            assert getattr(io, name) is getattr(module, name), name
+    assert set(volumes.__all__) | set(segmentations.__all__) <= set(io.__all__)

@@ -231,20 +231,6 @@ def test_mask_round_trip_through_the_region_keeps_dice(directions, flip):
     assert ours32 >= ref32
 
 
-def test_numpy_trilinear_fallback_matches_scipy():
-    from SAM3DSegmentLib.inference.regions import trilinear_gather
-
-    rng = np.random.default_rng(5)
-    arr = rng.normal(size=(7, 9, 11)).astype(np.float32)
-    coords = rng.uniform(-2, 12, size=(3, 500))
-    ours = trilinear_gather(arr, coords, extend=np.inf)
-    np.testing.assert_allclose(ours, ndimage.map_coordinates(arr, coords, order=1, mode="nearest"), atol=1e-5)
-    edge = trilinear_gather(arr, coords, extend=0.5, outside=-7.0)
-    outside = np.any((coords < -0.5) | (coords > (np.array(arr.shape) - 0.5)[:, None]), axis=0)
-    assert outside.any() and np.all(edge[outside] == -7.0)
-    np.testing.assert_allclose(edge[~outside], ours[~outside], atol=1e-6)
-
-
 def test_separable_and_general_paths_agree():
     """A region rotated by 1e-5 rad is not axis-aligned (general path) yet samples nearly the same points."""
     image, _ = _volume()

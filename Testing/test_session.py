@@ -121,14 +121,14 @@ def test_click_outside_volume_raises_and_changes_nothing(kwargs):
     s, b = session()
     s.add_click(ijk=(20, 18, 15))
     before = snapshot(s)
-    n_enc, n_dec, n_undo = len(b.encodes), len(b.decodes), len(s._object().undo)
+    n_enc, n_dec, n_undo = len(b.encodes), len(b.decodes), len(s._object().history.undo)
     with pytest.raises(GeometryError) as err:
         s.add_click(**kwargs)
     assert "outside" in str(err.value) or "finite" in str(err.value)
     after = snapshot(s)
     np.testing.assert_array_equal(before[0], after[0])
     assert before[1] == after[1]
-    assert (len(b.encodes), len(b.decodes), len(s._object().undo)) == (n_enc, n_dec, n_undo)
+    assert (len(b.encodes), len(b.decodes), len(s._object().history.undo)) == (n_enc, n_dec, n_undo)
     with pytest.raises(GeometryError):
         s.set_clicks([Click(ijk=(20, 18, 15)), Click(**kwargs)])
     np.testing.assert_array_equal(before[0], s.mask())
@@ -296,8 +296,8 @@ def test_newest_protocol_feeds_only_the_newest_click_and_previous_logits():
         assert d["points"].shape == (1, 3)
     assert d0["mask"] is not None and d0["mask"].shape == (8, 8, 8) and not d0["mask"].any()
     assert list(d1["labels"]) == [0] and list(d2["labels"]) == [1]
-    logits0 = s._object().undo[0].regions_after[0].logits
-    logits1 = s._object().undo[1].regions_after[0].logits
+    logits0 = s._object().history.undo[0].regions_after[0].logits
+    logits1 = s._object().history.undo[1].regions_after[0].logits
     np.testing.assert_array_equal(d1["mask"], logits0)
     np.testing.assert_array_equal(d2["mask"], logits1)
     region = s.regions()[0]
@@ -317,7 +317,7 @@ def test_all_protocol_feeds_every_click_in_the_region():
     np.testing.assert_allclose(region.index_to_ras(d[3]["points"]), [c.ras for c in
                                                                       np.array(s.clicks())[[0, 1, 3]]], atol=1e-3)
     assert not d[2]["mask"].any()    # a new region starts from zeros
-    np.testing.assert_array_equal(d[3]["mask"], s._object().undo[1].regions_after[0].logits)
+    np.testing.assert_array_equal(d[3]["mask"], s._object().history.undo[1].regions_after[0].logits)
 
 
 @pytest.mark.parametrize("mode", ["newest", "all"])
@@ -363,7 +363,7 @@ def test_mask_is_a_pure_function_of_the_regions():
         s.add_click(ijk=ijk, positive=pos)
     assert s.region_count() >= 2
     full = tuple(slice(0, n) for n in s.volume.array.shape)
-    np.testing.assert_array_equal(s._render(s._object().regions, full), s.mask())
+    np.testing.assert_array_equal(s._composer.render(s._object().regions, full), s.mask())
 
 
 def test_coarser_spacing_gives_a_larger_field_of_view():
@@ -406,13 +406,13 @@ def test_history_is_bounded_by_entries_and_memory():
     s, _ = session(history_limit=3)
     for n in range(6):
         s.add_click(ijk=(10 + n, 18, 15))
-    assert len(s._object().undo) == 3
+    assert len(s._object().history.undo) == 3
     s2, _ = session(history_mb=1e-6)     # any patch exceeds the budget: only the newest entry is kept
     for n in range(4):
         s2.add_click(ijk=(10 + 2 * n, 18, 15))
-    assert len(s2._object().undo) == 1
-    m3 = s2._object().undo[0].mask_before.copy()
+    assert len(s2._object().history.undo) == 1
+    m3 = s2._object().history.undo[0].mask_before.copy()
     s2.undo()
-    u = s2._object().redo[0]
+    u = s2._object().history.redo[0]
     np.testing.assert_array_equal(s2.mask()[u.box], m3)
     assert len(s2.clicks()) == 3 and not s2.can_undo()

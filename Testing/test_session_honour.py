@@ -85,7 +85,7 @@ def at(mask, ijk):
 
 def model_mask(s):
     full = tuple(slice(0, n) for n in s.volume.array.shape)
-    return s._render(s._object().regions, full)
+    return s._composer.render(s._object().regions, full)
 
 
 def test_the_stub_makes_exactly_the_pattern():

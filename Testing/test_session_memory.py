@@ -80,7 +80,7 @@ def test_undo_patches_are_cropped():
     s = big_session((120, 100, 80))
     s.new_object()
     s.add_click(ijk=(30, 30, 30))
-    e = s._object().undo[-1]
+    e = s._object().history.undo[-1]
     box, crop = s.mask_cropped()
     assert e.patch_before.crop is None            # nothing before the first click
     assert e.patch_after.nbytes == box_voxels(box) <= box_voxels(e.box)

@@ -44,7 +44,7 @@ def add_volume(scene, name="ct", oblique=True, seed=0):
     img = vtk.vtkImageData()
     img.SetDimensions(SHAPE_KJI[2], SHAPE_KJI[1], SHAPE_KJI[0])
     img.AllocateScalars(vtk.VTK_SHORT, 1)
-    arr = sb._scalars_view(img)
+    arr = sb.scalars_view(img)
     arr[...] = rng.integers(-1000, 1000, size=SHAPE_KJI)
     node.SetAndObserveImageData(img)
     node.SetSpacing(0.8, 1.3, 2.5)
@@ -60,7 +60,7 @@ def add_parent_transform(scene, node, deg=30.0, shift=(12.0, -7.0, 30.0)):
     m = np.eye(4)
     m[:3, :3] = rotation(1, deg) @ rotation(2, 10)
     m[:3, 3] = shift
-    tnode.SetMatrixTransformToParent(sb._numpy_to_vtk_matrix(m))
+    tnode.SetMatrixTransformToParent(sb.numpy_to_vtk_matrix(m))
     node.SetAndObserveTransformNodeID(tnode.GetID())
     return tnode, m
 
@@ -68,7 +68,7 @@ def add_parent_transform(scene, node, deg=30.0, shift=(12.0, -7.0, 30.0)):
 def local_ijk_to_ras(node):
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
-    return sb._vtk_matrix_to_numpy(m)
+    return sb.vtk_matrix_to_numpy(m)
 
 
 def add_segmentation(scene, volume, names=("a",)):
@@ -102,8 +102,8 @@ def test_volume_from_node_copies_array_and_folds_parent_transform(scene):
     _, m = add_parent_transform(scene, node)
     world = sb.volume_from_node(node)
     local = sb.volume_from_node(node, frame="volume")
-    assert np.array_equal(world.array, sb._scalars_view(node.GetImageData()))
-    assert not np.shares_memory(world.array, sb._scalars_view(node.GetImageData()))
+    assert np.array_equal(world.array, sb.scalars_view(node.GetImageData()))
+    assert not np.shares_memory(world.array, sb.scalars_view(node.GetImageData()))
     assert np.allclose(local.ijk_to_ras, local_ijk_to_ras(node))
     assert np.allclose(world.ijk_to_ras, m @ local_ijk_to_ras(node))
     assert world.meta["node_id"] == node.GetID() and world.meta["mtime"] == node.GetImageData().GetMTime()
@@ -342,7 +342,7 @@ def test_editable_area_inside_segment_and_intensity_range(scene):
                              mask_segment_id=organ)
     assert np.array_equal(sb.read_segment(seg, a, node), new & organ_arr)
     assert np.array_equal(sb.read_segment(seg, organ, node), organ_arr)
-    vox = sb._scalars_view(node.GetImageData())
+    vox = sb.scalars_view(node.GetImageData())
     sb.write_mask_to_segment(seg, a, np.zeros(SHAPE_KJI, np.uint8), box, node, overwrite="none")
     sb.write_mask_to_segment(seg, a, new, box, node, overwrite="none", intensity_range=(0, 500))
     assert np.array_equal(sb.read_segment(seg, a, node), new & (vox >= 0) & (vox <= 500))
@@ -378,9 +378,9 @@ def add_segment_with_own_origin(seg, volume, name, shift_ijk, arr_kji):
     t[:3, 3] = shift_ijk
     img = slicer.vtkOrientedImageData()
     img.SetExtent(0, arr_kji.shape[2] - 1, 0, arr_kji.shape[1] - 1, 0, arr_kji.shape[0] - 1)
-    img.SetImageToWorldMatrix(sb._numpy_to_vtk_matrix(m @ t))
+    img.SetImageToWorldMatrix(sb.numpy_to_vtk_matrix(m @ t))
     img.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    sb._scalars_view(img)[...] = arr_kji
+    sb.scalars_view(img)[...] = arr_kji
     segment = slicer.vtkSegment()
     segment.SetName(name)
     segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), img)

@@ -17,7 +17,7 @@ from test_slicer_bridge import (SHAPE_KJI, add_parent_transform, add_volume, box
 
 
 def world_ijk_to_ras(node):
-    return sb._parent_to_world(node) @ local_ijk_to_ras(node)
+    return sb.parent_to_world(node) @ local_ijk_to_ras(node)
 
 
 def labelmap_state(seg, sid):
@@ -25,14 +25,14 @@ def labelmap_state(seg, sid):
     img = seg.GetBinaryLabelmapInternalRepresentation(sid)
     m = vtk.vtkMatrix4x4()
     img.GetImageToWorldMatrix(m)
-    return np.array(sb._scalars_view(img)), sb._vtk_matrix_to_numpy(m), tuple(img.GetExtent())
+    return np.array(sb.scalars_view(img)), sb.vtk_matrix_to_numpy(m), tuple(img.GetExtent())
 
 
 def segment_voxels_in_volume(seg, sid, volume):
     """Volume voxels (k, j, i) covered by a segment, computed WITHOUT the bridge or the exporter: every labelmap
     voxel centre -> segmentation frame (ImageToWorld) -> world (segmentation's parent) -> volume ijk."""
     img = seg.GetBinaryLabelmapInternalRepresentation(sid)
-    arr = sb._scalars_view(img)
+    arr = sb.scalars_view(img)
     label = seg.GetSegmentation().GetSegment(sid).GetLabelValue()
     e = img.GetExtent()
     k, j, i = np.nonzero(arr == label)
@@ -41,7 +41,7 @@ def segment_voxels_in_volume(seg, sid, volume):
     m = vtk.vtkMatrix4x4()
     img.GetImageToWorldMatrix(m)
     ijk_h = np.stack([i + e[0], j + e[2], k + e[4], np.ones_like(i)]).astype(float)
-    world = sb._parent_to_world(seg) @ sb._vtk_matrix_to_numpy(m) @ ijk_h
+    world = sb.parent_to_world(seg) @ sb.vtk_matrix_to_numpy(m) @ ijk_h
     vijk = np.linalg.inv(world_ijk_to_ras(volume)) @ world
     assert np.allclose(vijk[:3], np.round(vijk[:3]), atol=1e-3), "segment voxels are off the volume grid"
     vijk = np.round(vijk[:3]).astype(int)
@@ -56,7 +56,7 @@ def paint_like_segment_editor(seg, name, block_kji_of_reference):
     parameter = seg.GetSegmentation().GetConversionParameter(
         slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
     assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(parameter, geometry, True, vtk.VTK_UNSIGNED_CHAR, 1)
-    arr = sb._scalars_view(geometry)
+    arr = sb.scalars_view(geometry)
     arr[...] = 0
     arr[block_kji_of_reference] = 1
     segment = slicer.vtkSegment()

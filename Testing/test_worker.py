@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.inference.worker import (CANCELLED, DONE, FAILED, Cancelled, Engine, Worker,
-                                    plan_click_update)
+from SAM3DSegmentLib.inference.engine import Engine, plan_click_update
+from SAM3DSegmentLib.inference.worker import CANCELLED, DONE, FAILED, Cancelled, Worker
 
 
 @pytest.fixture

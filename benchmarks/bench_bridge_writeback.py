@@ -3,8 +3,8 @@
 Prints JSON. Volume 512 x 512 x 300 (i, j, k; int16), one segment; the changed box is 140 x 140 x 40
 (i, j, k) voxels. Paths:
 
-* ``bridge_region``: ``slicer_bridge.write_mask_to_segment`` (in place through the segment's internal labelmap,
-  box-sized; honours overwrite/locked segments). Timed on repeated writes alternating two masks (every write
+* ``bridge_region``: ``SAM3DSegmentLib.slicer.write_mask_to_segment`` (in place through the segment's internal
+  labelmap, box-sized; honours overwrite/locked segments). Timed on repeated writes alternating two masks (every write
   changes voxels); ``bridge_region_first`` is the first write (it also grows the labelmap's extent).
 * ``full_volume``: what ``slicer.util.updateSegmentBinaryLabelmapFromArray`` does with a full-volume uint8
   array. That function needs ``slicer.modules`` (GUI only), missing in the ``slicer-core`` wheel, so its body is
@@ -46,7 +46,7 @@ def _build():
     img = vtk.vtkImageData()
     img.SetDimensions(SHAPE_KJI[2], SHAPE_KJI[1], SHAPE_KJI[0])
     img.AllocateScalars(vtk.VTK_SHORT, 1)
-    sb._scalars_view(img)[...] = 0
+    sb.scalars_view(img)[...] = 0
     volume.SetAndObserveImageData(img)
     volume.SetSpacing(0.7, 0.7, 1.0)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")

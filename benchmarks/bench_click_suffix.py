@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_gui_latency import click_list, phantom  # noqa: E402
 
 from SAM3DSegmentLib.inference.session import Click  # noqa: E402
-from SAM3DSegmentLib.inference.worker import Engine  # noqa: E402
+from SAM3DSegmentLib.inference.engine import Engine  # noqa: E402
 
 
 def main(argv=None):

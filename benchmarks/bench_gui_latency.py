@@ -12,8 +12,8 @@ from submitting to the pump handing the mask to the GUI. Configurations, same mo
 * ``thread_worker_waiting_pump``: same engine with the new module's pump (below): the "wait with the lock
   released" alternative;
 * ``child_process``: the new module: ``engine_process.ProcessEngine``, a pump right after the click
-  (``startPump``) and a pump that waits up to ``SAM3DSegmentLogic.PUMP_WAIT_S`` = 25 ms, lock released, while
-  a request is in flight;
+  (``startPump``) and a pump that waits up to ``EngineLink.PUMP_WAIT_S`` = 25 ms
+  (``SAM3DSegmentLib/slicer/engine_link.py``), lock released, while a request is in flight;
 * ``child_process_timer_only``: the child process with the old pump (first pump at the first tick, no wait):
   what the immediate, waiting pump buys;
 * ``command_line``: ``worker.Engine`` (the session plus the module's click bookkeeping) called directly on the
@@ -41,10 +41,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from SAM3DSegmentLib.inference.engine_process import ProcessEngine  # noqa: E402
 from SAM3DSegmentLib.core.geometry import Volume  # noqa: E402
-from SAM3DSegmentLib.inference.worker import DONE, Engine, ThreadEngine  # noqa: E402
+from SAM3DSegmentLib.inference.engine import Engine  # noqa: E402
+from SAM3DSegmentLib.inference.worker import DONE, ThreadEngine  # noqa: E402
 
 TICK_S = 0.030
-PUMP_WAIT_S = 0.025   # the module's SAM3DSegmentLogic.PUMP_WAIT_S
+PUMP_WAIT_S = 0.025   # SAM3DSegmentLib.slicer.engine_link.EngineLink.PUMP_WAIT_S
 _libc = ctypes.PyDLL(None)   # PyDLL: the interpreter lock stays held during the call, as in Qt's event loop
 
 

@@ -25,6 +25,8 @@ import tempfile
 import uuid
 from typing import Any, Callable, List, Optional, Tuple
 
+from .nifti import verify_nifti_written
+
 __all__ = ["atomic_write", "write_json", "path_extension", "resolve_target", "IncompleteWriteError",
            "AtomicGroup", "StagedFile"]
 
@@ -58,16 +60,10 @@ def resolve_target(path) -> str:
     return os.path.realpath(path) if os.path.islink(path) else path
 
 
-def _verify_nifti(tmp: str) -> None:
-    from ..io.volumes import verify_nifti_written  # lazy: io imports numpy; atomic must stay light
-
-    verify_nifti_written(tmp)
-
-
 def _builtin_verifier(path: str) -> Optional[Verify]:
     name = os.path.basename(path).lower()
     if name.endswith(".nii") or name.endswith(".nii.gz"):
-        return _verify_nifti
+        return verify_nifti_written
     return None
 
 

@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from .boxes import mask_bounds  # noqa: F401 - re-exported: callers take it from here too
+
 #: Flip of the first two physical axes; its own inverse (RAS <-> LPS).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 RAS_TO_LPS = LPS_TO_RAS
@@ -172,19 +174,6 @@ class Volume:
         image.SetDirection((ijk_to_lps[:3, :3] / spacing[None, :]).reshape(-1).tolist())
         image.SetOrigin(ijk_to_lps[:3, 3].tolist())
         return image
-
-
-def mask_bounds(mask: np.ndarray, margin: int = 0) -> Optional[Tuple[slice, ...]]:
-    """Per array axis, the slice spanning the mask's non-zero voxels, widened by ``margin`` voxels each
-    side and clipped to the array; None for an empty mask."""
-    m = np.asarray(mask)
-    box = []
-    for axis in range(m.ndim):
-        hit = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, m.shape[axis])))
-    return tuple(box)
 
 
 def spacing_mm(spacing: Optional[Sequence[float]]) -> np.ndarray:

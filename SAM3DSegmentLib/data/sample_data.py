@@ -44,7 +44,7 @@ def slicerio_data_file(name: str) -> Iterator[str]:
 
 def chest_ct() -> Volume:
     """The sample chest CT (HU, int32 on disk) as a RAS ``Volume``."""
-    from ..io.volumes import read_volume
+    from ..io import read_volume
 
     with slicerio_data_file("CTChest4.nrrd") as path:
         vol = read_volume(path)
@@ -54,7 +54,7 @@ def chest_ct() -> Volume:
 
 def chest_segments(reference: Optional[Volume] = None) -> Dict[str, Volume]:
     """The 7 sample segments as uint8 masks on the chest CT grid (or on ``reference``'s grid)."""
-    from ..io.volumes import read_segmentation
+    from ..io.segmentations import read_segmentation
 
     ref = chest_ct() if reference is None else reference
     with slicerio_data_file("Segmentation.seg.nrrd") as path:

@@ -12,13 +12,14 @@ Frames and axis orders:
 * The region is centred on ``centre_ras`` the way torchio ``CropOrPad`` centres an even-sized crop:
   index ``S // 2`` (64 for 128) lies exactly on the centre.
 * Low-res logits (``s = S/4`` = 32 per axis) cover the same region; low-res voxel ``u`` sits at region
-  index ``(u + 0.5) * S/s - 0.5`` (the ``align_corners=False`` convention of the 32 -> 128 upsample).
+  index ``(u + 0.5) * S/s - 0.5`` (the ``align_corners=False`` convention of the 32 -> 128 upsample,
+  :func:`~SAM3DSegmentLib.core.interp.rescale_index`).
 
 Interpolation: ``model_input`` samples the original voxels ONCE (trilinear) at the region's voxel
 centres; ``logits_to_volume`` samples the low-res logits (trilinear, clamped at the border like the
 upsample) at the original voxel centres. Axis-aligned geometry (the region axes are the volume axes up
 to permutation/flip, e.g. any non-oblique scan, LPS- or RAS-stored) uses separable 1D interpolation;
-oblique geometry uses a general trilinear gather.
+oblique geometry uses a general trilinear gather. The interpolation itself is :mod:`SAM3DSegmentLib.core.interp`.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.geometry import GeometryError, Volume, apply_affine, closest_canonical_axes
+from ..core.interp import interp_axis, linear_matrix, rescale_index, trilinear
 
 __all__ = ["Region", "model_input", "footprint", "logits_to_volume", "normalize_like_reference",
-           "OUTSIDE_LOGIT", "sample_volume", "trilinear_gather"]
+           "OUTSIDE_LOGIT", "sample_volume"]
 
 #: Logit given to original voxels outside the region (sigmoid ~ 0).
 OUTSIDE_LOGIT = -1.0e4
@@ -121,21 +123,6 @@ def _axis_map(m: np.ndarray, tol: float = 1e-6) -> Optional[np.ndarray]:
     return col
 
 
-def _lerp_1d(coord: np.ndarray, n: int, extend: float = 0.5):
-    """2-tap linear weights for positions ``coord`` on a 0..n-1 grid.
-
-    Positions within ``extend`` of the end voxels take the end value (clamped); further out they are
-    invalid (weight 0). Returns ``(lo, hi, w_hi, valid)``.
-    """
-    valid = (coord >= -extend) & (coord <= n - 1 + extend)
-    c = np.clip(coord, 0.0, n - 1.0)
-    lo = np.floor(c).astype(np.int64)
-    lo = np.minimum(lo, max(n - 2, 0))
-    hi = np.minimum(lo + 1, n - 1)
-    w = (c - lo).astype(np.float32)
-    return lo, hi, w, valid
-
-
 #: OpenBLAS runs a GEMM single-threaded when M*N*K <= 65536 * GEMM_MULTITHREAD_THRESHOLD (4 by
 #: default). On a busy 2-core machine its threaded GEMM stalls for tens of ms waiting for a core, so the
 #: paste-back multiplies in row blocks below that size: same result, steady ~1 ms per 0.7 M voxels.
@@ -154,67 +141,6 @@ def _matmul_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     for r0 in range(0, m, rows):
         np.matmul(a[r0:r0 + rows], b, out=out[r0:r0 + rows])
     return out
-
-
-def _interp_matrix(coord: np.ndarray, n: int) -> np.ndarray:
-    """Dense (len(coord), n) float32 matrix of 2-tap linear weights, positions clamped to [0, n-1]."""
-    lo, hi, w, _ = _lerp_1d(coord, n, extend=np.inf)
-    mat = np.zeros((len(coord), n), dtype=np.float32)
-    rows = np.arange(len(coord))
-    np.add.at(mat, (rows, lo), 1.0 - w)
-    np.add.at(mat, (rows, hi), w)
-    return mat
-
-
-def _interp_axis(arr: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray,
-                 valid: Optional[np.ndarray]) -> np.ndarray:
-    """Linear interpolation of ``arr`` along ``axis`` at the given 2-tap weights."""
-    a = np.take(arr, lo, axis=axis)
-    b = np.take(arr, hi, axis=axis)
-    shape = [1] * arr.ndim
-    shape[axis] = len(lo)
-    wv = w.reshape(shape)
-    out = a + (b - a) * wv
-    if valid is not None and not valid.all():
-        out *= valid.reshape(shape).astype(out.dtype)
-    return out
-
-
-def trilinear_gather(arr: np.ndarray, coords: np.ndarray, extend: float = 0.5,
-                     outside: float = 0.0) -> np.ndarray:
-    """Trilinear samples of a 3D array at continuous array indices ``coords`` (3, N) (axis order of arr).
-
-    Positions within ``extend`` of the border take the clamped value; further out ``outside``.
-    """
-    n = np.asarray(arr.shape)
-    c = np.asarray(coords, dtype=np.float64)
-    valid = np.all((c >= -extend) & (c <= (n - 1 + extend)[:, None]), axis=0)
-    c = np.clip(c, 0.0, (n - 1.0)[:, None])
-    lo = np.minimum(np.floor(c).astype(np.int64), np.maximum(n - 2, 0)[:, None])
-    f = (c - lo).astype(np.float32)
-    hi = np.minimum(lo + 1, (n - 1)[:, None])
-    flat = arr.reshape(-1)
-    s0, s1 = arr.shape[1] * arr.shape[2], arr.shape[2]
-    out = np.zeros(c.shape[1], dtype=np.float32)
-    for i0, w0 in ((lo[0], 1.0 - f[0]), (hi[0], f[0])):
-        for i1, w1 in ((lo[1], 1.0 - f[1]), (hi[1], f[1])):
-            base = i0 * s0 + i1 * s1
-            w01 = w0 * w1
-            out += w01 * ((1.0 - f[2]) * flat[base + lo[2]] + f[2] * flat[base + hi[2]])
-    if not valid.all():
-        out[~valid] = outside
-    return out
-
-
-def _trilinear_clamped(arr: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Trilinear samples at ``coords`` (3, N) with border clamping; scipy when available (about 2x
-    faster than the numpy gather on 2 cores for 128^3 points), else :func:`trilinear_gather`."""
-    try:
-        from scipy import ndimage
-    except ImportError:  # pragma: no cover - scipy is optional
-        return trilinear_gather(arr, coords, extend=np.inf)
-    return ndimage.map_coordinates(np.asarray(arr, dtype=np.float32), coords, order=1, mode="nearest",
-                                   output=np.float32)
 
 
 def sample_volume(volume: Volume, region: Region, clamp: Optional[Tuple[float, float]] = None
@@ -248,8 +174,7 @@ def sample_volume(volume: Volume, region: Region, clamp: Optional[Tuple[float, f
             coord = m[v, a_axis] * idx + m[v, 3] - lo[v]
             # validity relative to the WHOLE volume, not the sub-box
             valid = (coord + lo[v] >= -0.5) & (coord + lo[v] <= nijk[v] - 0.5)
-            l, h, w, _ = _lerp_1d(coord, sub.shape[2 - v], extend=np.inf)
-            out = _interp_axis(out, 2 - v, l, h, w, valid)
+            out = interp_axis(out, 2 - v, coord, valid)
         # out axes: array axis 2-v holds region axis col[v]; reorder to (a, b, c)
         region_axis_of_array_axis = [col[2 - ax] for ax in range(3)]
         order = [region_axis_of_array_axis.index(r) for r in range(3)]
@@ -260,7 +185,7 @@ def sample_volume(volume: Volume, region: Region, clamp: Optional[Tuple[float, f
     kji = ijk[::-1] - lo[::-1, None].astype(np.float64)
     # Valid w.r.t. the whole volume: reuse extend with the sub-box offset.
     valid = np.all((ijk >= -0.5) & (ijk <= (nijk - 0.5)[:, None]), axis=0)
-    vals = _trilinear_clamped(sub, kji)
+    vals = trilinear(sub, kji)
     vals[~valid] = 0.0
     return vals.reshape(size, size, size)
 
@@ -334,7 +259,7 @@ def logits_to_volume(low_res_logits: np.ndarray, region: Region, volume: Volume,
     nk, nj, ni = (sl.stop - sl.start for sl in box)
     if nk * nj * ni == 0:
         return np.zeros((nk, nj, ni), dtype=np.float32)
-    # volume ijk -> region abc -> low-res uvw: u = (x + 0.5) * scale - 0.5
+    # volume ijk -> region abc -> low-res uvw (rescale_index)
     m = region.ras_to_region @ volume.ijk_to_ras
     start = np.array([box[2].start, box[1].start, box[0].start], dtype=np.float64)
     col = _axis_map(m)  # col[r]: the volume axis (i=0, j=1, k=2) that feeds region axis r
@@ -349,7 +274,7 @@ def logits_to_volume(low_res_logits: np.ndarray, region: Region, volume: Volume,
             t = np.arange(counts[v], dtype=np.float64) + start[v]
             x = m[r, v] * t + m[r, 3]
             valids[v] = (x >= -0.5) & (x <= region.size - 0.5)
-            mats[v] = _interp_matrix((x + 0.5) * scale - 0.5, s)
+            mats[v] = linear_matrix(rescale_index(x, scale), s)
         # logits axes are region axes (a, b, c); array axis for volume axis v is list(col).index(v)
         lk = np.transpose(logits, [list(col).index(v) for v in (2, 1, 0)])  # -> (k, j, i) order
         lk = np.ascontiguousarray(lk).reshape(s, s * s)
@@ -370,7 +295,6 @@ def logits_to_volume(low_res_logits: np.ndarray, region: Region, volume: Volume,
     ijk = np.stack([ii.ravel(), jj.ravel(), kk.ravel()], axis=0).astype(np.float64)
     x = m[:3, :3] @ ijk + m[:3, 3:4]
     inside = np.all((x >= -0.5) & (x <= region.size - 0.5), axis=0)
-    u = (x + 0.5) * scale - 0.5
-    vals = _trilinear_clamped(logits, u)
+    vals = trilinear(logits, rescale_index(x, scale))
     vals[~inside] = OUTSIDE_LOGIT
     return vals.reshape(nk, nj, ni)

@@ -1,7 +1,9 @@
-"""One persistent worker thread for the model, and the engine it drives (pure Python: threading + queue).
+"""One persistent worker thread for the model, and the engine on it (pure Python: threading + queue).
 
-Slicer's GUI thread submits jobs and pumps finished ones with :meth:`Worker.poll` (a ``qt.QTimer``); it is the
-only thread that touches MRML or Qt. The worker thread owns the model, the backend and the
+A :class:`Worker` runs submitted jobs in order on one daemon thread; :class:`ThreadEngine` puts the
+:class:`~SAM3DSegmentLib.inference.engine.Engine` on it. The Slicer module runs this inside the engine's child
+process (:mod:`~SAM3DSegmentLib.inference.engine_process`); scripts, tests and benchmarks use it in their own
+process. The worker thread owns the model, the backend and the
 :class:`~SAM3DSegmentLib.inference.session.Session` (a fresh thread per click would pay the warm-up again).
 
 * Errors never escape the thread: a failed job carries ``error`` (the exception) and ``traceback`` (text).
@@ -22,9 +24,9 @@ import queue
 import threading
 import time
 import traceback as _traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
-import numpy as np
+from .engine import Engine
 
 PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
 
@@ -208,170 +210,13 @@ class Worker:
                 self._finished.put(job)
 
 
-# ------------------------------------------------------------------------------------------- clicks
-def plan_click_update(old: Sequence[Tuple[Sequence[float], bool]], new: Sequence[Tuple[Sequence[float], bool]],
-                      atol: float = 1e-4):
-    """How to bring a session from clicks ``old`` to ``new`` (lists of ``(ras, positive)``):
-    ``("none",)``; ``("add", [clicks...])`` when ``new`` is ``old`` plus any number of clicks at the end
-    (one decode per appended click, nothing replayed); else ``("set", new)`` (replay: a point was moved or
-    removed, or a sign changed)."""
-    def same(a, b):
-        return bool(a[1]) == bool(b[1]) and np.allclose(np.asarray(a[0], float), np.asarray(b[0], float), atol=atol)
-
-    prefix = len(old) <= len(new) and all(same(a, b) for a, b in zip(old, new))
-    if prefix and len(new) == len(old):
-        return ("none",)
-    if prefix:
-        return ("add", [tuple(c) for c in new[len(old):]])
-    return ("set", list(new))
-
-
+# ------------------------------------------------------------------------------------------- GUI text
 def describe_update(update, wall_s: Optional[float]) -> str:
     """One line for the per-click latency label."""
     t = getattr(update, "timings", {}) or {}
     total = f"{wall_s * 1000:.0f} ms" if wall_s is not None else "-"
     return (f"Last click: {total} (encode {t.get('encode_s', 0.0):.2f} s, decode {t.get('decode_s', 0.0):.2f} s, "
             f"{getattr(update, 'encoded_regions', 0)} new region(s))")
-
-
-class Engine:
-    """Model + session, used ONLY from the worker thread (every method is a job body).
-
-    Objects are keyed by the caller's key (the Slicer segment id), mapped to session object ids.
-    """
-
-    def __init__(self, session_options=None):
-        self.session_options = session_options
-        self.session = None
-        self.backend = None
-        self.volume_key: Optional[str] = None
-        self.volume_token: Any = None
-        self._objects: Dict[str, str] = {}
-
-    # ------------------------------------------------------------------ model
-    def load(self, checkpoint: str, device: str = "cpu", dtype: str = "float32",
-             progress: Optional[Callable[[int, Optional[int]], None]] = None) -> str:
-        """Resolve (download if needed) and load a checkpoint on ``device``; returns the backend's name."""
-        try:
-            import torch  # noqa: F401
-        except ImportError as exc:
-            raise RuntimeError("torch is not installed: in 3D Slicer press 'Install dependencies' (it installs the "
-                               "PyTorch extension's torch); elsewhere pip install torch") from exc
-        from .backends import LocalBackend
-        from ..models import load_checkpoint
-        from ..weights import resolve_checkpoint
-
-        path = resolve_checkpoint(checkpoint, progress=progress if progress is not None else "auto")
-        model = load_checkpoint(str(path), map_location="cpu")
-        return self.set_backend(LocalBackend(model, device=device, dtype=dtype))
-
-    def set_backend(self, backend) -> str:
-        from .session import Session, SessionOptions
-
-        options = self.session_options or SessionOptions(region_size=int(getattr(backend, "image_size", 128)))
-        self.backend = backend
-        self.session = Session(backend, options)
-        self.volume_key = self.volume_token = None
-        self._objects = {}
-        return str(getattr(backend, "name", type(backend).__name__))
-
-    # ------------------------------------------------------------------ volume and objects
-    def set_volume(self, volume, token: Any = None) -> str:
-        """Use ``volume`` (forgets every object). ``token`` is the caller's name for this volume: clicks sent
-        with another token are refused (see :meth:`sync_clicks`), so engine and GUI cannot disagree on it."""
-        self._require_session()
-        self.volume_key = self.volume_token = None   # a failed set leaves no volume, never the previous one
-        self._objects = {}
-        self.volume_key = self.session.set_volume(volume)
-        self.volume_token = token
-        return self.volume_key
-
-    def forget_volume(self) -> None:
-        """Drop the volume, every object and the embedding cache (memory); the model stays loaded."""
-        if self.backend is not None:
-            self.set_backend(self.backend)
-
-    def _object(self, key: str) -> str:
-        oid = self._objects.get(key)
-        if oid is None or oid not in self.session.object_ids():
-            oid = self.session.new_object(name=key)
-            self._objects[key] = oid
-        self.session.select_object(oid)
-        return oid
-
-    def forget_object(self, key: str) -> None:
-        oid = self._objects.pop(key, None)
-        if oid is not None and self.session is not None and oid in self.session.object_ids():
-            self.session.remove_object(oid)
-
-    def clicks(self, key: str) -> List[Tuple[Tuple[float, float, float], bool]]:
-        self._require_session()
-        return [(tuple(c.ras), bool(c.positive)) for c in self.session.clicks(self._object(key))]
-
-    # ------------------------------------------------------------------ edits (job bodies)
-    def sync_clicks(self, job: Optional[Job], key: str, clicks: Sequence[Tuple[Sequence[float], bool]],
-                    volume_token: Any = None):
-        """Bring object ``key`` to exactly ``clicks``; returns a MaskUpdate or None when nothing changed.
-        Clicks appended after the current ones are decoded one by one (nothing replayed).
-
-        ``volume_token`` (when given) must be the token of the last :meth:`set_volume`, else RuntimeError.
-        If the job is cancelled while it runs, ``Cancelled`` is raised before the session stores anything."""
-        from .session import Click
-
-        self._require_volume()
-        if volume_token is not None and volume_token != self.volume_token:
-            raise RuntimeError("the engine holds another volume than the one clicked on; click again "
-                               "(the volume is re-sent)")
-        oid = self._object(key)
-        old = [(c.ras, c.positive) for c in self.session.clicks(oid)]
-        plan = plan_click_update(old, clicks)
-        check = job.check_cancelled if job is not None else None
-        if check is not None:
-            check()
-        if plan[0] == "none":
-            return None
-        as_clicks = [Click(ras=tuple(float(v) for v in r), positive=bool(p)) for r, p in plan[1]]
-        if plan[0] == "add":
-            return self.session.add_clicks(as_clicks, check=check)
-        return self.session.set_clicks(as_clicks, check=check)
-
-    def edit(self, kind: str, key: str):
-        """``kind`` in undo / redo / reset. Returns ``(MaskUpdate or None, clicks after, changed)``;
-        ``changed`` is False (and the update None) when there was nothing to undo/redo or no session yet."""
-        if kind not in ("undo", "redo", "reset"):
-            raise ValueError(f"unknown edit {kind!r}")
-        if self.session is None or self.volume_key is None:
-            return None, [], False
-        oid = self._object(key)
-        possible = {"undo": self.session.can_undo, "redo": self.session.can_redo}.get(kind, lambda o: True)(oid)
-        update = getattr(self, kind)(key) if possible else None
-        return update, self.clicks(key), bool(possible)
-
-    def mask(self, key: str) -> np.ndarray:
-        """The object's mask (uint8 [k, j, i], full volume grid)."""
-        self._require_volume()
-        return self.session.mask(self._object(key))
-
-    def undo(self, key: str):
-        self._require_volume()
-        return self.session.undo(self._object(key))
-
-    def redo(self, key: str):
-        self._require_volume()
-        return self.session.redo(self._object(key))
-
-    def reset(self, key: str):
-        self._require_volume()
-        return self.session.reset(self._object(key))
-
-    def _require_session(self) -> None:
-        if self.session is None:
-            raise RuntimeError("no model loaded: choose a model and press 'Load model'")
-
-    def _require_volume(self) -> None:
-        self._require_session()
-        if self.volume_key is None:
-            raise RuntimeError("no volume: select the CT volume to segment")
 
 
 # ------------------------------------------------------------------------------------------- job API

@@ -1,47 +1,41 @@
-"""Reading and writing volumes, masks and ``.seg.nrrd`` segmentations (the LPS file boundary).
+"""Reading and writing volumes (NIfTI, NRRD, MHA/MHD, DICOM series) and resampling (the LPS file boundary).
 
-Conventions:
+Conventions (shared by :mod:`SAM3DSegmentLib.io.segmentations`):
 
 * Everything returned is a :class:`~SAM3DSegmentLib.core.geometry.Volume`: ``array[k, j, i]`` plus an
   ``ijk_to_ras`` 4x4 matrix (RAS mm). Files on disk are LPS (ITK, NRRD, DICOM, ``.seg.nrrd``); the
-  LPS<->RAS flip happens in ``Volume.from_sitk`` / ``Volume.to_sitk`` and, for ``.seg.nrrd``, here.
-* slicerio's ``voxels`` are ``(i, j, k)``; they are transposed to ``[k, j, i]`` on the way in and back
-  on the way out.
+  LPS<->RAS flip happens in ``Volume.from_sitk`` / ``Volume.to_sitk`` and, for ``.seg.nrrd``, in
+  :mod:`SAM3DSegmentLib.io.segmentations`.
 * Every write is atomic (:mod:`SAM3DSegmentLib.core.atomic`): a temporary file with the same extension in the
   destination directory (so ITK picks the right format), flushed and fsync'ed, checked (the header read
-  back; NIfTI: every promised byte present, since SimpleITK's NIfTI writer does not raise on a full disk),
-  then ``os.replace``; the temporary is removed on failure and the old file kept. A symlinked output is
-  written through. ``group=`` stages a file into an :class:`~SAM3DSegmentLib.core.atomic.AtomicGroup`.
+  back; NIfTI: every promised byte present, :mod:`SAM3DSegmentLib.core.nifti`, since SimpleITK's NIfTI writer
+  does not raise on a full disk), then ``os.replace``; the temporary is removed on failure and the old file
+  kept. A symlinked output is written through. ``group=`` stages a file into an
+  :class:`~SAM3DSegmentLib.core.atomic.AtomicGroup`.
 * Bad input raises :class:`VolumeReadError` (a ``ValueError``) whose message names the file, the problem
   and what to do.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 
-from ..core.geometry import LPS_TO_RAS, RAS_TO_LPS, GeometryError, Volume
+from ..core.geometry import RAS_TO_LPS, GeometryError, Volume
+from ..core.nifti import NiftiProblem, check_nifti_complete
+from .dicom import read_dicom_series
+from .errors import VolumeReadError, VolumeWriteError
 
 __all__ = [
     "VolumeReadError", "VolumeWriteError", "READ_EXTENSIONS", "WRITE_EXTENSIONS", "file_extension",
-    "read_volume", "write_volume", "write_mask", "read_segmentation", "write_segmentation",
-    "resample_like", "atomic_write", "verify_nifti_written",
+    "read_volume", "write_volume", "resample_like", "atomic_write",
 ]
 
 #: Extensions ``read_volume`` accepts (plus a DICOM series directory).
 READ_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Extensions ``write_volume`` / ``write_mask`` produce (single-file formats only, so writes are atomic).
 WRITE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".mha")
-
-
-class VolumeReadError(ValueError):
-    """A file or folder that cannot be turned into a 3D scalar volume (the message says why and the fix)."""
-
-
-class VolumeWriteError(ValueError):
-    """A volume that cannot be written where or how it was asked."""
 
 
 def file_extension(path: str) -> str:
@@ -53,7 +47,6 @@ def file_extension(path: str) -> str:
     return os.path.splitext(name)[1]
 
 
-# -------------------------------------------------------------------------------- reading
 def read_volume(path: str, series_uid: Optional[str] = None) -> Volume:
     """Read a 3D scalar image: NIfTI, NRRD, MHA/MHD, or a folder holding a DICOM series.
 
@@ -71,7 +64,7 @@ def read_volume(path: str, series_uid: Optional[str] = None) -> Volume:
     if not os.path.exists(path):
         raise VolumeReadError(f"{path}: no such file or folder; check the path")
     if os.path.isdir(path):
-        return _read_dicom_series(path, series_uid)
+        return _to_volume(*read_dicom_series(path, series_uid))
     if series_uid is not None:
         raise VolumeReadError(f"{path}: a series UID was given, but this is a file; a series can only be "
                               "chosen in a DICOM folder")
@@ -98,86 +91,14 @@ def read_volume(path: str, series_uid: Optional[str] = None) -> Volume:
         detail = next((ln for ln in reversed(first) if ln.strip()), "") if first else ""
         raise VolumeReadError(f"{path}: could not be read as a {ext} image (corrupt or truncated file?): "
                               f"{detail}") from err
-    return _to_volume(image, array, path, source=path, format=ext.lstrip("."))
-
-
-class _NiftiProblem(Exception):
-    """Why a NIfTI file is not complete: ``kind`` is ``header`` (no NIfTI header), ``unreadable`` (I/O or
-    gzip error before the header) or ``short`` (less data than the header promises)."""
-
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind, self.detail = kind, detail
-
-
-def _nifti_expected_size(header: bytes) -> int:
-    """Bytes a NIfTI-1/2 file must hold (vox_offset + voxel data), from its header."""
-    import struct
-
-    for endian in ("<", ">"):
-        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            break
-        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
-            dims = struct.unpack(endian + "8q", header[16:80])
-            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
-            break
-    else:
-        raise _NiftiProblem("header", f"not a NIfTI file (bad header size field; {len(header)} header bytes)")
-    ndim = max(0, min(int(dims[0]), 7))
-    n = 1
-    for d in dims[1:ndim + 1]:
-        n *= max(int(d), 0)
-    return int(vox_offset) + n * max(int(bitpix), 0) // 8
-
-
-def _nifti_check(path: str, full: bool) -> None:
-    """Raise :class:`_NiftiProblem` if a .nii / .nii.gz holds less data than its header promises.
-
-    For ``.nii.gz`` the gzip trailer's length is trusted when it matches (fast path for reading);
-    ``full=True`` always decompresses the whole stream, which also checks its CRC."""
-    import gzip
-    import zlib
-
-    gz = path.lower().endswith(".gz")
-    try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
-            header = f.read(540)
-    except (OSError, EOFError, zlib.error) as err:
-        raise _NiftiProblem("unreadable", str(err)) from err
-    expected = _nifti_expected_size(header)
-    if not gz:
-        size = os.path.getsize(path)
-        if size < expected:
-            raise _NiftiProblem("short", f"the header promises {expected} bytes, the file has {size}")
-        return
-    with open(path, "rb") as f:  # gzip trailer: uncompressed size mod 2^32 (cheap first check)
-        f.seek(-4, os.SEEK_END)
-        isize = int.from_bytes(f.read(4), "little")
-    if isize == expected % (1 << 32) and not full:
-        return
-    total = 0
-    try:
-        with gzip.open(path, "rb") as f:
-            while True:
-                chunk = f.read(1 << 22)
-                if not chunk:
-                    break
-                total += len(chunk)
-    except (OSError, EOFError, zlib.error) as err:
-        raise _NiftiProblem("short", f"the compressed stream ends early or is damaged ({err})") from err
-    if total < expected:
-        raise _NiftiProblem("short", f"the header promises {expected} bytes, the decompressed data has {total}")
+    return _to_volume(image, array, path, {"source": path, "format": ext.lstrip(".")})
 
 
 def _check_nifti_complete(path: str) -> None:
     """Raise VolumeReadError if a .nii / .nii.gz holds less data than its header promises."""
     try:
-        _nifti_check(path, full=False)
-    except _NiftiProblem as p:
+        check_nifti_complete(path, full=False)
+    except NiftiProblem as p:
         if p.kind == "unreadable":
             msg = f"{path}: could not be read as a NIfTI image (corrupt or truncated file?): {p.detail}"
         elif p.kind == "header":
@@ -187,16 +108,7 @@ def _check_nifti_complete(path: str) -> None:
         raise VolumeReadError(msg) from p
 
 
-def verify_nifti_written(path: str) -> None:
-    """Check a NIfTI file just written: header present, every promised byte there (``.nii.gz``: the whole
-    stream decompressed and CRC-checked). Raises ``ValueError`` saying what is missing."""
-    try:
-        _nifti_check(path, full=True)
-    except _NiftiProblem as p:
-        raise ValueError(p.detail) from p
-
-
-def _to_volume(image, array: np.ndarray, what: str, **meta) -> Volume:
+def _to_volume(image, array: np.ndarray, what: str, meta: dict) -> Volume:
     """Checks shared by files and DICOM series, then ``Volume.from_sitk``."""
     dim = image.GetDimension()
     ncomp = image.GetNumberOfComponentsPerPixel()
@@ -236,100 +148,6 @@ def _to_volume(image, array: np.ndarray, what: str, **meta) -> Volume:
         return Volume.from_sitk(image, **meta)
     except GeometryError as err:
         raise VolumeReadError(f"{what}: {err}") from err
-
-
-def _read_dicom_series(folder: str, series_uid: Optional[str] = None) -> Volume:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    try:
-        uids = list(reader.GetGDCMSeriesIDs(folder))
-    except RuntimeError:  # pragma: no cover - GDCM failure on unreadable folder
-        uids = []
-    if not uids:
-        n = len(os.listdir(folder))
-        raise VolumeReadError(f"{folder}: no DICOM series found ({n} entries in the folder); give the folder "
-                              "that holds the .dcm slices of one CT series, or an image file")
-    files = {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
-    if series_uid is not None:
-        if series_uid not in files:
-            listing = "; ".join(f"{u} ({len(files[u])} files)" for u in uids)
-            raise VolumeReadError(f"{folder}: no DICOM series with UID {series_uid}; the folder holds: {listing}. "
-                                  "Give one of these UIDs")
-        uid = series_uid
-    else:
-        uid = max(uids, key=lambda u: len(files[u]))
-    names = files[uid]
-    if len(names) < 2:
-        raise VolumeReadError(f"{folder}: DICOM series {uid} has a single slice; a 3D volume needs the whole "
-                              "series")
-    reader.SetFileNames(names)
-    reader.MetaDataDictionaryArrayUpdateOn()
-    try:
-        image = reader.Execute()
-        array = sitk.GetArrayViewFromImage(image)
-    except RuntimeError as err:
-        raise VolumeReadError(f"{folder}: DICOM series {uid} could not be read: "
-                              f"{str(err).strip().splitlines()[-1] if str(err).strip() else err}") from err
-    what = f"{folder} (DICOM series {uid})"
-    _check_dicom_slices(reader, names, what)
-    return _to_volume(image, array, what, source=folder, format="dicom",
-                      series_uid=uid, n_files=len(names),
-                      other_series=[u for u in uids if u != uid],
-                      series_files={u: len(files[u]) for u in uids})
-
-
-def _dicom_floats(reader, index: int, tag: str, n: int, what: str, name: str) -> np.ndarray:
-    try:
-        values = [float(v) for v in reader.GetMetaData(index, tag).split("\\")]
-    except (RuntimeError, ValueError):
-        values = []
-    if len(values) != n:
-        field = {"0020|0032": "Image Position (Patient)", "0020|0037": "Image Orientation (Patient)"}[tag]
-        raise VolumeReadError(f"{what}: slice {os.path.basename(name)} has no valid {field} ({tag}); the "
-                              "slice geometry is unknown, so the series cannot be stacked into a volume")
-    return np.asarray(values)
-
-
-def _check_dicom_slices(reader, names: Sequence[str], what: str) -> None:
-    """Refuse a series whose slices are not parallel or not evenly spaced (gaps, duplicates).
-
-    ITK stacks the slices on a uniform grid with the spacing of the first two and only logs a warning,
-    so a missing slice would silently shift everything after it.
-    """
-    n = len(names)
-    orient = [_dicom_floats(reader, i, "0020|0037", 6, what, names[i]) for i in range(n)]
-    pos = np.array([_dicom_floats(reader, i, "0020|0032", 3, what, names[i]) for i in range(n)])
-    for i in range(1, n):
-        if np.max(np.abs(orient[i] - orient[0])) > 1e-3:
-            raise VolumeReadError(f"{what}: slices {os.path.basename(names[0])} and {os.path.basename(names[i])} "
-                                  "have different orientations; give a series of parallel slices")
-    normal = np.cross(orient[0][:3], orient[0][3:])
-    norm = float(np.linalg.norm(normal))
-    if norm < 1e-6:
-        raise VolumeReadError(f"{what}: Image Orientation (Patient) of {os.path.basename(names[0])} is degenerate")
-    dist = pos @ (normal / norm)
-    order = np.argsort(dist, kind="stable")
-    gaps = np.diff(dist[order])
-    median = float(np.median(gaps))
-    for g, (a, b) in zip(gaps, zip(order[:-1], order[1:])):
-        if g < 1e-3:
-            raise VolumeReadError(f"{what}: slices {os.path.basename(names[a])} and {os.path.basename(names[b])} "
-                                  "are at the same position (duplicate slice or a second acquisition mixed in); "
-                                  "remove the duplicates or give a folder with one series")
-    # 10% of the step: small rounding of the stored positions passes; a missing slice doubles a step
-    tol = max(0.1 * median, 0.01)
-    bad = np.flatnonzero(np.abs(gaps - median) > tol)
-    if bad.size:
-        k = int(bad[0])
-        a, b = order[k], order[k + 1]
-        missing = int(round(gaps[k] / median)) - 1 if median > 0 else 0
-        hint = (f" ({missing} slice(s) missing?)" if missing >= 1 else "")
-        raise VolumeReadError(
-            f"{what}: slices are not evenly spaced: {gaps[k]:.3f} mm between {os.path.basename(names[a])} and "
-            f"{os.path.basename(names[b])} where the series steps {median:.3f} mm{hint}; {bad.size} uneven "
-            "step(s) in all. Re-export the complete series, or resample it to a uniform grid and save it as "
-            "NIfTI/NRRD first")
 
 
 # -------------------------------------------------------------------------------- writing
@@ -401,15 +219,6 @@ def write_volume(volume: Volume, path: str, compress: bool = True, group=None) -
     return atomic_write(path, write, verify=verify, group=group)
 
 
-def write_mask(mask: Volume, path: str, compress: bool = True, label_value: int = 1, group=None) -> str:
-    """Write a binary mask as uint8 (``label_value`` where the mask is non-zero, 0 elsewhere)."""
-    if not 0 < int(label_value) < 256:
-        raise VolumeWriteError(f"label_value must be in 1..255, got {label_value}")
-    arr = np.asarray(mask.array)
-    out = (arr != 0).astype(np.uint8) * np.uint8(label_value)
-    return write_volume(mask.with_array(out), path, compress, group=group)
-
-
 # -------------------------------------------------------------------------------- resampling
 def resample_like(volume: Volume, reference: Volume, interpolation: str = "nearest",
                   default_value: float = 0.0) -> Volume:
@@ -438,77 +247,3 @@ def resample_like(volume: Volume, reference: Volume, interpolation: str = "neare
     f.SetOutputPixelType(src.GetPixelID())
     out = f.Execute(src)
     return Volume(sitk.GetArrayFromImage(out), reference.ijk_to_ras.copy(), dict(volume.meta))
-
-
-# -------------------------------------------------------------------------------- .seg.nrrd
-def read_segmentation(path: str, reference: Optional[Volume] = None) -> Dict[str, Volume]:
-    """Read a Slicer ``.seg.nrrd``: ``{segment name: uint8 mask Volume}``.
-
-    Overlapping segments (several layers) and shared labelmaps (label values) are both handled. The
-    masks are on the segmentation's own grid (its voxel positions come from the file's space origin and
-    directions, which already include any extent offset), or resampled by nearest neighbour onto
-    ``reference``'s grid in physical space when given. ``meta`` of each mask holds ``color``, ``id``,
-    ``label_value`` and ``layer`` from the file.
-    """
-    import slicerio
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise VolumeReadError(f"{path}: no such file; check the path")
-    try:
-        seg = slicerio.read_segmentation(path)
-    except Exception as err:  # slicerio/pynrrd raise many types
-        raise VolumeReadError(f"{path}: could not be read as a Slicer segmentation (.seg.nrrd): "
-                              f"{type(err).__name__}: {err}") from err
-    voxels = seg.get("voxels")
-    if voxels is None or np.asarray(voxels).ndim not in (3, 4):
-        raise VolumeReadError(f"{path}: the segmentation holds no 3D labelmap voxels")
-    ijk_to_lps = np.asarray(seg["ijkToLPS"], dtype=np.float64)
-    ijk_to_ras = LPS_TO_RAS @ ijk_to_lps
-    out: Dict[str, Volume] = {}
-    for segment in seg.get("segments", []):
-        mask_ijk = slicerio.segment_mask(seg, segment)
-        arr = np.ascontiguousarray(np.asarray(mask_ijk, dtype=np.uint8).transpose(2, 1, 0))
-        meta = {"source": path, "id": segment.get("id"), "color": segment.get("color"),
-                "label_value": segment.get("labelValue"), "layer": segment.get("layer", 0),
-                "name": segment.get("name")}
-        vol = Volume(arr, ijk_to_ras, meta)
-        if reference is not None:
-            vol = resample_like(vol, reference, "nearest")
-            vol.meta.update(meta)
-        name = segment.get("name") or segment.get("id")
-        if name in out:
-            name = f"{name} ({segment.get('id')})"
-        out[name] = vol
-    return out
-
-
-def write_segmentation(path: str, masks: Dict[str, Volume], reference: Volume,
-                       colors: Optional[Dict[str, Sequence[float]]] = None, group=None) -> str:
-    """Write masks as a Slicer ``.seg.nrrd`` on ``reference``'s grid (LPS in the file), atomically.
-
-    Masks on another grid are resampled onto it by nearest neighbour. Overlapping masks go to separate
-    layers (as Slicer stores them). ``colors``: optional ``{name: (r, g, b)}`` in 0..1. ``group``: stage
-    into an :class:`~SAM3DSegmentLib.core.atomic.AtomicGroup`.
-    """
-    import slicerio
-
-    path = os.fspath(path)
-    if file_extension(path) != ".seg.nrrd":
-        raise VolumeWriteError(f"{path}: a segmentation file name must end with .seg.nrrd")
-    if not masks:
-        raise VolumeWriteError("no masks to write: give at least one {name: mask}")
-    colors = colors or {}
-    seg = slicerio.create_segmentation(tuple(reference.shape_ijk), RAS_TO_LPS @ reference.ijk_to_ras)
-    for n, (name, mask) in enumerate(masks.items()):
-        if not mask.same_grid(reference, atol=1e-6):
-            mask = resample_like(mask, reference, "nearest")
-        fields = {"id": f"Segment_{n + 1}", "name": str(name)}
-        if name in colors:
-            fields["color"] = [float(c) for c in colors[name]]
-        slicerio.add_segment(seg, np.asarray(mask.array).transpose(2, 1, 0) != 0, fields)
-
-    def write(tmp: str) -> None:
-        slicerio.write_segmentation(tmp, seg)
-
-    return atomic_write(path, write, group=group)

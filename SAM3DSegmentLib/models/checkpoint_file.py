@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from ..core.units import fmt_bytes
+
 #: Largest pickle (``data.pkl`` of a zip checkpoint, or the object part of a legacy file) we parse.
 MAX_PICKLE_BYTES = 64 << 20
 #: Members of a zip checkpoint may expand to at most the file size plus this (directory, alignment).
@@ -55,15 +57,6 @@ ELEMENT_SIZES = {
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the problem and the fix."""
-
-
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 # ------------------------------------------------------------------------------------ restricted unpickler
@@ -319,7 +312,7 @@ def _inspect_zip(path: Path, size: int) -> CheckpointSummary:
             expanded = sum(i.file_size for i in infos)
             if expanded > size + ZIP_EXPANSION_SLACK:
                 raise CheckpointError(
-                    f"checkpoint {path} expands to {_fmt_bytes(expanded)} from {_fmt_bytes(size)} on disk; "
+                    f"checkpoint {path} expands to {fmt_bytes(expanded)} from {fmt_bytes(size)} on disk; "
                     "torch.save writes uncompressed archives, so this is a zip bomb or not a torch.save file. "
                     "Refusing to load it; use the original checkpoint file")
             pkls = [i for i in infos if i.filename.endswith("data.pkl") and i.filename.count("/") == 1]
@@ -328,8 +321,8 @@ def _inspect_zip(path: Path, size: int) -> CheckpointSummary:
                                       "<name>/data.pkl inside)")
             pkl = pkls[0]
             if pkl.file_size > MAX_PICKLE_BYTES:
-                raise CheckpointError(f"{path}: its object pickle is {_fmt_bytes(pkl.file_size)} (limit "
-                                      f"{_fmt_bytes(MAX_PICKLE_BYTES)}); not a model checkpoint")
+                raise CheckpointError(f"{path}: its object pickle is {fmt_bytes(pkl.file_size)} (limit "
+                                      f"{fmt_bytes(MAX_PICKLE_BYTES)}); not a model checkpoint")
             prefix = pkl.filename[: -len("data.pkl")]
             records = {i.filename: i.file_size for i in infos}
             try:
@@ -352,8 +345,8 @@ def _inspect_zip(path: Path, size: int) -> CheckpointSummary:
                                   "Download it again.")
         if stored != s.nbytes:
             raise CheckpointError(
-                f"checkpoint {path} declares {_fmt_bytes(s.nbytes)} for storage {s.key!r} but stores "
-                f"{_fmt_bytes(stored)}; the file is corrupt or crafted. Refusing to allocate it")
+                f"checkpoint {path} declares {fmt_bytes(s.nbytes)} for storage {s.key!r} but stores "
+                f"{fmt_bytes(stored)}; the file is corrupt or crafted. Refusing to allocate it")
     return CheckpointSummary(path, "zip", size, root, storages)
 
 
@@ -397,8 +390,8 @@ def _inspect_legacy(path: Path, size: int) -> CheckpointSummary:
             remaining = size - f.tell()
             if count != s.numel or s.nbytes > remaining:
                 raise CheckpointError(
-                    f"checkpoint {path} declares {_fmt_bytes(s.nbytes)} for storage {key!r} but holds "
-                    f"{_fmt_bytes(max(0, min(count * s.element_size, remaining)))} for it; the file is truncated, "
+                    f"checkpoint {path} declares {fmt_bytes(s.nbytes)} for storage {key!r} but holds "
+                    f"{fmt_bytes(max(0, min(count * s.element_size, remaining)))} for it; the file is truncated, "
                     "corrupt or crafted. Refusing to allocate it")
             f.seek(s.nbytes, io.SEEK_CUR)
     return CheckpointSummary(path, "legacy", size, root, storages)

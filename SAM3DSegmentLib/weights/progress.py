@@ -7,23 +7,13 @@ from typing import Callable, Optional, Union
 
 from .errors import require
 
+from ..core.units import fmt_bytes  # noqa: F401 (re-exported: weights.fmt_bytes)
+
 #: ``progress(bytes_done, bytes_total_or_None)``
 ProgressCallback = Callable[[int, Optional[int]], None]
 #: What the ``progress`` argument accepts: a callback, ``True``/``"text"`` for a bar on stderr, ``"auto"`` for a
 #: bar only when stderr is a terminal, ``None``/``False`` for silence.
 ProgressArg = Union[ProgressCallback, bool, str, None]
-
-
-def fmt_bytes(n: Optional[int]) -> str:
-    """``1536`` -> ``"1.5 KiB"``; ``None`` -> ``"?"``."""
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 class TextProgress:

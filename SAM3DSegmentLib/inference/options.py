@@ -1,0 +1,77 @@
+"""Options of an interactive :class:`~SAM3DSegmentLib.inference.session.Session` (validated on creation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+__all__ = ["SessionOptions", "PROMPT_MODES"]
+
+#: ``"newest"``: each decode sees only the newest click (+ the region's previous logits), as the model was
+#: trained; ``"all"``: every point of the object inside the region so far.
+PROMPT_MODES = ("newest", "all")
+
+
+@dataclass
+class SessionOptions:
+    """``prompt_mode``: one of :data:`PROMPT_MODES`. ``region_size``, ``spacing_mm``: side (voxels) and voxel
+    size (mm) of the model-input regions. ``extend``: add neighbouring regions while the object's mask touches
+    a region face (:mod:`~SAM3DSegmentLib.inference.growth`), up to ``max_regions`` per object.
+    ``clamp_hu``: (low, high) clip of the original voxels before normalising (None: no clip).
+    ``cache_size``: embeddings kept (:class:`~SAM3DSegmentLib.inference.cache.EmbeddingCache`).
+    ``threshold``: the logit above which a voxel is in the mask (0: sigmoid > 0.5)."""
+
+    prompt_mode: str = "newest"
+    region_size: int = 128
+    spacing_mm: float = 1.5
+    extend: bool = True
+    max_regions: int = 8
+    clamp_hu: Optional[Tuple[float, float]] = None
+    cache_size: int = 8
+    threshold: float = 0.0
+    #: Leak guard of the extension: a face whose in-volume part is positive over more than this fraction
+    #: is not treated as an object's cross-section (the mask fills the region: a leak), so no neighbour is
+    #: added across it. 1.0 disables the guard.
+    extend_max_face_fill: float = 0.75
+    #: Undo entries kept per object (oldest dropped first) ...
+    history_limit: int = 100
+    #: ... and the most memory their mask patches may take per object, in MiB (at least one entry is kept).
+    history_mb: float = 512.0
+    #: Honour the clicks: the voxel under each include click is always in the mask, the voxel under each
+    #: exclude click never (the later click wins where two share a voxel), even where the model disagrees.
+    #: Cleanup that implies: the parts of the mask that forcing an exclude voxel off cuts off from every
+    #: include click are dropped, and so is a model island (a part touching no include click) that an
+    #: exclude click lies on: the user said "not this". Parts no exclude click touches stay as the model
+    #: predicted them, islands included (they may be real parts of the object). Components are
+    #: 6-connected (face neighbours), on the volume grid. False is the reference mode: the mask is the
+    #: merged, thresholded model output and nothing else, as the reference pipeline produces it.
+    honour_clicks: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.prompt_mode not in PROMPT_MODES:
+            problems.append(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        if int(self.region_size) < 8 or int(self.region_size) % 4:
+            problems.append(f"region_size must be a multiple of 4 and >= 8, got {self.region_size}")
+        if not (float(self.spacing_mm) > 0 and np.isfinite(float(self.spacing_mm))):
+            problems.append(f"spacing_mm must be a positive number of millimetres, got {self.spacing_mm}")
+        if int(self.max_regions) < 1:
+            problems.append(f"max_regions must be >= 1, got {self.max_regions}")
+        if not 0.0 < float(self.extend_max_face_fill) <= 1.0:
+            problems.append(f"extend_max_face_fill must be in (0, 1], got {self.extend_max_face_fill}")
+        if int(self.history_limit) < 1 or not float(self.history_mb) > 0:
+            problems.append("history_limit must be >= 1 and history_mb > 0")
+        if int(self.cache_size) < 1:
+            problems.append(f"cache_size must be >= 1, got {self.cache_size}")
+        if self.clamp_hu is not None:
+            lo, hi = (float(v) for v in self.clamp_hu)
+            if not lo < hi:
+                problems.append(f"clamp_hu must be (low, high) with low < high, got {self.clamp_hu}")
+        if problems:
+            raise ValueError("invalid SessionOptions: " + "; ".join(problems))
+        self.region_size = int(self.region_size)
+        self.spacing_mm = float(self.spacing_mm)
+        self.max_regions = int(self.max_regions)
+        self.cache_size = int(self.cache_size)
+        self.honour_clicks = bool(self.honour_clicks)

@@ -1,0 +1,105 @@
+"""The module's link to the segmentation engine: jobs queued and collected on Slicer's GUI thread.
+
+The engine runs the model in a child process (:class:`SAM3DSegmentLib.inference.engine_process.ProcessEngine`,
+docs/slicer.md "How the engine runs"); :class:`SAM3DSegmentLib.inference.worker.ThreadEngine` has the same API
+and runs it on a thread (tests). Each job's ``context`` says what it was for; finished jobs come back through
+:meth:`EngineLink.poll`, and :meth:`EngineLink.write_result` writes an edit's mask into the segment. Cancel
+(``engine.cancel_all``) never drops a queued volume, so engine and GUI agree on it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+from .history import SegmentHistory, write_job_result
+from .volumes import volume_from_node, volume_token
+
+#: Jobs whose result is a segment edit (written back by :meth:`EngineLink.write_result`).
+EDIT_KINDS = ("clicks", "reset", "undo", "redo")
+
+
+class EngineLink:
+    """The engine, the name of the loaded model and the volume the engine has (or will have)."""
+
+    #: the pump waits this long for a reply, lock released, while a request is in flight
+    PUMP_WAIT_S = 0.025
+
+    def __init__(self, engine=None):
+        if engine is None:
+            from ..inference.engine_process import ProcessEngine
+
+            engine = ProcessEngine()
+        self.engine = engine
+        self.model_name: Optional[str] = None  #: the loaded model's name; None until a load succeeds
+        self.volume_token: Optional[tuple] = None  #: :func:`~.volumes.volume_token` of the volume sent last
+
+    def load_model(self, name_or_path: str, device: str):
+        """Queue loading a model (a registry name or a checkpoint path) on ``device`` ("auto": the recommended
+        device, which imports torch here to look). A new model starts without a volume."""
+        from ..cli.diagnose import recommended_device
+
+        device = recommended_device() if device == "auto" else device
+        self.volume_token = None
+        return self.engine.submit("load", name_or_path, str(device),
+                                  context={"kind": "load", "name": name_or_path, "device": device})
+
+    def sync_clicks(self, volume_node, segmentation_node, segment_id: str, clicks):
+        """Queue: (re)send the volume if it changed (:func:`~.volumes.volume_token`), then bring the segment's
+        object to ``clicks``; a newer sync supersedes a queued one."""
+        token = volume_token(volume_node)
+        if token != self.volume_token:  # never cancelled: engine and GUI must agree on the volume
+            self.engine.submit("set_volume", volume_from_node(volume_node), token, cancellable=False,
+                               context={"kind": "volume", "token": token})
+            self.volume_token = token
+        return self.engine.submit("sync_clicks", segment_id, clicks, token, tag="clicks", supersede=True,
+                                  context={"kind": "clicks", "segmentation": segmentation_node, "segment": segment_id,
+                                           "volume": volume_node})
+
+    def edit(self, kind: str, segmentation_node, segment_id: str, volume_node):
+        """Queue undo / redo / reset of a segment's object; the result is (update, clicks, changed)."""
+        return self.engine.submit("edit", kind, segment_id, context={
+            "kind": kind, "segmentation": segmentation_node, "segment": segment_id, "volume": volume_node})
+
+    def request_clicks(self, segment_id: str):
+        """Queue reading the clicks of a segment's object (to show them when the user selects that segment);
+        None when no model or no volume is loaded yet."""
+        if self.model_name is None or self.volume_token is None:
+            return None
+        return self.engine.submit("clicks", segment_id, context={"kind": "points", "segment": segment_id})
+
+    def poll(self, wait: Optional[float] = None):
+        """Finished jobs (after noting the model's name; a volume the engine did not take is sent again next
+        time)."""
+        jobs = self.engine.poll(self.PUMP_WAIT_S if wait is None else wait)
+        for job in jobs:
+            kind = (job.context or {}).get("kind")
+            if kind == "load":
+                self.model_name = job.result if job.state == "done" else None
+            elif kind == "volume" and job.state != "done" and self.volume_token == job.context["token"]:
+                self.volume_token = None
+        return jobs
+
+    def write_result(self, job, history: Optional[SegmentHistory] = None):
+        """Write a finished edit job (kind in :data:`EDIT_KINDS`) into its segment
+        (:func:`~.history.write_job_result`); returns ``(update, clicks)``."""
+        ctx = job.context
+        return write_job_result(ctx["kind"], job.result, ctx["segmentation"], ctx["segment"], ctx["volume"], history)
+
+    def wait_idle(self, pump: Callable[[], None], process_events: Callable[[], None] = lambda: None,
+                  timeout: float = 600.0) -> None:
+        """Call ``process_events`` and ``pump`` until the engine is idle (tests, scripts), then ``pump`` once more."""
+        t0 = time.time()
+        while self.engine.busy and time.time() - t0 < timeout:
+            process_events()
+            pump()
+        pump()
+
+    def close_scene(self) -> None:
+        """Scene closing: cancel clicks and free the engine's volume (the model stays loaded)."""
+        self.engine.cancel_all()
+        if self.volume_token is not None and self.engine.running:  # never start a process just for this
+            self.engine.submit("forget_volume", cancellable=False, context={"kind": "forget"})
+        self.volume_token = None
+
+    def shutdown(self) -> None:
+        self.engine.shutdown(wait=False)
