@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .guided import UPSAMPLING_MODES
+
 __all__ = ["SessionOptions", "PROMPT_MODES"]
 
 #: ``"newest"``: each decode sees only the newest click (+ the region's previous logits), as the model was
@@ -47,6 +49,9 @@ class SessionOptions:
     #: 6-connected (face neighbours), on the volume grid. False is the reference mode: the mask is the
     #: merged, thresholded model output and nothing else, as the reference pipeline produces it.
     honour_clicks: bool = True
+    #: How the low-res logits reach the original voxels (:mod:`~SAM3DSegmentLib.inference.guided`):
+    #: ``"trilinear"`` (the reference's way, the default) or ``"guided"`` (refined near the boundary with the CT).
+    upsampling: str = "trilinear"
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +67,8 @@ class SessionOptions:
             problems.append(f"extend_max_face_fill must be in (0, 1], got {self.extend_max_face_fill}")
         if int(self.history_limit) < 1 or not float(self.history_mb) > 0:
             problems.append("history_limit must be >= 1 and history_mb > 0")
+        if self.upsampling not in UPSAMPLING_MODES:
+            problems.append(f"upsampling must be one of {UPSAMPLING_MODES}, got {self.upsampling!r}")
         if int(self.cache_size) < 1:
             problems.append(f"cache_size must be >= 1, got {self.cache_size}")
         if self.clamp_hu is not None:

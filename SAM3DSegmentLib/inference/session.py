@@ -109,7 +109,7 @@ class Session:
         self.volume = volume
         self.volume_key = volume_content_key(arr, volume.ijk_to_ras)
         o = self.options
-        self._composer = MaskComposer(volume, o.region_size, self.low_res_size, o.threshold)
+        self._composer = MaskComposer(volume, o.region_size, self.low_res_size, o.threshold, o.upsampling, o.spacing_mm)
         self._predictor = RegionPredictor(self.backend, self.cache, volume, self.volume_key, o,
                                           self.low_res_size, self._composer)
         self._growth = RegionGrowth(self._predictor, self._composer, o)
@@ -328,7 +328,7 @@ class Session:
         dirty = self._composer.changed_box(regions, n, old)
         if self.options.extend:
             dirty = box_union(dirty, self._growth.extend(regions, n, stats, clicks))
-        return dirty
+        return box_union(dirty, self._composer.click_box(ras))   # guided: the voxels its click guard may change
 
     def _commit(self, obj: _Object, clicks: List[Click], regions: List[RegionState], dirty: Optional[Box],
                 stats: Stats, t0: float) -> MaskUpdate:
@@ -338,7 +338,7 @@ class Session:
             dirty = box_intersect(dirty, vol_box)
         after = None
         if dirty is not None:
-            after = self._composer.render(regions, dirty)
+            after = self._composer.render(regions, dirty, clicks)
             patch_before, patch_after = obj.raw.patch(dirty), Patch.of(after, dirty)
             obj.raw.set(patch_after)
         else:
