@@ -104,16 +104,22 @@ class MaskComposer:
             pos = box_union(pos, box_intersect(r.pos_box, box))
         if pos is None:
             return out
-        thr = self.threshold
         live = [r for r in live if box_intersect(r.box, pos) is not None]
         if self.guided is not None:
             out[relative(pos, box)] = self._render_guided(live, pos, clicks)
             return out
+        out[relative(pos, box)] = self._render_plain(live, pos)
+        return out
+
+    def _render_plain(self, live: Sequence, pos: Box) -> np.ndarray:
+        """The trilinear mask (uint8) on ``pos`` (the union of the live regions' positive boxes)."""
+        out = np.zeros(box_shape(pos), dtype=np.uint8)
+        thr = self.threshold
         if len(live) == 1:
             r = live[0]
-            sub = box_intersect(r.pos_box, box)
+            sub = box_intersect(r.pos_box, pos)
             vals = _regions.logits_to_volume(r.logits, r.region, self.volume, box=sub)
-            np.greater(vals, thr, out=out[relative(sub, box)], casting="unsafe")
+            np.greater(vals, thr, out=out[relative(sub, pos)], casting="unsafe")
             return out
         num = np.zeros(box_shape(pos), dtype=np.float32)
         den = np.zeros(box_shape(pos), dtype=np.float32)
@@ -125,8 +131,8 @@ class MaskComposer:
             w = self.voxel_weights(r, sub)
             num[rel] += w * vals
             den[rel] += w
-        np.greater(num, thr * den, out=out[relative(pos, box)], casting="unsafe")
-        out[relative(pos, box)] &= (den > 0)
+        np.greater(num, thr * den, out=out, casting="unsafe")
+        out &= (den > 0)
         return out
 
     def _render_guided(self, live: Sequence, pos: Box, clicks: Sequence) -> np.ndarray:
@@ -137,28 +143,33 @@ class MaskComposer:
         m = self.guided.margin_voxels(spacing_kji)
         ext = box_intersect(tuple(slice(s.start - g, s.stop + g) for s, g in zip(pos, m)),
                             tuple(slice(0, n) for n in vol.array.shape))
-        num = np.zeros(box_shape(ext), dtype=np.float32)
-        den = np.zeros(box_shape(ext), dtype=np.float32)
-        bound = 0.0
-        for r in live:
-            sub = box_intersect(r.box, ext)
-            if sub is None:
-                continue
-            rel = relative(sub, ext)
-            vals = np.asarray(_regions.logits_to_volume(r.logits, r.region, vol, box=sub), dtype=np.float32)
-            w = self.voxel_weights(r, sub) if len(live) > 1 else (vals > _regions.OUTSIDE_LOGIT / 2)
-            num[rel] += w * vals
-            den[rel] += w
-            bound = max(bound, _guided.gradient_bound(r.logits - self.threshold, [self.cell_mm] * 3))
-        valid = den > 0
-        logits = np.full(num.shape, _regions.OUTSIDE_LOGIT, dtype=np.float32)
-        logits[valid] = (num[valid] - self.threshold * den[valid]) / den[valid]
+        bound = max(_guided.gradient_bound(r.logits - self.threshold, [self.cell_mm] * 3) for r in live)
+        if bound == 0:   # no boundary inside any region's logits: nothing to refine
+            return self._render_plain(live, pos)
+        if len(live) == 1:
+            logits = _regions.logits_to_volume(live[0].logits, live[0].region, vol, box=ext)
+            logits -= np.float32(self.threshold)
+        else:
+            num = np.zeros(box_shape(ext), dtype=np.float32)
+            den = np.zeros(box_shape(ext), dtype=np.float32)
+            for r in live:
+                sub = box_intersect(r.box, ext)
+                if sub is None:
+                    continue
+                rel = relative(sub, ext)
+                vals = np.asarray(_regions.logits_to_volume(r.logits, r.region, vol, box=sub), dtype=np.float32)
+                w = self.voxel_weights(r, sub)
+                num[rel] += w * vals
+                den[rel] += w
+            valid = den > 0
+            logits = np.full(num.shape, _regions.OUTSIDE_LOGIT, dtype=np.float32)
+            logits[valid] = (num[valid] - self.threshold * den[valid]) / den[valid]
         start = np.array([ext[0].start, ext[1].start, ext[2].start], dtype=np.float64)
         guard = []
         for c in clicks:
             kji = vol.ras_to_ijk_points(np.asarray(c.ras, dtype=np.float64).reshape(1, 3))[0][::-1] - start
             guard.append((kji, bool(c.positive)))
-        mask = _guided.guided_mask(logits, vol.array[ext], spacing_kji, self.guided, valid, guard, bound)
+        mask = _guided.guided_mask(logits, vol.array[ext], spacing_kji, self.guided, None, guard, bound)
         return mask[relative(pos, ext)]
 
     @staticmethod

@@ -6,8 +6,9 @@ about a cell: 5 mm shells come out blobby, small spheres too big or too small. `
 mask and corrects it only near its boundary, where the CT clearly says otherwise:
 
 1. **Band.** Voxels within ``band_mm`` (half a low-res cell: 3 mm) of the trilinear boundary, measured as the
-   interpolated logit over its gradient (``L / |grad L|``) on the voxels where ``|L|`` is small enough for that
-   to be possible. Nothing farther away changes: the cost is proportional to the boundary's area inside the
+   interpolated logit over its gradient (``L / |grad L|``), among the voxels where ``|L|`` is at most
+   ``band_mm`` times the largest per-axis gradient of the low-res logits across their zero level (where the
+   gradient is oblique to the voxel axes the band can be narrower, down to ``band_mm / sqrt(3)``). Nothing farther away changes: the cost is proportional to the boundary's area inside the
    box being drawn, and voxels coarser than the band (3 mm or more on every axis) leave the mask untouched.
 2. **Two tissues across the boundary.** For each band voxel, the CT is read inside and outside the trilinear
    boundary along its normal, averaged over the voxels nearest to 0.75, 1 and 1.5 times ``profile_mm`` (a
@@ -64,23 +65,22 @@ class GuidedParams:
         return np.ceil((self.band_mm + self.profile_mm) / np.asarray(spacing_kji, dtype=np.float64)).astype(int) + 2
 
 
-def _neighbour_noise(guide_flat: np.ndarray, flat: np.ndarray, stride: int, n_axis_last: np.ndarray) -> float:
-    """Robust noise standard deviation: 1.4826 * MAD of differences between neighbours along the last axis,
-    divided by sqrt(2), on (a subsample of) the band voxels that have a neighbour."""
-    sel = flat[n_axis_last < n_axis_last.max()] if n_axis_last.size else flat
-    if sel.size > 20000:
-        sel = sel[:: sel.size // 20000]
+def _neighbour_noise(guide_flat: np.ndarray, flat: np.ndarray) -> float:
+    """Robust noise standard deviation of the guide: 1.4826 * MAD / sqrt(2) of the differences between the
+    voxels ``flat`` (a subsample of at most 20000) and their next neighbours along the last axis; at least 1."""
+    sel = flat[:: max(1, flat.size // 20000)]
     if sel.size < 8:
         return 1.0
-    diff = guide_flat[sel + stride] - guide_flat[sel]
+    diff = guide_flat[sel + 1] - guide_flat[sel]
     mad = np.median(np.abs(diff - np.median(diff)))
     return max(float(1.4826 * mad / np.sqrt(2.0)), 1.0)
 
 
 def gradient_bound(field: np.ndarray, spacing: Sequence[float]) -> float:
     """Bound of the gradient (units of ``field`` per mm) of the trilinear interpolant of ``field`` (a 3D grid of
-    ``spacing`` mm per axis) near its zero level: sqrt(3) times the largest step between neighbours of
-    opposite signs, per mm. 0 when the field does not change sign between neighbours."""
+    ``spacing`` mm per axis) near its zero level, along any one axis: the largest step between neighbours of
+    opposite signs, per mm (an oblique gradient can be up to sqrt(3) times larger). 0 when the field does not
+    change sign between neighbours."""
     f = np.asarray(field, dtype=np.float32)
     best = 0.0
     for ax in range(3):
@@ -91,7 +91,7 @@ def gradient_bound(field: np.ndarray, spacing: Sequence[float]) -> float:
         cross = (a > 0) != (b > 0)
         if cross.any():
             best = max(best, float(np.abs(a - b)[cross].max()) / float(spacing[ax]))
-    return best * float(np.sqrt(3.0))
+    return best
 
 
 def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[float],
@@ -109,49 +109,72 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
     lg = np.asarray(logits, dtype=np.float32)
     plain = lg > 0
     sp = np.asarray(spacing_kji, dtype=np.float64)
-    shape = np.asarray(lg.shape)
-    if lg.size == 0 or np.all(params.band_mm < sp) or np.all(plain) or not plain.any():
+    gmax = gradient_bound(lg, sp) if grad_bound is None else float(grad_bound)
+    if lg.size == 0 or np.all(params.band_mm < sp) or not gmax > 0:
         return plain
-    # Clamp the logits: outside-region values (-1e4) and confident extremes must not dominate the gradient.
-    lc = np.clip(lg, -50.0, 50.0)
-    # 1. band candidates: |L| <= band * (a bound of the gradient near the zero level)
-    gmax = gradient_bound(lc, sp) if grad_bound is None else float(grad_bound)
-    if not gmax > 0:
+    from scipy import ndimage
+
+    # 1. band: candidates |L| <= band * (gradient bound), then |L| / |grad L| <= band, the gradient by central
+    # differences (one-sided at the box's faces) of the logits clamped to +-50, so that outside-region values
+    # (-1e4) and confident extremes do not dominate it
+    lim = np.float32(params.band_mm * gmax)
+    cand = np.flatnonzero((lg >= -lim) & (lg <= lim))
+    if cand.size == 0:
         return plain
-    flat = np.flatnonzero(np.abs(lc) <= params.band_mm * gmax)
-    strides = np.array([shape[1] * shape[2], shape[2], 1])
-    coord = np.stack(np.unravel_index(flat, lg.shape)).astype(np.int64)
-    lflat = lc.reshape(-1)
-    grad = np.empty((3, flat.size), dtype=np.float32)
-    for ax in range(3):
-        hi = np.minimum(coord[ax] + 1, shape[ax] - 1)
-        lo = np.maximum(coord[ax] - 1, 0)
-        span = np.maximum(hi - lo, 1) * sp[ax]
-        grad[ax] = (lflat[flat + (hi - coord[ax]) * strides[ax]] - lflat[flat - (coord[ax] - lo) * strides[ax]]) / span
-    gnorm = np.sqrt((grad ** 2).sum(axis=0))
-    dist = lflat[flat] / np.maximum(gnorm, 1e-6)          # signed mm to the trilinear boundary (+ inside)
+    nk, nj, ni = lg.shape
+    lflat = lg.reshape(-1)
+    k = cand // (nj * ni)
+    rest = cand - k * (nj * ni)
+    j = rest // ni
+    i = rest - j * ni
+    g = []
+    for c, size, stride, h in ((k, nk, nj * ni, sp[0]), (j, nj, ni, sp[1]), (i, ni, 1, sp[2])):
+        up, down = np.minimum(c + 1, size - 1) - c, c - np.maximum(c - 1, 0)
+        hi = np.clip(lflat[cand + up * stride], -50.0, 50.0)
+        lo = np.clip(lflat[cand - down * stride], -50.0, 50.0)
+        g.append((hi - lo) / (np.maximum(up + down, 1) * np.float32(h)).astype(np.float32))
+    gn = np.sqrt(g[0] * g[0] + g[1] * g[1] + g[2] * g[2])
+    np.maximum(gn, np.float32(1e-6), out=gn)
+    dist = lflat[cand] / gn                          # signed mm to the trilinear boundary (+ inside)
     keep = np.abs(dist) <= params.band_mm
     if valid is not None:
-        keep &= np.asarray(valid).reshape(-1)[flat]
-    flat, coord, grad, gnorm, dist = flat[keep], coord[:, keep], grad[:, keep], gnorm[keep], dist[keep]
-    if flat.size == 0:
+        keep &= np.asarray(valid).reshape(-1)[cand]
+    sel = np.flatnonzero(keep)
+    if sel.size == 0:
         return plain
-    normal = grad / np.maximum(gnorm, 1e-6)                  # unit, towards the inside (mm space)
-    gflat = np.asarray(guide).reshape(-1)
+    cand, k, j, i, dist = cand[sel], k[sel], j[sel], i[sel], dist[sel]
+    n = [g[a][sel] / gn[sel] for a in range(3)]      # unit normal towards the inside, mm space
+    # 2. patches: blocks of ``block_mm`` per side, split by the normal's main direction (the two faces of a
+    # thin shell are two patches); per patch its mean boundary point and normal, and the two tissues read
+    # along that normal at 0.75, 1 and 1.5 x profile_mm on either side (trilinear)
+    bs = np.maximum(np.round(params.block_mm / sp).astype(np.int64), 1)
+    nb = np.array([(nk - 1) // bs[0] + 1, (nj - 1) // bs[1] + 1, (ni - 1) // bs[2] + 1])
+    an = [np.abs(v) for v in n]
+    axis = np.where(an[0] >= an[1], np.where(an[0] >= an[2], 0, 2), np.where(an[1] >= an[2], 1, 2))
+    main = np.where(axis == 0, n[0], np.where(axis == 1, n[1], n[2]))
+    block = ((k // bs[0]) * nb[1] + j // bs[1]) * nb[2] + i // bs[2]
+    key = block * 6 + axis * 2 + (main > 0)
+    nkeys = int(np.prod(nb)) * 6
+    cnt = np.bincount(key, minlength=nkeys)
+    active = np.flatnonzero(cnt)
+    cnt = cnt[active].astype(np.float64)
+    bpt = [np.bincount(key, weights=(c - dist * n[a] / sp[a]), minlength=nkeys)[active] / cnt
+           for a, c in enumerate((k, j, i))]
+    bn = np.stack([np.bincount(key, weights=n[a], minlength=nkeys)[active] for a in range(3)])
+    bn /= np.maximum(np.sqrt((bn ** 2).sum(axis=0)), 1e-6)
+    guide32 = np.asarray(guide, dtype=np.float32)
 
-    def sample(offset_mm: float) -> np.ndarray:
-        """The guide averaged over the voxels nearest to 0.75, 1 and 1.5 times ``offset_mm`` along the normal
-        from the trilinear boundary (three voxels: less noise than one, far cheaper than interpolating)."""
-        acc = np.zeros(flat.size, dtype=np.float32)
-        for f in (0.75, 1.0, 1.5):
-            step = (f * offset_mm - dist)[None, :] * normal / sp[:, None]
-            q = np.clip(np.rint(coord + step).astype(np.int64), 0, (shape - 1)[:, None])
-            acc += gflat[q[0] * strides[0] + q[1] * strides[1] + q[2]]
-        return acc / np.float32(3.0)
+    def tissue(sign: float) -> np.ndarray:
+        pts = np.concatenate([np.stack(bpt) + (sign * f * params.profile_mm) * bn / sp[:, None]
+                              for f in (0.75, 1.0, 1.5)], axis=1)
+        vals = ndimage.map_coordinates(guide32, pts, order=1, mode="nearest")
+        return vals.reshape(3, -1).mean(axis=0)
 
-    mu_in, mu_out = sample(params.profile_mm), sample(-params.profile_mm)
-    value = gflat[flat].astype(np.float32)
-    noise = _neighbour_noise(gflat.astype(np.float32, copy=False), flat, 1, coord[2])
+    table = np.zeros((2, nkeys), dtype=np.float32)
+    table[0, active], table[1, active] = tissue(1.0), tissue(-1.0)
+    mu_in, mu_out = table[0, key], table[1, key]
+    value = guide32.reshape(-1)[cand]
+    noise = _neighbour_noise(guide32.reshape(-1), cand[i < ni - 1])
     contrast = mu_in - mu_out
     side = (value - 0.5 * (mu_in + mu_out)) * np.sign(contrast)   # > 0: the mu_in side
     dead = params.dead_zone * noise
@@ -159,32 +182,27 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
     vote_in = usable & (side > dead)
     vote_out = usable & (side < -dead)
     # 4. blocks where a clear vote changed the trilinear answer: the dead zone follows the mid-level there
-    was_in = plain.reshape(-1)[flat]
+    was_in = plain.reshape(-1)[cand]
     strong = usable & (np.abs(side) > 2 * dead)
     changed = strong & ((vote_in & ~was_in) | (vote_out & was_in))
     if changed.any():
-        from scipy import ndimage
-
-        bs = np.maximum(np.round(params.block_mm / sp).astype(np.int64), 1)
-        block = coord // bs[:, None]
-        nb = block.max(axis=1) + 1
-        bid = np.ravel_multi_index(tuple(block), tuple(nb))
         hot = np.zeros(int(np.prod(nb)), dtype=bool)
-        hot[bid[changed]] = True
-        hot = ndimage.binary_dilation(hot.reshape(nb), structure=np.ones((3, 3, 3), bool)).reshape(-1)[bid]
+        hot[block[changed]] = True
+        hot = ndimage.binary_dilation(hot.reshape(nb), structure=np.ones((3, 3, 3), bool)).reshape(-1)[block]
         unsure = hot & usable & ~vote_in & ~vote_out
         vote_in |= unsure & (side > 0)
         vote_out |= unsure & (side <= 0)
     # 5. clicks: no removal near include clicks, no addition near exclude clicks
     for pos, include in clicks_kji:
-        d2 = (((coord - np.asarray(pos, dtype=np.float64).reshape(3, 1)) * sp[:, None]) ** 2).sum(axis=0)
-        near = d2 <= params.click_guard_mm ** 2
+        q = np.asarray(pos, dtype=np.float64).reshape(3)
+        near = (((k - q[0]) * sp[0]) ** 2 + ((j - q[1]) * sp[1]) ** 2
+                + ((i - q[2]) * sp[2]) ** 2) <= params.click_guard_mm ** 2
         if include:
             vote_out &= ~near
         else:
             vote_in &= ~near
     out = plain.copy()
     o = out.reshape(-1)
-    o[flat[vote_in]] = True
-    o[flat[vote_out]] = False
+    o[cand[vote_in]] = True
+    o[cand[vote_out]] = False
     return out
