@@ -114,19 +114,22 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
         return plain
     from scipy import ndimage
 
-    # 1. band: candidates |L| <= band * (gradient bound), then |L| / |grad L| <= band, the gradient by central
-    # differences (one-sided at the box's faces) of the logits clamped to +-50, so that outside-region values
-    # (-1e4) and confident extremes do not dominate it
-    lim = np.float32(params.band_mm * gmax)
-    cand = np.flatnonzero((lg >= -lim) & (lg <= lim))
-    if cand.size == 0:
-        return plain
+    # 1. band, found on every ``step``-th voxel per axis (2 where voxels are at most half the band, else 1):
+    # candidates |L| <= (band + the step's half-diagonal) * (gradient bound), then |L| / |grad L| (the gradient by
+    # central differences, one-sided at the box's faces, of the logits clamped to +-50 so that outside-region
+    # values (-1e4) and confident extremes do not dominate it); each such voxel stands for its step block
     nk, nj, ni = lg.shape
+    step = np.where(2.0 * sp <= params.band_mm, 2, 1).astype(np.int64)
+    reach = 0.5 * float(np.linalg.norm((step - 1) * sp))
+    lim = np.float32((params.band_mm + reach) * gmax)
+    coarse = lg[::step[0], ::step[1], ::step[2]]
+    cflat = np.flatnonzero((coarse >= -lim) & (coarse <= lim))
+    if cflat.size == 0:
+        return plain
+    ck, cj, ci = np.unravel_index(cflat, coarse.shape)
+    k, j, i = ck * step[0], cj * step[1], ci * step[2]
+    cand = (k * nj + j) * ni + i
     lflat = lg.reshape(-1)
-    k = cand // (nj * ni)
-    rest = cand - k * (nj * ni)
-    j = rest // ni
-    i = rest - j * ni
     g = []
     for c, size, stride, h in ((k, nk, nj * ni, sp[0]), (j, nj, ni, sp[1]), (i, ni, 1, sp[2])):
         up, down = np.minimum(c + 1, size - 1) - c, c - np.maximum(c - 1, 0)
@@ -136,10 +139,7 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
     gn = np.sqrt(g[0] * g[0] + g[1] * g[1] + g[2] * g[2])
     np.maximum(gn, np.float32(1e-6), out=gn)
     dist = lflat[cand] / gn                          # signed mm to the trilinear boundary (+ inside)
-    keep = np.abs(dist) <= params.band_mm
-    if valid is not None:
-        keep &= np.asarray(valid).reshape(-1)[cand]
-    sel = np.flatnonzero(keep)
+    sel = np.flatnonzero(np.abs(dist) <= params.band_mm + reach)
     if sel.size == 0:
         return plain
     cand, k, j, i, dist = cand[sel], k[sel], j[sel], i[sel], dist[sel]
@@ -155,12 +155,13 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
     block = ((k // bs[0]) * nb[1] + j // bs[1]) * nb[2] + i // bs[2]
     key = block * 6 + axis * 2 + (main > 0)
     nkeys = int(np.prod(nb)) * 6
-    cnt = np.bincount(key, minlength=nkeys)
+    core = (np.abs(dist) <= params.band_mm).astype(np.float32)   # patch statistics: band voxels only
+    cnt = np.bincount(key, weights=core, minlength=nkeys)
     active = np.flatnonzero(cnt)
-    cnt = cnt[active].astype(np.float64)
-    bpt = [np.bincount(key, weights=(c - dist * n[a] / sp[a]), minlength=nkeys)[active] / cnt
+    cnt = cnt[active]
+    bpt = [np.bincount(key, weights=core * (c - dist * n[a] / sp[a]), minlength=nkeys)[active] / cnt
            for a, c in enumerate((k, j, i))]
-    bn = np.stack([np.bincount(key, weights=n[a], minlength=nkeys)[active] for a in range(3)])
+    bn = np.stack([np.bincount(key, weights=core * n[a], minlength=nkeys)[active] for a in range(3)])
     bn /= np.maximum(np.sqrt((bn ** 2).sum(axis=0)), 1e-6)
     guide32 = np.asarray(guide, dtype=np.float32)
 
@@ -172,6 +173,15 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
 
     table = np.zeros((2, nkeys), dtype=np.float32)
     table[0, active], table[1, active] = tissue(1.0), tissue(-1.0)
+    # every voxel of each step block: its distance moves by the offset along the normal
+    if np.any(step > 1):
+        off = np.stack(np.meshgrid(*(np.arange(v) for v in step), indexing="ij")).reshape(3, -1)
+        kk, jj, ii = (c[:, None] + o[None, :] for c, o in zip((k, j, i), off))
+        dd = dist[:, None] + sum(n[a][:, None] * (off[a] * sp[a])[None, :] for a in range(3))
+        inside = (kk < nk) & (jj < nj) & (ii < ni) & (np.abs(dd) <= params.band_mm)
+        k, j, i = kk[inside], jj[inside], ii[inside]
+        key, block = np.broadcast_to(key[:, None], dd.shape)[inside], np.broadcast_to(block[:, None], dd.shape)[inside]
+        cand = (k * nj + j) * ni + i
     mu_in, mu_out = table[0, key], table[1, key]
     value = guide32.reshape(-1)[cand]
     noise = _neighbour_noise(guide32.reshape(-1), cand[i < ni - 1])
