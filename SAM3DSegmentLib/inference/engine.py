@@ -2,8 +2,9 @@
 and the caller's objects, behind job bodies (:class:`Engine`); and how a session is brought to the GUI's click
 list with the least work (:func:`plan_click_update`).
 
-Pure Python + numpy; torch is imported only when a model is loaded (through
-:mod:`~SAM3DSegmentLib.inference.backends` and :mod:`~SAM3DSegmentLib.models`).
+Pure Python + numpy; torch is imported only when a local model is loaded (through
+:mod:`~SAM3DSegmentLib.inference.backends` and :mod:`~SAM3DSegmentLib.models`), never for remote servers
+(:meth:`Engine.load_remote`, :mod:`SAM3DSegmentLib.remote`).
 """
 from __future__ import annotations
 
@@ -48,23 +49,53 @@ class Engine:
         self._objects: Dict[str, str] = {}
 
     # ------------------------------------------------------------------ model
-    def load(self, checkpoint: str, device: str = "cpu", dtype: str = "float32",
-             progress: Optional[Callable[[int, Optional[int]], None]] = None) -> str:
-        """Resolve (download if needed) and load a checkpoint on ``device``; returns the backend's name."""
+    def load(self, checkpoint: str, device: str = "auto", dtype: str = "float32",
+             progress: Optional[Callable[[int, Optional[int]], None]] = None) -> Dict[str, Any]:
+        """Resolve (download if needed) and load a checkpoint on ``device`` ("auto": CUDA, else Apple MPS, else
+        the CPU, chosen HERE, so the caller's process need not import torch). Returns ``{"name": the backend's
+        name, "device": the device used, "warning": the CPU warning when it is the CPU, else None}``."""
         from .backends import LocalBackend, require_torch
 
         require_torch()   # a clear message before anything is downloaded or the model code is imported
         from ..models import load_checkpoint
+        from ..models.device import device_warning, resolve_device
         from ..weights import resolve_checkpoint
 
+        dev = resolve_device(device)   # a clear error when the device asked for is not there
         path = resolve_checkpoint(checkpoint, progress=progress if progress is not None else "auto")
         model = load_checkpoint(str(path), map_location="cpu")
-        return self.set_backend(LocalBackend(model, device=device, dtype=dtype))
+        name = self.set_backend(LocalBackend(model, device=str(dev), dtype=dtype))
+        return {"name": name, "device": str(dev), "warning": device_warning(dev)}
+
+    def load_remote(self, settings: Dict[str, Any], key: Optional[str] = None,
+                    model: Optional[str] = None) -> Dict[str, Any]:
+        """Use the remote servers that ``settings`` (the fields of
+        :class:`~SAM3DSegmentLib.remote.settings.RemoteSettings`) describe, with bearer ``key``, instead of a
+        local model; ``model``: a model name the servers offer (None: their first). Needs no torch. The result
+        has :meth:`load`'s keys (``device``: the server's)."""
+        from ..remote.settings import RemoteSettings, backend_from_settings
+
+        backend = backend_from_settings(RemoteSettings(**settings), key, model)
+        name = self.set_backend(backend)
+        return {"name": name, "device": str(backend.caps.get("device") or "?"), "warning": None}
+
+    def check_servers(self, servers: Sequence[str], key: Optional[str] = None, timeout_s: float = 5.0,
+                      ca_file: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The connection test of :func:`~SAM3DSegmentLib.remote.settings.check_connection`, one dict per server
+        (its fields and ``line``, the text to show); runs here so that a slow server never blocks the GUI."""
+        import dataclasses
+
+        from ..remote.settings import check_connection
+
+        return [dict(dataclasses.asdict(r), line=r.line())
+                for r in check_connection(list(servers), key, timeout_s=timeout_s, ca_file=ca_file or None)]
 
     def set_backend(self, backend) -> str:
         from .session import Session, SessionOptions
 
         options = self.session_options or SessionOptions(region_size=int(getattr(backend, "image_size", 128)))
+        if self.backend is not None and self.backend is not backend and hasattr(self.backend, "close"):
+            self.backend.close()   # a remote backend's connections
         self.backend = backend
         self.session = Session(backend, options)
         self.volume_key = self.volume_token = None
@@ -129,6 +160,18 @@ class Engine:
         if plan[0] == "add":
             return self.session.add_clicks(as_clicks, check=check)
         return self.session.set_clicks(as_clicks, check=check)
+
+    def set_initial_mask(self, key: str, mask, box=None, volume_token: Any = None):
+        """Start object ``key`` over from ``mask`` (its clicks and undo history are cleared; undo and reset return
+        to it): ``Session.set_initial_mask``'s mask (a ``Volume`` on any grid, or an array on the volume's grid
+        or on its (k, j, i) ``box``, a list of ``(start, stop)`` pairs or slices). ``volume_token`` as in
+        :meth:`sync_clicks`. Returns the MaskUpdate."""
+        self._require_volume()
+        if volume_token is not None and volume_token != self.volume_token:
+            raise RuntimeError("the engine holds another volume than the segment's; try again (the volume is re-sent)")
+        if box is not None:
+            box = tuple(b if isinstance(b, slice) else slice(int(b[0]), int(b[1])) for b in box)
+        return self.session.set_initial_mask(mask, self._object(key), box=box)
 
     def edit(self, kind: str, key: str):
         """``kind`` in undo / redo / reset. Returns ``(MaskUpdate or None, clicks after, changed)``;

@@ -11,12 +11,13 @@ and torch, CUDA and out-of-memory crashes stay out of Slicer's process.
   or ``$SAM3DSEGMENT_PYTHON``) runs a ``ThreadEngine``. It listens on a private loopback port
   (127.0.0.1, port chosen by the OS) with a random 32-byte key (``multiprocessing.connection``: HMAC
   challenge, so no other program can talk to it), tells the parent the port on its stdout, and accepts one
-  connection. The key travels on the child's stdin, never on the command line.
+  connection. The key travels on the child's stdin, never on the command line; a remote server's key travels
+  inside the ``load_remote`` request on the authenticated connection, never on a command line either.
 * The child exits when the parent goes away: its stdin (kept open by the parent) reaches end of file, or the
   connection closes. Its stderr goes to a log file (``ProcessEngine.log_path``).
 * If the child dies (out of memory, segfault, killed), every job in flight fails with :class:`EngineCrashed`
   (exit code and the end of the log) and the next ``submit`` starts a new child and re-sends, in order, the
-  model load, the volume and each object's clicks, so nothing is lost; undo history inside the engine restarts.
+  model load, the volume and each object's initial mask and clicks (nothing is lost; undo history restarts).
 
 The messages and the child's request loop: :mod:`~SAM3DSegmentLib.inference.protocol`.
 """
@@ -35,7 +36,7 @@ from multiprocessing.connection import Client, Listener
 from typing import Any, Dict, List, Optional
 
 from .protocol import PROTOCOL, EngineError, decode, encode, no_delay, serve
-from .worker import CANCELLED, DONE, FAILED, PENDING, RUNNING, OPS, Job, _job_result
+from .worker import CANCELLED, DONE, FAILED, LOAD_OPS, PENDING, RUNNING, OPS, Job, _job_result
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -126,10 +127,11 @@ class ProcessEngine:
         self._ids = 0
         self._inflight: Dict[int, Job] = {}
         self._ready: List[Job] = []
-        # what a restart re-sends: the last load, the volume (and its token), each object's clicks
+        # what a restart re-sends: the last load, the volume (and its token), each object's initial mask and clicks
         self._load: Optional[tuple] = None
         self._volume: Optional[tuple] = None
         self._clicks: Dict[str, list] = {}
+        self._init: Dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -227,14 +229,14 @@ class ProcessEngine:
         if op not in OPS:
             raise ValueError(f"unknown engine operation {op!r}; known: {', '.join(OPS)}")
         if not self.running:
-            self._restart(replay=op != "load")
+            self._restart(replay=op not in LOAD_OPS)
         return self._send(op, args, kwargs, tag, supersede, context, cancellable)
 
     def _send(self, op, args, kwargs, tag, supersede, context, cancellable) -> Job:
         self._ids += 1
         job = Job(op, args, kwargs, tag, False, context, cancellable)
         job.remote_id = self._ids
-        if op == "load":
+        if op in LOAD_OPS:
             self.download = None
         if supersede and tag is not None:
             for old in self._inflight.values():
@@ -258,11 +260,13 @@ class ProcessEngine:
             self.restarts += 1
         if not replay or self._load is None:
             return
-        load, volume, clicks = self._load, self._volume, dict(self._clicks)
+        load, volume, clicks, inits = self._load, self._volume, dict(self._clicks), dict(self._init)
         restore = {"kind": "restore"}
-        self._send("load", load[0], load[1], None, False, restore, False)
+        self._send(load[0], load[1], load[2], None, False, restore, False)
         if volume is not None:
             self._send("set_volume", volume, {}, None, False, restore, False)
+            for key, (args, kwargs) in inits.items():
+                self._send("set_initial_mask", (key,) + tuple(args), kwargs, None, False, restore, False)
             for key, cl in clicks.items():
                 if cl:
                     self._send("sync_clicks", (key, cl, volume[1]), {}, None, False, restore, False)
@@ -318,12 +322,14 @@ class ProcessEngine:
     def _remember(self, job: Job) -> None:
         """Keep what a restart must re-send, from the results (they arrive in the order the engine ran them)."""
         op, args = job.fn, job.args
-        if op == "load":
-            self._load, self._volume, self._clicks = (args, dict(job.kwargs)), None, {}
+        if op in LOAD_OPS + ("set_volume", "forget_volume"):
+            self._clicks, self._init, self._volume = {}, {}, None
+        if op in LOAD_OPS:   # (a remote load's key stays in this process's memory, for the replay only)
+            self._load = (op, args, dict(job.kwargs))
         elif op == "set_volume":
-            self._volume, self._clicks = (args[0], args[1] if len(args) > 1 else job.kwargs.get("token")), {}
-        elif op == "forget_volume":
-            self._volume, self._clicks = None, {}
+            self._volume = (args[0], args[1] if len(args) > 1 else job.kwargs.get("token"))
+        elif op == "set_initial_mask":
+            self._init[args[0]], self._clicks[args[0]] = (args[1:], dict(job.kwargs)), []
         elif op == "sync_clicks":
             self._clicks[args[0]] = [tuple(c) for c in args[1]]
         elif op == "edit":
@@ -332,6 +338,7 @@ class ProcessEngine:
             self._clicks[args[0]] = list(job.result)
         elif op == "forget_object":
             self._clicks.pop(args[0], None)
+            self._init.pop(args[0], None)
 
     def _finish(self, job: Job, state: str) -> None:
         self._inflight.pop(getattr(job, "remote_id", None), None)

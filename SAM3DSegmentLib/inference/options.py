@@ -6,25 +6,31 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ..core.click_protocols import CLICK_PROTOCOLS, click_protocol
 from .guided import UPSAMPLING_MODES
 
-__all__ = ["SessionOptions", "PROMPT_MODES"]
+__all__ = ["SessionOptions", "PROMPT_MODES", "INIT_PROMPTS"]
 
-#: ``"newest"``: each decode sees only the newest click (+ the region's previous logits), as the model was
-#: trained; ``"all"``: every point of the object inside the region so far.
-PROMPT_MODES = ("newest", "all")
+#: The click protocols (:mod:`SAM3DSegmentLib.core.click_protocols`): ``"newest-click"``: each decode sees
+#: only the newest click (+ the region's previous logits), as the model was trained and published tables were
+#: evaluated; ``"all-clicks"``: every point of the object inside the region so far (+ the previous logits), as
+#: the reference's inference code feeds them. The older spellings ``"newest"`` / ``"all"`` are accepted.
+PROMPT_MODES = tuple(CLICK_PROTOCOLS)
+#: How an initial mask (``Session.set_initial_mask``) prompts the model: :mod:`~SAM3DSegmentLib.inference.prior`.
+INIT_PROMPTS = ("binary", "occupancy", "distance", "zeros")
 
 
 @dataclass
 class SessionOptions:
-    """``prompt_mode``: one of :data:`PROMPT_MODES`. ``region_size``, ``spacing_mm``: side (voxels) and voxel
+    """``prompt_mode``: one of :data:`PROMPT_MODES` (an older spelling is stored under its new name).
+    ``region_size``, ``spacing_mm``: side (voxels) and voxel
     size (mm) of the model-input regions. ``extend``: add neighbouring regions while the object's mask touches
     a region face (:mod:`~SAM3DSegmentLib.inference.growth`), up to ``max_regions`` per object.
     ``clamp_hu``: (low, high) clip of the original voxels before normalising (None: no clip).
     ``cache_size``: embeddings kept (:class:`~SAM3DSegmentLib.inference.cache.EmbeddingCache`).
     ``threshold``: the logit above which a voxel is in the mask (0: sigmoid > 0.5)."""
 
-    prompt_mode: str = "newest"
+    prompt_mode: str = "newest-click"
     region_size: int = 128
     spacing_mm: float = 1.5
     extend: bool = True
@@ -52,11 +58,22 @@ class SessionOptions:
     #: How the low-res logits reach the original voxels (:mod:`~SAM3DSegmentLib.inference.guided`):
     #: ``"trilinear"`` (the reference's way, the default) or ``"guided"`` (refined near the boundary with the CT).
     upsampling: str = "trilinear"
+    #: An initial mask's previous-mask prompt (:data:`INIT_PROMPTS`, :mod:`~SAM3DSegmentLib.inference.prior`):
+    #: the encoding, its logit magnitude and (``"distance"``) the signed distance in mm that reaches it.
+    init_prompt: str = "binary"
+    init_logit: float = 8.0
+    init_width_mm: float = 6.0
+    #: Region extension (``extend``) for objects started from an initial mask. Off by default: the mask already
+    #: holds the object beyond the clicked region, and re-predicting the neighbouring regions lowered the Dice
+    #: of refined masks (docs/refine.md).
+    init_extend: bool = False
 
     def __post_init__(self) -> None:
         problems = []
-        if self.prompt_mode not in PROMPT_MODES:
-            problems.append(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        try:
+            self.prompt_mode = click_protocol(self.prompt_mode, "prompt_mode")
+        except ValueError as err:
+            problems.append(str(err))
         if int(self.region_size) < 8 or int(self.region_size) % 4:
             problems.append(f"region_size must be a multiple of 4 and >= 8, got {self.region_size}")
         if not (float(self.spacing_mm) > 0 and np.isfinite(float(self.spacing_mm))):
@@ -71,6 +88,10 @@ class SessionOptions:
             problems.append(f"upsampling must be one of {UPSAMPLING_MODES}, got {self.upsampling!r}")
         if int(self.cache_size) < 1:
             problems.append(f"cache_size must be >= 1, got {self.cache_size}")
+        if self.init_prompt not in INIT_PROMPTS:
+            problems.append(f"init_prompt must be one of {INIT_PROMPTS}, got {self.init_prompt!r}")
+        if not (float(self.init_logit) > 0 and float(self.init_width_mm) > 0):
+            problems.append("init_logit and init_width_mm must be > 0")
         if self.clamp_hu is not None:
             lo, hi = (float(v) for v in self.clamp_hu)
             if not lo < hi:
@@ -82,3 +103,4 @@ class SessionOptions:
         self.max_regions = int(self.max_regions)
         self.cache_size = int(self.cache_size)
         self.honour_clicks = bool(self.honour_clicks)
+        self.init_extend = bool(self.init_extend)
