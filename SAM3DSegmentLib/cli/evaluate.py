@@ -54,6 +54,7 @@ def configure(p) -> None:
                           "the cases were scaled from (--npz-window=-160,240); default: the 0..255 values")
     O.add_device_options(p)
     O.add_engine_options(p)
+    O.add_upsampling_option(p)
     p.add_argument("--nsd-tolerance", type=O.non_negative_float, default=2.0, metavar="MM",
                    help="NSD tolerance in mm (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the legacy protocol's random clicks (default 0)")
@@ -127,7 +128,7 @@ def run(args) -> int:
     config = EvalConfig(clicks=args.clicks, protocols=tuple(protocols), prompt_mode=args.prompt_mode,
                         spacing_mm=args.spacing, clamp_hu=args.clamp_hu, extend=not args.no_extend,
                         max_regions=args.max_regions, nsd_tolerance_mm=args.nsd_tolerance, seed=args.seed,
-                        reference_seed=args.reference_seed, data=data_info)
+                        reference_seed=args.reference_seed, upsampling=args.upsampling, data=data_info)
     backend, model_info = _backend(args)
     config.model = model_info
     log(f"sam3d evaluate: {model_info['backend']}; protocols {', '.join(protocols)}; {args.clicks} clicks")
@@ -144,6 +145,9 @@ def _run_segfm(args, out: str, log) -> int:
     from ..eval.segfm_report import CLASS_CSV_NAME, CSV_NAME, JSON_NAME, PNG_NAME
     from ..eval.segfm_run import run_segfm, segfm_data
 
+    if args.upsampling != "trilinear":
+        raise O.UsageError("--upsampling guided applies to the engine protocol; --protocol segfm runs trilinear only "
+                           "(leave out --upsampling)")
     if args.sample:
         raise O.CliError("--protocol segfm scores a dataset: give --data (a folder of the challenge's .npz cases "
                          "or an nnU-Net dataset) instead of --sample")

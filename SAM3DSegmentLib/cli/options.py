@@ -173,6 +173,18 @@ def add_device_options(p: argparse.ArgumentParser, dtype: bool = True) -> None:
         p.add_argument("--dtype", default="float32", choices=DTYPES, help=DTYPE_HELP)
 
 
+UPSAMPLING_HELP = ("how the model's low-res answer (one logit per 6 mm cell) reaches the image's voxels: trilinear "
+                   "(default: interpolated, as SAM-Med3D's own code does) or guided (refined near the boundary with "
+                   "the CT itself: crisper thin structures; docs/guided_upsampling.md)")
+
+
+def add_upsampling_option(p: argparse.ArgumentParser) -> None:
+    """``--upsampling trilinear|guided`` (``SessionOptions.upsampling``)."""
+    from ..inference.guided import UPSAMPLING_MODES
+
+    p.add_argument("--upsampling", choices=UPSAMPLING_MODES, default="trilinear", help=UPSAMPLING_HELP)
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """How the interactive engine turns clicks into a mask: prompt mode, spacing, clamp, region growth."""
     p.add_argument("--prompt-mode", type=click_protocol_name, choices=tuple(CLICK_PROTOCOLS), default=NEWEST_CLICK,

@@ -87,6 +87,7 @@ def configure(p) -> None:
     O.add_model_options(p)
     O.add_device_options(p)
     O.add_engine_options(p)
+    O.add_upsampling_option(p)
     p.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd output")
     p.add_argument("--color", default=None, metavar="#RRGGBB|R,G,B",
                    help="segment colour in a .seg.nrrd output (default #e64b3c, red; R,G,B in 0..1 also work)")
@@ -278,7 +279,8 @@ def run(args) -> int:
     from ..inference.session import Session, SessionOptions
 
     opts = SessionOptions(prompt_mode=args.prompt_mode, region_size=backend.image_size, spacing_mm=args.spacing,
-                          extend=not args.no_extend, max_regions=args.max_regions, clamp_hu=args.clamp_hu)
+                          extend=not args.no_extend, max_regions=args.max_regions, clamp_hu=args.clamp_hu,
+                          upsampling=args.upsampling)
     session = Session(backend, opts)
     try:
         session.set_volume(volume)
@@ -310,7 +312,7 @@ def run(args) -> int:
                       "dicom_series": series,
                       "clicks_frame": "ijk" if args.voxel else "RAS", "prompt_mode": args.prompt_mode,
                       "spacing_mm": args.spacing, "clamp_hu": args.clamp_hu, "extend": not args.no_extend,
-                      "max_regions": args.max_regions,
+                      "max_regions": args.max_regions, "upsampling": args.upsampling,
                       "init_mask": None if init is None else {
                           "path": os.path.abspath(args.init_mask), "segment": args.init_segment,
                           "voxels_on_image_grid": int(init.array.sum()), "extend": opts.init_extend},

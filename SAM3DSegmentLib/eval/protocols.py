@@ -78,6 +78,8 @@ class EvalConfig:
     nsd_tolerance_mm: float = 2.0
     seed: int = 0
     reference_seed: int = 233  # validate_paired_img_gt's default seed
+    #: the engine protocol's SessionOptions.upsampling; legacy and reference always interpolate trilinearly
+    upsampling: str = "trilinear"
     model: Dict[str, Any] = field(default_factory=dict)   # name, checkpoint, sha256, device ... for the JSON
     data: Dict[str, Any] = field(default_factory=dict)
 
@@ -95,6 +97,8 @@ class EvalConfig:
             raise EvaluationError("--nsd-tolerance must be >= 0 mm")
         if not self.spacing_mm > 0:
             raise EvaluationError("--spacing-mm must be > 0")
+        if self.upsampling not in ("trilinear", "guided"):
+            raise EvaluationError(f"--upsampling must be trilinear or guided, got {self.upsampling!r}")
 
 
 Row = Dict[str, Any]
@@ -124,7 +128,8 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
 
     opts = SessionOptions(prompt_mode=config.prompt_mode, region_size=int(backend.image_size),
                           spacing_mm=float(config.spacing_mm), extend=bool(config.extend),
-                          max_regions=int(config.max_regions), clamp_hu=config.clamp_hu)
+                          max_regions=int(config.max_regions), clamp_hu=config.clamp_hu,
+                          upsampling=config.upsampling)
     session = Session(backend, opts)
     session.set_volume(case.image)
     spacing_kji = np.asarray(case.image.spacing, dtype=np.float64)[::-1]
