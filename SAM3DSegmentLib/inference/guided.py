@@ -71,7 +71,7 @@ def _neighbour_noise(guide_flat: np.ndarray, flat: np.ndarray) -> float:
     sel = flat[:: max(1, flat.size // 20000)]
     if sel.size < 8:
         return 1.0
-    diff = guide_flat[sel + 1] - guide_flat[sel]
+    diff = guide_flat[sel + 1].astype(np.float32) - guide_flat[sel]
     mad = np.median(np.abs(diff - np.median(diff)))
     return max(float(1.4826 * mad / np.sqrt(2.0)), 1.0)
 
@@ -163,12 +163,14 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
            for a, c in enumerate((k, j, i))]
     bn = np.stack([np.bincount(key, weights=core * n[a], minlength=nkeys)[active] for a in range(3)])
     bn /= np.maximum(np.sqrt((bn ** 2).sum(axis=0)), 1e-6)
-    guide32 = np.asarray(guide, dtype=np.float32)
+    guide_c = np.ascontiguousarray(guide)
+    guide_flat = guide_c.reshape(-1)
+    noise = _neighbour_noise(guide_flat, cand[i < ni - 1])
 
     def tissue(sign: float) -> np.ndarray:
         pts = np.concatenate([np.stack(bpt) + (sign * f * params.profile_mm) * bn / sp[:, None]
                               for f in (0.75, 1.0, 1.5)], axis=1)
-        vals = ndimage.map_coordinates(guide32, pts, order=1, mode="nearest")
+        vals = ndimage.map_coordinates(guide_c, pts, output=np.float32, order=1, mode="nearest")
         return vals.reshape(3, -1).mean(axis=0)
 
     table = np.zeros((2, nkeys), dtype=np.float32)
@@ -176,15 +178,17 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
     # every voxel of each step block: its distance moves by the offset along the normal
     if np.any(step > 1):
         off = np.stack(np.meshgrid(*(np.arange(v) for v in step), indexing="ij")).reshape(3, -1)
-        kk, jj, ii = (c[:, None] + o[None, :] for c, o in zip((k, j, i), off))
-        dd = dist[:, None] + sum(n[a][:, None] * (off[a] * sp[a])[None, :] for a in range(3))
-        inside = (kk < nk) & (jj < nj) & (ii < ni) & (np.abs(dd) <= params.band_mm)
-        k, j, i = kk[inside], jj[inside], ii[inside]
-        key, block = np.broadcast_to(key[:, None], dd.shape)[inside], np.broadcast_to(block[:, None], dd.shape)[inside]
-        cand = (k * nj + j) * ni + i
+        dd = dist[:, None] + np.stack(n, axis=1) @ (off * sp[:, None]).astype(np.float32)
+        inside = np.abs(dd) <= np.float32(params.band_mm)
+        for a, (c, size) in enumerate(((k, nk), (j, nj), (i, ni))):
+            edge = np.flatnonzero(c + step[a] - 1 >= size)   # blocks cut by the box's far face
+            if edge.size:
+                inside[edge] &= c[edge, None] + off[a][None, :] < size
+        rows, cols = np.nonzero(inside)
+        cand = cand[rows] + ((off[0] * nj + off[1]) * ni + off[2])[cols]
+        key, block = key[rows], block[rows]
     mu_in, mu_out = table[0, key], table[1, key]
-    value = guide32.reshape(-1)[cand]
-    noise = _neighbour_noise(guide32.reshape(-1), cand[i < ni - 1])
+    value = guide_flat[cand].astype(np.float32)
     contrast = mu_in - mu_out
     side = (value - 0.5 * (mu_in + mu_out)) * np.sign(contrast)   # > 0: the mu_in side
     dead = params.dead_zone * noise
@@ -202,17 +206,24 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
         unsure = hot & usable & ~vote_in & ~vote_out
         vote_in |= unsure & (side > 0)
         vote_out |= unsure & (side <= 0)
-    # 5. clicks: no removal near include clicks, no addition near exclude clicks
-    for pos, include in clicks_kji:
-        q = np.asarray(pos, dtype=np.float64).reshape(3)
-        near = (((k - q[0]) * sp[0]) ** 2 + ((j - q[1]) * sp[1]) ** 2
-                + ((i - q[2]) * sp[2]) ** 2) <= params.click_guard_mm ** 2
-        if include:
-            vote_out &= ~near
-        else:
-            vote_in &= ~near
     out = plain.copy()
     o = out.reshape(-1)
     o[cand[vote_in]] = True
     o[cand[vote_out]] = False
+    # 5. clicks: within the guard of an include click no voxel of the trilinear mask is removed, within that of
+    # an exclude click none outside it is added
+    r = params.click_guard_mm / sp
+    for pos, include in clicks_kji:
+        q = np.asarray(pos, dtype=np.float64).reshape(3)
+        lo = np.maximum(np.floor(q - r), 0).astype(int)
+        hi = np.minimum(np.ceil(q + r).astype(int) + 1, lg.shape)
+        if np.any(hi <= lo):
+            continue
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        kk, jj, ii = (((np.arange(a, b) - q[x]) * sp[x]) ** 2 for x, (a, b) in enumerate(zip(lo, hi)))
+        near = (kk[:, None, None] + jj[None, :, None] + ii[None, None, :]) <= params.click_guard_mm ** 2
+        if include:
+            out[box] |= plain[box] & near
+        else:
+            out[box] &= plain[box] | ~near
     return out
