@@ -13,9 +13,7 @@ mask and corrects it only near its boundary, where the CT clearly says otherwise
 2. **Two tissues across the boundary.** For each band voxel, the CT is read inside and outside the trilinear
    boundary along its normal, averaged over the voxels nearest to 0.75, 1 and 1.5 times ``profile_mm`` (a
    third of a cell: 2 mm) away from it: ``mu_in`` and ``mu_out``, the two tissues the boundary separates there. Where they differ by less than ``min_contrast`` noise standard
-   deviations (a label boundary without an intensity edge: two vertebrae, a lobe split), or where the three
-   samples of one side spread over more than ``max_spread`` (3/4) of that difference (not one tissue: the
-   profile crosses a third structure), nothing changes.
+   deviations (a label boundary without an intensity edge: two vertebrae, a lobe split) nothing changes.
 3. **Clear votes only.** A voxel whose intensity lies more than ``dead_zone`` noise standard deviations on
    the ``mu_in`` side of the mid-level ``(mu_in + mu_out) / 2`` (and not past that tissue by more than half
    the contrast and the dead zone twice: a third tissue is no evidence) is put in the mask; one as clearly on
@@ -56,7 +54,6 @@ class GuidedParams:
     min_contrast: float = 3.0
     block_mm: float = 4.0
     click_guard_mm: float = 3.0
-    max_spread: float = 0.75
 
     @classmethod
     def for_cell(cls, cell_mm: float) -> "GuidedParams":
@@ -173,17 +170,11 @@ def guided_mask(logits: np.ndarray, guide: np.ndarray, spacing_kji: Sequence[flo
     def tissue(sign: float) -> np.ndarray:
         pts = np.concatenate([np.stack(bpt) + (sign * f * params.profile_mm) * bn / sp[:, None]
                               for f in (0.75, 1.0, 1.5)], axis=1)
-        vals = ndimage.map_coordinates(guide_c, pts, output=np.float32, order=1, mode="nearest").reshape(3, -1)
-        return vals.mean(axis=0), vals.max(axis=0) - vals.min(axis=0)
+        vals = ndimage.map_coordinates(guide_c, pts, output=np.float32, order=1, mode="nearest")
+        return vals.reshape(3, -1).mean(axis=0)
 
-    (t_in, s_in), (t_out, s_out) = tissue(1.0), tissue(-1.0)
-    # a side whose three samples spread over more than ``max_spread`` of the contrast is no single tissue (the
-    # profile crosses a third structure or a thin one's far side): no contrast, nothing changes in that patch
-    mixed = np.maximum(s_in, s_out) > params.max_spread * np.abs(t_in - t_out)
-    if mixed.any():
-        t_in, t_out = np.where(mixed, 0.0, t_in), np.where(mixed, 0.0, t_out)
     table = np.zeros((2, nkeys), dtype=np.float32)
-    table[0, active], table[1, active] = t_in, t_out
+    table[0, active], table[1, active] = tissue(1.0), tissue(-1.0)
     # every voxel of each step block: its distance moves by the offset along the normal
     if np.any(step > 1):
         off = np.stack(np.meshgrid(*(np.arange(v) for v in step), indexing="ij")).reshape(3, -1)
