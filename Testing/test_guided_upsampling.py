@@ -200,3 +200,12 @@ def test_paste_operator_is_the_engines_paste_back(oblique):
     mask = np.zeros(label.shape, bool)
     mask[op.box] = R.logits_to_volume(fit, region, vol, box=op.box) > 0
     assert 0.95 < dice(mask, label) < 1.0
+
+
+def test_guidance_falls_back_to_trilinear_beyond_its_band_budget():
+    z = np.arange(40, dtype=np.float32) - 20.0
+    logits = np.broadcast_to((1.0 - np.abs(z) / 3.5)[:, None, None], (40, 12, 12)).astype(np.float32)
+    guide = np.broadcast_to(np.where(np.abs(z) <= 2.5, 700.0, 20.0)[:, None, None], logits.shape)
+    assert not np.array_equal(guided_mask(logits, guide, (1.0, 1.0, 1.0)), logits > 0)
+    capped = guided_mask(logits, guide, (1.0, 1.0, 1.0), GuidedParams(max_band_cells=50))
+    assert np.array_equal(capped, logits > 0)
