@@ -27,11 +27,10 @@ mask and corrects it only near its boundary, where the CT clearly says otherwise
    exclude click it never adds one. Voxels that no region covers are never added.
 
 Cost: proportional to the boundary's area (a 100 mm ball at 0.8 x 0.8 x 1.5 mm: about 30000 band candidates,
-~15-25 ms on one core); more than ``max_band_cells`` candidates leave the trilinear mask (bounded time).
+~20-26 ms measured on a busy 2-core VM); more than ``max_band_cells`` candidates leave the trilinear mask (bounded time).
 
 The noise standard deviation is estimated on each call from the band (median absolute difference between
-neighbouring voxels), so texture makes the refinement more cautious. Figures, and why this design
-(profiles and dead zone rather than window statistics, a guided filter or per-voxel intensity decisions):
+neighbouring voxels), so texture makes the refinement more cautious. Figures and limits:
 docs/guided_upsampling.md; benchmarks/bench_guided_upsampling.py measures it.
 """
 from __future__ import annotations
