@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List
 
 import numpy as np
 
-from .cases import Case, EvaluationError, discover_dataset, load_case, sample_cases
+from .cases import Case, EvaluationError
 from .protocols import EvalConfig, Log, Row, evaluate_engine, evaluate_legacy, evaluate_reference
-from .report import CSV_NAME, JSON_NAME, PNG_NAME, write_outputs
+from .report import write_outputs
 
 __all__ = ["run_evaluation"]
 

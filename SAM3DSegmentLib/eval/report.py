@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import json
 import math
 import os
 import sys
@@ -17,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.atomic import atomic_write
+from ..core.atomic import atomic_write, write_json, write_text
 from .protocols import CLICK_PROTOCOLS, PROTOCOL_LABELS, EvalConfig, Row, click_protocol_of
 
 __all__ = ["CSV_NAME", "JSON_NAME", "PNG_NAME", "CSV_FIELDS", "summarize", "plot_dice_vs_clicks",
@@ -168,13 +167,6 @@ def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------- writing
-def _write_text(path: str, text: str) -> str:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-    return atomic_write(path, write)
-
 
 def _csv_text(rows: List[Row]) -> str:
     buf = _io.StringIO()
@@ -185,26 +177,14 @@ def _csv_text(rows: List[Row]) -> str:
     return buf.getvalue()
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
 
 def write_outputs(out_dir: str, rows: List[Row], config: EvalConfig, timing: dict,
                   plot: bool = True) -> Dict[str, Any]:
     """Write ``per_case.csv`` and ``summary.json`` (and the plot, with ``plot``) into ``out_dir``; returns the
     summary."""
     summary = summarize(rows, config, timing)
-    _write_text(os.path.join(out_dir, CSV_NAME), _csv_text(rows))
-    _write_text(os.path.join(out_dir, JSON_NAME), json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_text(os.path.join(out_dir, CSV_NAME), _csv_text(rows))
+    write_json(os.path.join(out_dir, JSON_NAME), summary)
     if plot and rows:
         try:
             _plot_from_summary(summary, os.path.join(out_dir, PNG_NAME))
