@@ -92,10 +92,17 @@ def test_each_command_alone_has_the_same_options_as_under_the_root():
         assert alone == {f: _signature(a) for f, a in _options(sub[module.NAME]).items()}, module.NAME
 
 
-@pytest.mark.parametrize("argv", [
+EVERY_COMMAND = [
     ["segment", "--out", "m.nii.gz"], ["demo"], ["evaluate", "--sample", "chest", "--out", "o"],
     ["train", "c.json"], ["train", "merge", "p.pt", "-o", "x.pt"], ["train", "export-encoder", "c.pt", "-o", "x.pt"],
-    ["train", "make-demo-data", "d"], ["download"], ["diagnose"]])
+    ["train", "make-demo-data", "d"], ["download"], ["diagnose"], ["serve"]]
+
+
+def test_the_unknown_argument_test_covers_every_command():
+    assert set(cli.COMMANDS) <= {argv[0] for argv in EVERY_COMMAND}
+
+
+@pytest.mark.parametrize("argv", EVERY_COMMAND)
 def test_unknown_arguments_are_refused_with_status_2_before_anything_runs(argv, capsys, monkeypatch):
     for module in cli.COMMANDS.values():
         monkeypatch.setattr(module, "run", lambda args: pytest.fail("ran despite an unknown argument"))
