@@ -242,3 +242,13 @@ def test_quiet_means_nothing_but_errors_in_evaluate_too(tmp_path, capsys, monkey
     assert "Dice@1" in out.out and "stub backend" in out.err
     assert cli.main(argv + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("command", ["segment", "demo", "evaluate"])
+def test_honour_clicks_is_on_unless_the_engine_option_turns_it_off(command):
+    """--no-honour-clicks (issue 8 item 6) is one engine option, spelled the same in every command."""
+    base = {"segment": ["segment", "x.nii.gz", "--click", "1,2,3", "--out", "m.nii.gz"], "demo": ["demo"],
+            "evaluate": ["evaluate", "--sample", "chest", "--out", "o"]}[command]
+    parser = cli.build_parser()
+    assert parser.parse_args(base).honour_clicks is True
+    assert parser.parse_args(base + ["--no-honour-clicks"]).honour_clicks is False

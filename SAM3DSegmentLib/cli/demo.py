@@ -108,7 +108,7 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
              prompt_mode: str = "newest-click", spacing_mm: float = 1.5, max_regions: int = 8,
              log=print, volume=None, references: Optional[Dict[str, object]] = None,
              clamp_hu: Optional[Tuple[float, float]] = None, extend: bool = True,
-             title: Sequence[str] = ()) -> dict:
+             title: Sequence[str] = (), honour_clicks: bool = True) -> dict:
     """Segment ``structures`` of the chest CT (or of ``volume`` with ``references``); write the outputs.
 
     ``title``: lines printed on top of the overlay picture (which model ran, ...)."""
@@ -129,7 +129,7 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
         raise UsageError(f"unknown structure(s) {missing}; the sample segmentation has {sorted(references)}")
     session = Session(backend, SessionOptions(prompt_mode=prompt_mode, region_size=backend.image_size,
                                               spacing_mm=spacing_mm, max_regions=max_regions,
-                                              clamp_hu=clamp_hu, extend=extend))
+                                              clamp_hu=clamp_hu, extend=extend, honour_clicks=honour_clicks))
     session.set_volume(volume)
     spacing_kji = volume.spacing[::-1]
     results = {}
@@ -212,7 +212,8 @@ def run(args) -> int:
     for line in title:  # first line: which model ran
         log(line)
     report = run_demo(backend, info, out, structures, args.corrections, args.prompt_mode, args.spacing,
-                      args.max_regions, log=log, clamp_hu=args.clamp_hu, extend=not args.no_extend, title=title)
+                      args.max_regions, log=log, clamp_hu=args.clamp_hu, extend=not args.no_extend, title=title,
+                      honour_clicks=args.honour_clicks)
     for name, r in report["structures"].items():
         log(f"{name:28s} Dice {r['dice']:.3f} after {len(r['clicks'])} click(s)")
     log(f"mean Dice {report['mean_dice']:.3f}; wrote {', '.join(report['outputs'].values())}")

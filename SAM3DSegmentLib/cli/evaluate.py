@@ -126,7 +126,8 @@ def run(args) -> int:
     cases, data_info = _cases(args)
     config = EvalConfig(clicks=args.clicks, protocols=tuple(protocols), prompt_mode=args.prompt_mode,
                         spacing_mm=args.spacing, clamp_hu=args.clamp_hu, extend=not args.no_extend,
-                        max_regions=args.max_regions, nsd_tolerance_mm=args.nsd_tolerance, seed=args.seed,
+                        max_regions=args.max_regions, honour_clicks=args.honour_clicks,
+                        nsd_tolerance_mm=args.nsd_tolerance, seed=args.seed,
                         reference_seed=args.reference_seed, data=data_info)
     backend, model_info = _backend(args)
     config.model = model_info

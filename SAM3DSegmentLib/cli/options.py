@@ -151,6 +151,8 @@ PROMPT_MODE_HELP = ("the click protocol: newest-click: each click alone with the
                     "the previous mask (SAM-Med3D's inference code). The older spellings newest and all are "
                     "accepted")
 NO_EXTEND_HELP = "do not grow beyond the first model region when the mask touches its border"
+NO_HONOUR_HELP = ("show the model's mask as it is: by default an include click's voxel is always in the mask and "
+                  "an exclude click's never (with the connected-component cleanup that implies)")
 MAX_REGIONS_HELP = "most model regions per object (default 8)"
 SAMPLE_HELP = ("use a bundled sample image instead of a file: 'chest' is the chest CT shipped in slicerio "
                "(128x128x34 voxels, 3.05x3.05x10 mm, 7 reference segments)")
@@ -172,13 +174,15 @@ def add_device_options(p: argparse.ArgumentParser, dtype: bool = True) -> None:
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """How the interactive engine turns clicks into a mask: prompt mode, spacing, clamp, region growth."""
+    """How the interactive engine turns clicks into a mask: prompt mode, spacing, clamp, region growth, click
+    honouring."""
     p.add_argument("--prompt-mode", type=click_protocol_name, choices=tuple(CLICK_PROTOCOLS), default=NEWEST_CLICK,
                    help=PROMPT_MODE_HELP)
     p.add_argument("--spacing", type=positive_float, default=1.5, metavar="MM", help=SPACING_HELP)
     p.add_argument("--clamp-hu", type=clamp_range, default=None, metavar="LO,HI|none", help=CLAMP_HELP)
     p.add_argument("--no-extend", action="store_true", help=NO_EXTEND_HELP)
     p.add_argument("--max-regions", type=positive_int, default=8, metavar="N", help=MAX_REGIONS_HELP)
+    p.add_argument("--no-honour-clicks", dest="honour_clicks", action="store_false", help=NO_HONOUR_HELP)
 
 
 SERVER_HELP = ("run the model on 'sam3d serve' at URL instead of here (docs/remote.md); repeat (or comma-separate) "

@@ -278,7 +278,8 @@ def run(args) -> int:
     from ..inference.session import Session, SessionOptions
 
     opts = SessionOptions(prompt_mode=args.prompt_mode, region_size=backend.image_size, spacing_mm=args.spacing,
-                          extend=not args.no_extend, max_regions=args.max_regions, clamp_hu=args.clamp_hu)
+                          extend=not args.no_extend, max_regions=args.max_regions, clamp_hu=args.clamp_hu,
+                          honour_clicks=args.honour_clicks)
     session = Session(backend, opts)
     try:
         session.set_volume(volume)

@@ -75,6 +75,7 @@ class EvalConfig:
     clamp_hu: Optional[Tuple[float, float]] = None
     extend: bool = True
     max_regions: int = 8
+    honour_clicks: bool = True
     nsd_tolerance_mm: float = 2.0
     seed: int = 0
     reference_seed: int = 233  # validate_paired_img_gt's default seed
@@ -124,7 +125,8 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
 
     opts = SessionOptions(prompt_mode=config.prompt_mode, region_size=int(backend.image_size),
                           spacing_mm=float(config.spacing_mm), extend=bool(config.extend),
-                          max_regions=int(config.max_regions), clamp_hu=config.clamp_hu)
+                          max_regions=int(config.max_regions), clamp_hu=config.clamp_hu,
+                          honour_clicks=bool(config.honour_clicks))
     session = Session(backend, opts)
     session.set_volume(case.image)
     spacing_kji = np.asarray(case.image.spacing, dtype=np.float64)[::-1]

@@ -50,7 +50,7 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
         "model": config.model, "data": config.data,
         "clicks": int(config.clicks), "prompt_mode": config.prompt_mode,
         "model_grid_spacing_mm": float(config.spacing_mm), "clamp_hu": config.clamp_hu,
-        "nsd_tolerance_mm": float(config.nsd_tolerance_mm), "legacy_seed": int(config.seed),
+        "engine_honours_clicks": bool(config.honour_clicks), "nsd_tolerance_mm": float(config.nsd_tolerance_mm), "legacy_seed": int(config.seed),
         "reference_seed": int(config.reference_seed), "click_protocols": dict(CLICK_PROTOCOLS),
         "protocols": {}, "timing": timing or {},
     }
