@@ -41,7 +41,7 @@ from .compose import MaskComposer
 from .growth import RegionGrowth
 from .history import CroppedMask, Edit, History, Patch, unique_bytes
 from .honour import Honour, honour_changes, honour_clicks
-from .options import PROMPT_MODES, SessionOptions
+from .options import PROMPT_MODES, SessionOptions, model_options, refuse_exclude
 from .predictor import RegionPredictor, RegionState, Stats, normalise_click
 from ..core.boxes import EMPTY_BOX, Box, absolute, box_intersect, box_union, mask_bounds, points_box
 from ..core.geometry import GeometryError, Volume
@@ -78,14 +78,15 @@ class Session:
 
     def __init__(self, backend, options: Optional[SessionOptions] = None):
         self.backend = backend
-        self.options = options or SessionOptions()
+        #: the options in force: ``spacing_mm`` and ``prompt_mode`` resolved for this backend (:func:`model_options`)
+        self.options = model_options(backend, options or SessionOptions())
         size = int(getattr(backend, "image_size", self.options.region_size))
         if size != self.options.region_size:
             raise ValueError(
                 f"the model takes {size}^3 inputs but SessionOptions.region_size is "
                 f"{self.options.region_size}; set region_size={size}")
         self.low_res_size = int(getattr(backend, "low_res_size", self.options.region_size // 4))
-        self.cache = EmbeddingCache(self.options.cache_size)
+        self.cache = EmbeddingCache(self.options.cache_size, max_bytes=int(self.options.cache_mb * 2 ** 20))
         self.volume: Optional[Volume] = None
         self.volume_key: Optional[str] = None
         self._objects: Dict[str, _Object] = {}
@@ -227,6 +228,7 @@ class Session:
         t0 = time.perf_counter()
         obj = self._current_or_new()
         normalised = [normalise_click(self.volume, c) for c in clicks]   # all validated before anything changes
+        refuse_exclude(self.backend, normalised)
         stats = Stats()
         regions = list(obj.regions)
         all_clicks = list(obj.clicks)
@@ -244,6 +246,7 @@ class Session:
         t0 = time.perf_counter()
         obj = self._current_or_new()
         normalised = [normalise_click(self.volume, c) for c in clicks]   # all validated before anything changes
+        refuse_exclude(self.backend, normalised)
         stats = Stats()
         dirty = None
         for r in obj.regions:
