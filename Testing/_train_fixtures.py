@@ -7,7 +7,7 @@ from typing import Dict
 
 import numpy as np
 
-from SAM3DSegmentLib.io.volumes import write_volume
+from SAM3DSegmentLib.io import write_volume
 from SAM3DSegmentLib.data.phantoms import synthetic_case
 
 #: The tiny model used by the training tests: the SAM-Med3D family at 32^3 input (2^3 tokens, 8^3 logits).

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from SAM3DSegmentLib.eval.clicker import deepest_point, next_click, next_click_index, random_error_click
+from SAM3DSegmentLib.cli.evaluate import main
 from SAM3DSegmentLib.eval.evaluate import (LEGACY_LABEL, Case, EvalConfig, EvaluationError, discover_dataset,
-                                      label_names, load_case, main, run_evaluation, upsample_logits)
+                                      label_names, load_case, run_evaluation, upsample_logits)
 from SAM3DSegmentLib.data.phantoms import sphere_phantom
 
 
@@ -272,7 +273,7 @@ def test_cli_end_to_end_with_a_tiny_random_checkpoint(tmp_path, capsys):
     _write_nnunet(tmp_path / "ds", n_cases=1)
     out = tmp_path / "out"
     argv = ["--data", str(tmp_path / "ds"), "--checkpoint", str(ckpt), "--clicks", "2", "--labels", "ball",
-            "--device", "cpu", "--out", str(out), "--quiet"]
+            "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     rows = list(csv.DictReader(open(out / "per_case.csv", newline="")))
     assert {(r["protocol"], r["click"]) for r in rows} == {(p, c) for p in ("engine", "legacy") for c in "12"}
@@ -291,6 +292,6 @@ def test_cli_end_to_end_with_a_tiny_random_checkpoint(tmp_path, capsys):
     # Bad input: a clear message, exit status 1.
     assert main(["--data", str(tmp_path / "missing"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o2")]) == 1
     assert "no such folder" in capsys.readouterr().err
-    assert main(argv[:-3] + ["--dtype", "float16", "--out", str(tmp_path / "o3"), "--quiet"]) == 1
+    assert main(argv[:-2] + ["--dtype", "float16", "--out", str(tmp_path / "o3"), "--quiet"]) == 1
     assert "float16 inference is only supported on a GPU" in capsys.readouterr().err
     assert not (tmp_path / "o3" / "summary.json").exists()

@@ -26,6 +26,7 @@ import pytest
 import SimpleITK as sitk
 
 from SAM3DSegmentLib import cli
+from SAM3DSegmentLib.cli import segment as segment_command
 from SAM3DSegmentLib.core import atomic
 from SAM3DSegmentLib import io
 from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
@@ -156,7 +157,7 @@ def test_segment_cli_on_a_full_disk_fails_and_keeps_the_old_mask(inputs, tmp_pat
         out = disk / "mask.nii"                                   # uncompressed: ~35 KB per mask
         io.write_mask(inputs["volume"].with_array(np.ones_like(inputs["volume"].array)), str(out))
         before = out.read_bytes()
-        r = run_cli(*_segment_args(inputs, inputs["image"], out))
+        r = run_cli(*_segment_args(inputs, inputs["image"], out, "--overwrite"))
         assert r.returncode == 1, (r.stdout, r.stderr)
         assert "incomplete" in r.stderr and "disk full" in r.stderr
         assert out.read_bytes() == before and _listing(disk) == ["mask.nii"]
@@ -280,7 +281,7 @@ def test_segment_cli_dicom_series_choice_is_printed_and_recorded(inputs, tmp_pat
     assert f"DICOM folder holds 2 series; reading {UID_A} (24 files)" in r.stdout and UID_B in r.stdout
     rec = json.loads(timings.read_text())["dicom_series"]
     assert rec == {"series_uid": UID_A, "n_files": 24, "other_series": [UID_B], "chosen_by": "most files"}
-    args = _segment_args(inputs, folder, out, "--timings", timings, "--series", UID_B)
+    args = _segment_args(inputs, folder, out, "--timings", timings, "--series", UID_B, "--overwrite")
     args[args.index("20,18,12")] = "20,18,2"                          # inside the 5-slice series
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
@@ -333,7 +334,7 @@ def test_failing_timings_write_leaves_no_half_result(inputs, tmp_path):
     out.write_bytes(b"old mask")
     with small_disk(tmp_path / "full", "8k") as full:
         (full / "filler").write_bytes(b"x" * 8192)                  # full: new files can be created, not filled
-        r = run_cli(*_segment_args(inputs, inputs["image"], out, "--timings", full / "t.json"))
+        r = run_cli(*_segment_args(inputs, inputs["image"], out, "--timings", full / "t.json", "--overwrite"))
         assert r.returncode == 1, (r.stdout, r.stderr)
         assert "No space left on device" in r.stderr
         assert _listing(full) == ["filler"]
@@ -345,7 +346,7 @@ def test_failing_timings_write_injected(inputs, tmp_path, monkeypatch, capsys):
     def broken(path, data, **kw):
         raise OSError(28, "No space left on device (injected)")
 
-    monkeypatch.setattr(cli, "write_json", broken)
+    monkeypatch.setattr(segment_command, "write_json", broken)
     out = tmp_path / "m.nii.gz"
     status = cli.main([str(a) for a in _segment_args(inputs, inputs["image"], out, "--timings", tmp_path / "t.json",
                                                      "-q")])
@@ -410,10 +411,10 @@ def test_segment_sample_chest_with_segment_colour(inputs, tmp_path):
     seg = slicerio.read_segmentation(str(out))
     (segment,) = seg["segments"]
     assert segment["name"] == "left lung"
-    np.testing.assert_allclose(segment["color"], cli.DEFAULT_SEGMENT_COLOR, atol=1e-3)
+    np.testing.assert_allclose(segment["color"], segment_command.DEFAULT_SEGMENT_COLOR, atol=1e-3)
     assert seg["voxels"].shape[:3] == (128, 128, 34)
     r = run_cli("segment", "--sample", "chest", "--voxel", "--click", "40,64,17", "--checkpoint", inputs["ckpt"],
-                "--device", "cpu", "--no-extend", "--color", "#00ff80", "--out", out)
+                "--device", "cpu", "--no-extend", "--color", "#00ff80", "--out", out, "--overwrite")
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(slicerio.read_segmentation(str(out))["segments"][0]["color"], [0, 1, 128 / 255],
                                atol=1e-3)

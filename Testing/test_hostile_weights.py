@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from SAM3DSegmentLib import weights as W
+from SAM3DSegmentLib.cli.download import main as download_main
 from SAM3DSegmentLib.models.checkpoint_file import CheckpointError, inspect_checkpoint
 
 from _checkpoint_bytes import checkpoint_bytes  # noqa: E402  (Testing/ is on sys.path under pytest)
@@ -168,7 +169,7 @@ def test_pinned_portal_page_is_reported_listed_and_repaired(tmp_path, monkeypatc
     assert "sam3d download --repair sam-med3d" in str(info.value) and "HTML page" in str(info.value)
     assert target.read_bytes() == HTML  # reported, not silently deleted
 
-    assert W.main(["--list"]) == 0
+    assert download_main(["--list"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("sam-med3d "))
     assert " corrupt " in row and "present" not in out
@@ -177,17 +178,17 @@ def test_pinned_portal_page_is_reported_listed_and_repaired(tmp_path, monkeypatc
     good = checkpoint_bytes(numel=1000, seed=7)
     with Server({"sam_med3d.pth": good}) as srv:
         monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", srv.base)
-        assert W.main(["--repair", "sam-med3d"]) == 0
+        assert download_main(["--repair", "sam-med3d"]) == 0
         out = capsys.readouterr().out
         assert f"deleted {target}" in out
         assert target.read_bytes() == good
         record = json.loads(W.sidecar_path(target).read_text())
         assert record["sha256"] == hashlib.sha256(good).hexdigest()
         # A good copy is kept: --repair checks it and fetches nothing.
-        assert W.main(["--repair", "sam-med3d"]) == 0
+        assert download_main(["--repair", "sam-med3d"]) == 0
         assert "nothing to repair" in capsys.readouterr().out
         assert len(srv.requests) == 1
-    assert W.main(["--list"]) == 0
+    assert download_main(["--list"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sam-med3d "))
     assert " unverified " in row
 
@@ -203,7 +204,7 @@ def test_list_states_verified_corrupt_partial(tmp_path, monkeypatch, capsys):
         (folder / entry.filename).write_bytes(data)
         (folder / "sam_med3d_turbo.pth").write_bytes(data)  # not the published turbo file
         (folder / "sam_med3d.pth.part").write_bytes(b"x" * 3000)
-        assert W.main(["--list"]) == 0
+        assert download_main(["--list"]) == 0
         rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]
                 if line and not line.startswith(" ")}
         assert " verified " in rows["test-published"]
@@ -223,13 +224,13 @@ def test_file_in_current_folder_named_like_a_model_does_not_bypass_the_cache(tmp
     assert W.resolve_checkpoint("./sam-med3d") == Path("./sam-med3d")
     assert W.resolve_checkpoint(Path("sam-med3d")) == Path("sam-med3d")
 
-    from SAM3DSegmentLib import cli
+    from SAM3DSegmentLib.inference.backends import BackendError, load_backend
 
     monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", "http://127.0.0.1:9")  # nothing listens on port 9
-    with pytest.raises(cli.CliError, match="cannot find the model"):
-        cli.load_backend("sam-med3d", None)
-    with pytest.raises(cli.CliError, match="Unknown model name"):
-        cli.load_backend("./sam-med3d", None)  # --model takes names only; files go to --checkpoint
+    with pytest.raises(BackendError, match="cannot find the model"):
+        load_backend("sam-med3d", None)
+    with pytest.raises(BackendError, match="Unknown model name"):
+        load_backend("./sam-med3d", None)  # --model takes names only; files go to --checkpoint
 
 
 @pytest.mark.parametrize("filename", ["../../x.pth", "/etc/passwd", "sub/x.pth", "..", "", ".hidden",
@@ -359,12 +360,11 @@ def test_download_command_has_deadline_and_stall_options(tmp_path, monkeypatch, 
     with Server({"sam_med3d.pth": data}, rate=20) as srv:
         monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", srv.base)
         t0 = time.monotonic()
-        assert W.main(["sam-med3d", "--timeout", "5", "--min-rate", "1000", "--stall-window", "1"]) == 1
+        assert download_main(["sam-med3d", "--timeout", "5", "--min-rate", "1000", "--stall-window", "1"]) == 1
         assert time.monotonic() - t0 < 4
     assert "stalled" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        W.main(["--deadline", "0"])
-    assert exc.value.code == 2
+    assert download_main(["--deadline", "0"]) == 2
+    assert "--deadline" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ item 11: full disk, read-only cache
@@ -427,7 +427,7 @@ def test_full_disk_gives_one_line_and_removes_the_part(tmp_path, monkeypatch, ca
         _inject_enospc(monkeypatch, after=500_000)
     with stack, Server({"sam_med3d.pth": data}) as srv:
         monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", srv.base)
-        assert W.main(["sam-med3d"]) == 1
+        assert download_main(["sam-med3d"]) == 1
         err = capsys.readouterr().err
         left = _left_in(W.checkpoint_dir())
     assert err.count("\n") == 1, err  # one line
@@ -448,7 +448,7 @@ def test_read_only_cache_injected_gives_one_line(tmp_path, monkeypatch, capsys):
     _folder(tmp_path).mkdir(parents=True)
     monkeypatch.setattr(os, "open", ro_open)
     monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", "http://127.0.0.1:9")
-    assert W.main(["sam-med3d"]) == 1
+    assert download_main(["sam-med3d"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Read-only file system" in err and "SAM3D_HOME" in err
     assert "--checkpoint PATH" in err
@@ -458,7 +458,7 @@ def test_read_only_cache_tmpfs_gives_one_line(tmp_path, monkeypatch, capsys):
     with _tmpfs(tmp_path / "ro", "ro") as home:
         monkeypatch.setenv("SAM3D_HOME", str(home))
         monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", "http://127.0.0.1:9")
-        assert W.main(["sam-med3d"]) == 1
+        assert download_main(["sam-med3d"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Read-only file system" in err and "SAM3D_HOME" in err
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from SAM3DSegmentLib import io
 from SAM3DSegmentLib.data import phantoms as P
 from SAM3DSegmentLib.core.geometry import Volume
-from SAM3DSegmentLib.io.volumes import VolumeReadError, VolumeWriteError
+from SAM3DSegmentLib.io import VolumeReadError, VolumeWriteError
 
 OBLIQUE = P.oblique_rotation((12.0, -8.0, 25.0))
 

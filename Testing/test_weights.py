@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from SAM3DSegmentLib import weights as W
+from SAM3DSegmentLib.cli.download import main as download_main
 
 from _checkpoint_bytes import checkpoint_bytes  # noqa: E402  (Testing/ is on sys.path under pytest)
 
@@ -537,11 +538,11 @@ def test_read_only_cache_record_failure_is_not_fatal(tmp_path, monkeypatch, capl
 
 def test_download_command_lists_and_fails_offline_with_instructions(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SAM3D_HOME", str(tmp_path))
-    assert W.main(["--list"]) == 0
+    assert download_main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "sam-med3d-turbo" in out and "absent" in out
     monkeypatch.setenv("SAM3D_WEIGHTS_BASE_URL", "http://127.0.0.1:9/none")  # port 9: nothing listens
-    assert W.main(["sam-med3d-turbo", "--timeout", "2"]) == 1
+    assert download_main(["sam-med3d-turbo", "--timeout", "2"]) == 1
     err = capsys.readouterr().err
     assert "--checkpoint PATH" in err and "connection refused" in err
     assert not list((tmp_path / "checkpoints").glob("sam_med3d_turbo.pth"))

@@ -2,9 +2,10 @@
 
 :func:`diagnose_report` never raises because something is missing: torch, CUDA, Slicer or the cache
 folder may each be absent or broken, and the report says so in its own line. torch is imported inside
-functions only (importing this module stays cheap).
+functions only (importing this module stays cheap), and Slicer never: its version is read only when this
+process already runs inside 3D Slicer.
 
-:func:`recommended_device` picks ``"cuda"``, ``"mps"`` or ``"cpu"`` and carries a warning for CPU.
+``sam3d diagnose [--verify]`` prints the report. :func:`recommended_device` picks ``"cuda"``, ``"mps"`` or ``"cpu"`` and carries a warning for CPU.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import importlib
 import os
 import platform
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
+
+from .runner import command_main
 
 #: Measured CPU speed of the full-size model (2 torch threads): the "Summary" table of docs/benchmarks.md
 #: holds the measurements; Testing/test_first_hour_docs.py checks that these quote it exactly.
@@ -224,17 +227,16 @@ def _cache_lines(verify_checksums: bool) -> List[str]:
 
 
 def _slicer_lines() -> List[str]:
+    """Slicer's version, read from the ``slicer`` module only when this process already runs inside 3D
+    Slicer (which has loaded it); nothing is imported here."""
     lines = _section("3D Slicer")
-    try:
-        import slicer  # type: ignore
-    except BaseException as exc:  # noqa: BLE001
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        lines.append("Not running inside 3D Slicer (slicer module not importable)")
+    slicer = sys.modules.get("slicer")
+    if slicer is None:
+        lines.append("Not running inside 3D Slicer (no slicer module loaded in this process)")
         return lines
     app = getattr(slicer, "app", None)
     if app is None:
-        lines.append("Not running inside 3D Slicer (a 'slicer' module is importable but has no application)")
+        lines.append("Not running inside 3D Slicer (a 'slicer' module is loaded but has no application)")
         return lines
     for label, attr in (("Slicer version", "applicationVersion"), ("Revision", "repositoryRevision"),
                         ("Main window", "mainWindow")):
@@ -271,5 +273,28 @@ def diagnose_report(extra: Optional[Dict[str, Any]] = None, *, verify_checksums:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------ command
+NAME = "diagnose"
+HELP = "print a report of the system, torch, devices and caches"
+DESCRIPTION = ("Print a plain-text report of the system, torch, devices and model caches, to copy into a bug "
+               "report.")
+
+
+def configure(p) -> None:
+    p.add_argument("--verify", action="store_true",
+                   help="hash the cached checkpoints now (slow for 400 MB files; default: show the state "
+                        "recorded at their last load)")
+
+
+def run(args) -> int:
+    print(diagnose_report(verify_checksums=args.verify), end="")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``sam3d diagnose`` (``argv`` without the sub-command): the same parser, messages and exit statuses."""
+    return command_main(sys.modules[__name__], argv)
+
+
 if __name__ == "__main__":  # python -m SAM3DSegmentLib.cli.diagnose
-    print(diagnose_report(verify_checksums="--verify" in sys.argv[1:]), end="")
+    sys.exit(main())

@@ -49,7 +49,7 @@ def _cases(n_phantoms: int):
 
 def make_demo_dataset(out: str, n_phantoms: int = 8) -> str:
     """Write the dataset to ``out`` (nnU-Net raw layout); returns ``out``."""
-    from ..io.volumes import write_volume
+    from ..io import write_volume
 
     os.makedirs(os.path.join(out, "imagesTr"), exist_ok=True)
     os.makedirs(os.path.join(out, "labelsTr"), exist_ok=True)

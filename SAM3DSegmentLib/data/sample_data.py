@@ -44,7 +44,7 @@ def slicerio_data_file(name: str) -> Iterator[str]:
 
 def chest_ct() -> Volume:
     """The sample chest CT (HU, int32 on disk) as a RAS ``Volume``."""
-    from ..io.volumes import read_volume
+    from ..io import read_volume
 
     with slicerio_data_file("CTChest4.nrrd") as path:
         vol = read_volume(path)

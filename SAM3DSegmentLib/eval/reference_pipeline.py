@@ -181,7 +181,7 @@ def reference_upsampled_mask(low_res_logits: np.ndarray, size: int = 128) -> np.
 def reference_paste_back(low_res_logits: np.ndarray, roi_to_ras: np.ndarray, volume: Volume,
                          size: int = 128) -> np.ndarray:
     """Reference paste-back: uint8 mask ``[k, j, i]`` on ``volume``'s grid (see step 5)."""
-    from ..io.volumes import resample_like
+    from ..io import resample_like
 
     mask_abc = reference_upsampled_mask(low_res_logits, size)
     roi = Volume(np.ascontiguousarray(mask_abc.transpose(2, 1, 0)), roi_to_ras)

@@ -93,3 +93,85 @@ class LocalBackend:
         with torch.inference_mode(), self._autocast():
             logits = self.model.predict_low_res(embedding, pts, lab, m)
         return logits[0, 0].float().cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------ loading
+class BackendError(RuntimeError):
+    """The model could not be found, loaded or placed on the device; the message names the problem and the
+    fix. ``details``: optional short lines to show under it (the ways to get a model when none is found)."""
+
+    def __init__(self, message: str, details=()):
+        super().__init__(message)
+        self.details = list(details)
+
+
+def load_backend(model: Optional[str] = None, checkpoint: Optional[str] = None, device: str = "auto",
+                 threads: Optional[int] = None, dtype: str = "float32"):
+    """Resolve the checkpoint, load it and wrap it in a :class:`LocalBackend`. Returns ``(backend, info)``.
+
+    ``model``: a registered name (downloaded into the cache on first use); ``checkpoint``: a file path
+    (always a path, never a name); neither: the default model. ``threads``: torch CPU threads (None: torch's
+    choice). ``info``: model label, checkpoint path, backend name, device, architecture, image size.
+    Raises :class:`BackendError`.
+    """
+    import os
+    from pathlib import Path
+
+    from ..weights import DEFAULT_MODEL, get_weights, resolve_checkpoint
+
+    name = checkpoint or model or DEFAULT_MODEL
+    try:  # --checkpoint is always a path (a Path never means a model name); --model only a registered name
+        path = resolve_checkpoint(Path(checkpoint) if checkpoint else get_weights(name).name)
+    except Exception as err:  # WeightsError and friends carry the fix in their message
+        if checkpoint or name.lower() == "demo":
+            raise BackendError(f"cannot find the model: {err}") from err
+        raise _model_missing_error(model, name, err) from err
+    try:
+        import torch  # noqa: F401 - only to say clearly that it is missing
+    except ImportError as err:
+        raise BackendError("torch is not installed: install it (pip install torch; in 3D Slicer: the PyTorch "
+                           "extension) to run the model") from err
+    from ..models import load_checkpoint
+    from ..models.device import resolve_device, set_threads
+
+    set_threads(threads)
+    try:
+        dev = resolve_device(device)
+    except Exception as err:
+        raise BackendError(f"--device {device}: {err}") from err
+    try:
+        net = load_checkpoint(str(path), map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any loader failure is reported with the path
+        hint = "" if "Pass " in str(err) else (" Pass a SAM-Med3D (.pth) checkpoint or one saved by sam3d train "
+                                               "with --checkpoint, or a model name with --model")
+        raise BackendError(f"could not load checkpoint {path}: {err}{hint}") from err
+    label = model or (os.path.basename(str(path)) if checkpoint else name)
+    try:
+        backend = LocalBackend(net, device=str(dev), dtype=dtype, name=f"{label} [{getattr(net, 'description', '')}]")
+    except ValueError as err:  # e.g. float16 on the CPU
+        raise BackendError(f"--dtype {dtype}: {err}") from err
+    info = {"model": label, "checkpoint": str(path), "backend": backend.name, "device": str(dev),
+            "architecture": getattr(getattr(net, "config", None), "name", None),
+            "image_size": int(backend.image_size)}
+    return backend, info
+
+
+def _model_missing_error(model: Optional[str], name: str, err: BaseException) -> BackendError:
+    """A registered model that is neither cached nor downloadable: the reason, then the choices, one a line."""
+    reason = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    head = (f"no model given, and the default model {name} is not available: {reason}" if model is None
+            else f"cannot find the model {name}: {reason}")
+    details = ["choose one:",
+               "--model demo        the small model bundled with sam3dsegment (works offline; rough masks, "
+               "for trying things out)",
+               "--checkpoint PATH   a SAM-Med3D .pth checkpoint file you already have"]
+    try:
+        from ..weights import checkpoint_dir, get_weights
+
+        entry = get_weights(name)
+        url = entry.download_url()
+        where = f" (from {url})" if url else ""
+        details.append(f"or copy {entry.filename}{where} into {checkpoint_dir()}")
+    except Exception:  # noqa: BLE001 - the list above is still complete without the cache hint
+        pass
+    return BackendError(head, details)

@@ -91,3 +91,11 @@ def tune_cpu_allocator(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256
         ok = False
     _allocator_tuned = ok
     return ok
+
+
+def set_threads(n: Optional[int]) -> None:
+    """Use ``n`` intra-op CPU threads in torch (None or 0: leave torch's choice)."""
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))

@@ -183,7 +183,7 @@ def canonical_reorient(vol: Volume) -> Volume:
 
 def resample_isotropic(vol: Volume, spacing: float, interpolation: str, out_dtype) -> Volume:
     """Resample to ``spacing`` mm along each (kept) axis direction over the same field of view."""
-    from ..io.volumes import resample_like
+    from ..io import resample_like
 
     sp = vol.spacing
     n = np.asarray(vol.shape_ijk, dtype=np.float64)
@@ -219,7 +219,7 @@ def _atomic_savez(path: str, **arrays) -> None:
 
 
 def _read(path: str, what: str, case_id: str) -> Volume:
-    from ..io.volumes import read_volume
+    from ..io import read_volume
 
     try:
         return read_volume(path)

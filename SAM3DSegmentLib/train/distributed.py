@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "free_port", "launch_local", "all_reduce_mean",
            "barrier", "broadcast_object"]
@@ -95,26 +95,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, argv: List[str], threads: int) -> None:
+def _worker(rank: int, world: int, port: int, entry: Callable[[List[str]], int], argv: List[str],
+            threads: int) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
-    from . import main
-
-    rc = main(list(argv))
+    rc = entry(list(argv))
     if rc:
         raise SystemExit(rc)
 
 
-def launch_local(nprocs: int, argv: Sequence[str], threads_per_proc: Optional[int] = None) -> int:
-    """Run ``sam3d train argv`` in ``nprocs`` local processes (gloo on CPU); returns 0 on success."""
+def launch_local(nprocs: int, entry: Callable[[List[str]], int], argv: Sequence[str],
+                 threads_per_proc: Optional[int] = None) -> int:
+    """Run ``entry(argv)`` (``sam3d train``'s main: a module-level function, so that it pickles) in
+    ``nprocs`` local processes (gloo on CPU); returns 0 on success."""
     import torch.multiprocessing as mp
 
     if threads_per_proc is None:
         threads_per_proc = max(1, (os.cpu_count() or 1) // nprocs)
     port = free_port()
-    mp.spawn(_worker, args=(nprocs, port, list(argv), threads_per_proc), nprocs=nprocs, join=True)
+    mp.spawn(_worker, args=(nprocs, port, entry, list(argv), threads_per_proc), nprocs=nprocs, join=True)
     return 0
