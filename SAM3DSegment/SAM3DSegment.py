@@ -120,7 +120,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         for key, slot in (("A", lambda: self.ui.includeButton.setChecked(True)),
-                          ("S", lambda: self.ui.excludeButton.setChecked(True)), ("N", self.onNextObject),
+                          ("S", lambda: self.ui.excludeButton.setChecked(self.ui.excludeButton.enabled)), ("N", self.onNextObject),
                           ("Ctrl+Alt+Z", lambda: self.onEdit("undo")), ("Ctrl+Alt+Y", lambda: self.onEdit("redo"))):
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
             shortcut.connect("activated()", slot)
@@ -166,7 +166,8 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateButtons(self):
         volume, seg, segId = self.currentNodes()
-        self.ui.includeButton.enabled = self.ui.excludeButton.enabled = volume is not None
+        self.ui.includeButton.enabled = volume is not None
+        self.ui.excludeButton.enabled = volume is not None and self.link.exclude_allowed  # not with a 3DSAM-adapter
         self.ui.exportSegNrrdButton.enabled = self.ui.exportNiftiButton.enabled = bool(seg and volume)
         self.ui.exportDicomSegButton.enabled = bool(volume and seg and volume.GetAttribute("DICOM.instanceUIDs"))
 
@@ -284,6 +285,10 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind == "load":
             self.ui.modelStatusLabel.text = f"Loaded: {job.result}"
             self.showDeviceWarning(ctx["device"])
+        elif kind == "model_info":  # said once per load: what this model cannot do (3DSAM-adapter: no exclude clicks)
+            self.ui.statusLabel.text = job.result.get("notice") or self.ui.statusLabel.text
+            self.ui.excludeButton.setChecked(self.ui.excludeButton.checked and self.link.exclude_allowed)
+            self.updateButtons()
         elif kind == "points" and ctx["segment"] == self._target.segment_id:
             self.rewritePoints(job.result)
         elif kind in ("clicks", "reset", "undo", "redo"):

@@ -244,6 +244,13 @@ def run(args) -> int:
     load_s = time.perf_counter() - t
     if not args.quiet:
         print(f"model: {backend.name}; checkpoint: {info['checkpoint']}")
+    O.apply_model_settings(backend, args)
+    if getattr(backend, "intensity", None) is not None:
+        info["intensity"] = backend.intensity.to_dict()
+    if not getattr(backend, "supports_exclude", True) and not all(positive for _, positive in clicks):
+        raise UsageError(f"{sum(1 for _, p in clicks if not p)} exclude click(s) (:-) given, but this model "
+                         "(3DSAM-adapter family) has no exclude clicks: its points carry no include/exclude label. "
+                         "Give include clicks only, or use a SAM-Med3D model")
 
     from ..inference.session import Session, SessionOptions
 
@@ -276,8 +283,9 @@ def run(args) -> int:
         if timings_path:
             report = {"image": os.path.abspath(source), "sample": args.sample, "output": written, **info,
                       "dicom_series": series,
-                      "clicks_frame": "ijk" if args.voxel else "RAS", "prompt_mode": args.prompt_mode,
-                      "spacing_mm": args.spacing, "clamp_hu": args.clamp_hu, "extend": not args.no_extend,
+                      "clicks_frame": "ijk" if args.voxel else "RAS", "prompt_mode": session.options.prompt_mode,
+                      "spacing_mm": session.options.spacing_mm, "clamp_hu": args.clamp_hu,
+                      "znorm": args.znorm, "extend": not args.no_extend,
                       "max_regions": args.max_regions,
                       "regions": session.region_count(), "max_regions_reached": truncated,
                       "mask_voxels": voxels, "mask_ml": vol_ml,

@@ -51,15 +51,28 @@ class Engine:
     def load(self, checkpoint: str, device: str = "cpu", dtype: str = "float32",
              progress: Optional[Callable[[int, Optional[int]], None]] = None) -> str:
         """Resolve (download if needed) and load a checkpoint on ``device``; returns the backend's name."""
-        from .backends import LocalBackend, require_torch
+        from .backends import make_backend, require_torch
 
         require_torch()   # a clear message before anything is downloaded or the model code is imported
-        from ..models import load_checkpoint
-        from ..weights import resolve_checkpoint
+        from ..models.families import load_model
+        from ..weights import get_weights, resolve_checkpoint
+        from ..weights.registry import is_registered_name
 
         path = resolve_checkpoint(checkpoint, progress=progress if progress is not None else "auto")
-        model = load_checkpoint(str(path), map_location="cpu")
-        return self.set_backend(LocalBackend(model, device=device, dtype=dtype))
+        model = load_model(str(path), map_location="cpu")
+        entry = get_weights(checkpoint) if is_registered_name(checkpoint) else None
+        return self.set_backend(make_backend(model, device=device, dtype=dtype,
+                                             intensity=getattr(entry, "intensity", None)))
+
+    def model_info(self) -> Dict[str, Any]:
+        """What the GUI shows about the loaded model: ``name``, ``family``, ``supports_exclude``,
+        ``supports_mask_prompt`` and ``notice`` (one line on what the model cannot do, or None)."""
+        self._require_session()
+        b = self.backend
+        return {"name": str(getattr(b, "name", type(b).__name__)), "family": getattr(b, "family", "sam_med3d"),
+                "supports_exclude": bool(getattr(b, "supports_exclude", True)),
+                "supports_mask_prompt": bool(getattr(b, "supports_mask_prompt", True)),
+                "notice": getattr(b, "limits_notice", None)}
 
     def set_backend(self, backend) -> str:
         from .session import Session, SessionOptions

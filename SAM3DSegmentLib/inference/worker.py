@@ -221,7 +221,7 @@ def describe_update(update, wall_s: Optional[float]) -> str:
 
 # ------------------------------------------------------------------------------------------- job API
 #: What the GUI may ask of an engine (Engine method names); ``sync_clicks`` also gets its Job (cancellation).
-OPS = ("load", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask", "forget_object")
+OPS = ("load", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask", "forget_object", "model_info")
 
 
 class ThreadEngine:

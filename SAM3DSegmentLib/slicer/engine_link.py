@@ -31,6 +31,8 @@ class EngineLink:
             engine = ProcessEngine()
         self.engine = engine
         self.model_name: Optional[str] = None  #: the loaded model's name; None until a load succeeds
+        #: :meth:`~SAM3DSegmentLib.inference.engine.Engine.model_info` of the loaded model (None: not known yet)
+        self.model_info: Optional[dict] = None
         self.volume_token: Optional[tuple] = None  #: :func:`~.volumes.volume_token` of the volume sent last
 
     def load_model(self, name_or_path: str, device: str):
@@ -40,8 +42,16 @@ class EngineLink:
 
         device = recommended_device() if device == "auto" else device
         self.volume_token = None
-        return self.engine.submit("load", name_or_path, str(device),
-                                  context={"kind": "load", "name": name_or_path, "device": device})
+        self.model_info = None
+        job = self.engine.submit("load", name_or_path, str(device),
+                                 context={"kind": "load", "name": name_or_path, "device": device})
+        self.engine.submit("model_info", context={"kind": "model_info"})   # what the model cannot do, for the UI
+        return job
+
+    @property
+    def exclude_allowed(self) -> bool:
+        """False when the loaded model has no exclude clicks (the 3DSAM-adapter family)."""
+        return bool((self.model_info or {}).get("supports_exclude", True))
 
     def sync_clicks(self, volume_node, segmentation_node, segment_id: str, clicks):
         """Queue: (re)send the volume if it changed (:func:`~.volumes.volume_token`), then bring the segment's
@@ -75,6 +85,8 @@ class EngineLink:
             kind = (job.context or {}).get("kind")
             if kind == "load":
                 self.model_name = job.result if job.state == "done" else None
+            elif kind == "model_info":
+                self.model_info = job.result if job.state == "done" else None
             elif kind == "volume" and job.state != "done" and self.volume_token == job.context["token"]:
                 self.volume_token = None
         return jobs
