@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from SAM3DSegmentLib.train.clicks import prediction_mask, sample_click, sample_clicks  # noqa: E402
-from SAM3DSegmentLib.train.loop import _mask_only_steps  # noqa: E402
+from SAM3DSegmentLib.train.interaction import mask_only_steps  # noqa: E402
 
 
 def _box(shape, lo, hi):
@@ -88,10 +88,10 @@ def test_prediction_threshold_is_sigmoid_half_not_logit_half():
 
 def test_mask_only_steps_follow_the_reference_and_scale_to_short_loops():
     for seed in range(20):
-        s = _mask_only_steps(11, [2, 8], np.random.default_rng(seed))
+        s = mask_only_steps(11, [2, 8], np.random.default_rng(seed))
         assert 10 in s and len(s) == 2
         (other,) = s - {10}
         assert 2 <= other <= 8
-    assert _mask_only_steps(3, [2, 8], np.random.default_rng(0)) == {2}  # range clipped away: last only
-    assert _mask_only_steps(4, [1, 1], np.random.default_rng(0)) == {1, 3}
-    assert _mask_only_steps(1, [2, 8], np.random.default_rng(0)) == set()  # the only step keeps its click
+    assert mask_only_steps(3, [2, 8], np.random.default_rng(0)) == {2}  # range clipped away: last only
+    assert mask_only_steps(4, [1, 1], np.random.default_rng(0)) == {1, 3}
+    assert mask_only_steps(1, [2, 8], np.random.default_rng(0)) == set()  # the only step keeps its click

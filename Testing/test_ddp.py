@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _train_fixtures import tiny_config, write_config, write_nnunet_dataset  # noqa: E402
 
 from SAM3DSegmentLib.train.config import config_from_dict  # noqa: E402
-from SAM3DSegmentLib.train.loop import build_model, train  # noqa: E402
+from SAM3DSegmentLib.train.loop import train  # noqa: E402
+from SAM3DSegmentLib.train.model import build_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

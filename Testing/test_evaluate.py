@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from SAM3DSegmentLib.eval.clicker import deepest_point, next_click, next_click_index, random_error_click
+from SAM3DSegmentLib.data.datasets import DataError, label_names
+from SAM3DSegmentLib.eval.cases import Case, EvaluationError, discover_dataset, load_case
 from SAM3DSegmentLib.cli.evaluate import main
-from SAM3DSegmentLib.eval.evaluate import (LEGACY_LABEL, Case, EvalConfig, EvaluationError, discover_dataset,
-                                      label_names, load_case, run_evaluation, upsample_logits)
+from SAM3DSegmentLib.eval.evaluate import run_evaluation
+from SAM3DSegmentLib.eval.protocols import LEGACY_LABEL, EvalConfig, upsample_logits
 from SAM3DSegmentLib.data.phantoms import sphere_phantom
 
 
@@ -199,12 +201,12 @@ def test_prompt_mode_all_and_legacy_reproducible(tmp_path):
 
 
 def test_sample_chest_cases_and_label_filter():
-    from SAM3DSegmentLib.eval.evaluate import _filter_targets, sample_cases
+    from SAM3DSegmentLib.eval.cases import filter_targets, sample_cases
 
     (case,) = sample_cases("chest")
     assert len(case.targets) == 7
     assert all(m.shape == case.image.array.shape and m.dtype == bool and m.any() for m in case.targets.values())
-    assert list(_filter_targets(case, ["Right Lung"]).targets) == ["right lung"]
+    assert list(filter_targets(case, ["Right Lung"]).targets) == ["right lung"]
     with pytest.raises(EvaluationError, match="only sample"):
         sample_cases("abdomen")
 
@@ -246,13 +248,13 @@ def test_discover_nnunet_dataset_and_labels(tmp_path):
     with pytest.raises(EvaluationError, match="available: ball, corner"):
         load_case(refs[0], names, ["liver"])
     assert label_names({"labels": {"0": "background", "1": "liver"}}) == {1: "liver"}
-    with pytest.raises(EvaluationError, match="region-based"):
+    with pytest.raises(DataError, match="region-based"):
         label_names({"labels": {"background": 0, "tumour": [1, 2]}})
     # A label without its image names the expected file.
     os.remove(tmp_path / "ds" / "imagesTr" / "case01_0000.nii.gz")
-    with pytest.raises(EvaluationError, match="case01_0000"):
+    with pytest.raises(DataError, match="case01_0000"):
         discover_dataset(str(tmp_path / "ds"))
-    with pytest.raises(EvaluationError, match="imagesTr"):
+    with pytest.raises(DataError, match="imagesTr"):
         discover_dataset(str(tmp_path / "nothing_here"))
 
 
@@ -291,7 +293,7 @@ def test_cli_end_to_end_with_a_tiny_random_checkpoint(tmp_path, capsys):
     assert (out / "per_case.csv").read_text() == before
     # Bad input: a clear message, exit status 1.
     assert main(["--data", str(tmp_path / "missing"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o2")]) == 1
-    assert "no such folder" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     assert main(argv[:-2] + ["--dtype", "float16", "--out", str(tmp_path / "o3"), "--quiet"]) == 1
     assert "float16 inference is only supported on a GPU" in capsys.readouterr().err
     assert not (tmp_path / "o3" / "summary.json").exists()

@@ -62,11 +62,11 @@ def test_every_citation_of_the_reference_notes_names_the_copy_in_the_repository(
 
 
 def test_evaluation_summary_note_cites_a_file_in_the_repository():
-    import SAM3DSegmentLib.eval.evaluate as ev
+    import SAM3DSegmentLib.eval.report as ev
 
     src = Path(ev.__file__).read_text(encoding="utf-8")
     cited = re.findall(r"(docs/[\w/]+\.md)", src)
-    assert cited, "evaluate.py's summary note no longer cites the reference notes"
+    assert cited, "report.py's summary note no longer cites the reference notes"
     for c in cited:
         assert (REPO / c).is_file(), c
 

@@ -17,7 +17,7 @@ from SAM3DSegmentLib.data import phantoms as P
 from SAM3DSegmentLib.core.geometry import apply_affine
 from SAM3DSegmentLib.eval.reference_pipeline import (reference_canonical, reference_crop_or_pad,
                                                 reference_model_input, reference_paste_back,
-                                                reference_resample, torchio_mask_centre)
+                                                reference_resample, reference_znorm, torchio_mask_centre)
 from SAM3DSegmentLib.inference.regions import Region, footprint, logits_to_volume, model_input
 
 torch = pytest.importorskip("torch")
@@ -157,3 +157,18 @@ def test_reference_integer_truncation_quirk():
     near_int = np.abs(exact - np.rint(exact)) < 1e-3
     assert (~near_int).sum() > 100
     np.testing.assert_array_equal(quirk[~near_int], np.trunc(exact[~near_int]).astype(np.int16))
+
+
+def test_reference_znorm_is_torchios_masked_z_normalisation_without_torch():
+    """reference_znorm needs no torch (only models/, inference/backends and train/ import it) and gives
+    torchio's numbers: mean and unbiased std of the voxels > 0, in float32; no spread there fails, as in torchio."""
+    x = np.random.default_rng(3).normal(50.0, 40.0, size=(12, 10, 8)).astype(np.float32)
+    got = reference_znorm(x)
+    v = x[x > 0].astype(np.float64)
+    np.testing.assert_allclose(got, (x - v.mean()) / v.std(ddof=1), rtol=0, atol=2e-6)
+    assert got.dtype == np.float32
+    t = torch.from_numpy(x)
+    np.testing.assert_allclose(got, ((t - t[t > 0].mean()) / t[t > 0].std()).numpy(), rtol=0, atol=2e-6)
+    for flat in (np.full((4, 4, 4), 7.0, np.float32), np.zeros((4, 4, 4), np.float32)):
+        with pytest.raises(RuntimeError, match="Standard deviation is 0"):
+            reference_znorm(flat)

@@ -20,9 +20,12 @@ from SAM3DSegmentLib.io import read_volume, write_volume  # noqa: E402
 from SAM3DSegmentLib.cli.train import main  # noqa: E402
 from SAM3DSegmentLib.train import checkpointing  # noqa: E402
 from SAM3DSegmentLib.train.config import ConfigError, apply_overrides, config_from_dict, load_config  # noqa: E402
-from SAM3DSegmentLib.train.data import (DataError, TrainTargets, canonical_reorient,  # noqa: E402
-                                        normalize_ct, prepare_dataset, resample_isotropic)
-from SAM3DSegmentLib.train.loop import LRSchedule, build_model, make_param_groups, system_check, train  # noqa: E402
+from SAM3DSegmentLib.eval.reference_pipeline import reference_canonical  # noqa: E402
+from SAM3DSegmentLib.train.data import DataError, prepare_dataset, resample_isotropic  # noqa: E402
+from SAM3DSegmentLib.train.loop import system_check, train  # noqa: E402
+from SAM3DSegmentLib.train.model import build_model  # noqa: E402
+from SAM3DSegmentLib.train.optim import LRSchedule, make_param_groups  # noqa: E402
+from SAM3DSegmentLib.train.samples import TrainTargets, normalize_ct  # noqa: E402
 
 QUIET = lambda *a, **k: None  # noqa: E731
 
@@ -43,7 +46,8 @@ def test_config_overrides_are_validated_against_the_schema(tmp_path):
                              "model.arch_overrides.encoder_depth=2", "log.tensorboard=false"])
     assert cfg.optim.lr == 5e-4 and cfg.loop.epochs == 3 and cfg.loop.click_mode == "deepest"
     assert cfg.data.roots == ["a", "b"] and cfg.model.arch_overrides == {"encoder_depth": 2}
-    with pytest.raises(ConfigError, match=r"unknown key 'lrr'.*known keys under optim"):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['optim.lrr'\] \(did you mean 'optim.lr'\?\)"
+                                          r".*known keys under optim"):
         apply_overrides(cfg, ["optim.lrr=1"])
     with pytest.raises(ConfigError, match="must be an integer"):
         apply_overrides(cfg, ["loop.epochs=abc"])
@@ -94,10 +98,11 @@ def test_preprocessing_reorients_resamples_and_caches(dataset, tmp_path, monkeyp
 
 
 def test_canonical_reorientation_keeps_physical_positions():
+    """The preprocessing reorients with the reference's ToCanonical (one implementation for both)."""
     arr = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)  # [k, j, i]
     m = np.array([[-1.0, 0, 0, 10], [0, 0, 2.0, -5], [0, -3.0, 0, 7], [0, 0, 0, 1]])  # i->-R, j->-S, k->+A
     vol = Volume(arr, m)
-    can = canonical_reorient(vol)
+    can = reference_canonical(vol)
     assert np.allclose(can.directions, np.eye(3))
     for ijk in [(0, 0, 0), (5, 4, 3), (2, 1, 3)]:
         ras = vol.ijk_to_ras_points(np.array(ijk, float))
@@ -390,7 +395,7 @@ def test_early_stopping_and_gradient_checkpointing(dataset, tmp_path):
     cfg = _cfg(dataset, tmp_path / "gc")
     torch.manual_seed(0)
     model, _, _ = build_model(cfg, QUIET)
-    from SAM3DSegmentLib.train.loop import InteractiveLoss
+    from SAM3DSegmentLib.train.interaction import InteractiveLoss
 
     x = torch.randn(1, 1, 32, 32, 32)
     y = (torch.rand(1, 1, 32, 32, 32) > 0.7).float()
@@ -423,8 +428,8 @@ def test_shipped_demo_model_loads_and_segments_an_unseen_phantom():
     """docs/demo_model.md: the embedded model is a full checkpoint with its config and does segment."""
     from SAM3DSegmentLib.models import load_checkpoint
     from SAM3DSegmentLib.data.phantoms import synthetic_case
-    from SAM3DSegmentLib.train.data import crop_centered
-    from SAM3DSegmentLib.train.loop import interact
+    from SAM3DSegmentLib.train.interaction import interact
+    from SAM3DSegmentLib.eval.reference_pipeline import reference_crop_or_pad
     from SAM3DSegmentLib.train.losses import dice_score
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "SAM3DSegmentLib",
@@ -437,8 +442,8 @@ def test_shipped_demo_model_loads_and_segments_an_unseen_phantom():
     lab = np.transpose(masks["object_1"].array, (2, 1, 0)) > 0
     idx = np.argwhere(lab)
     centre = (idx.min(0) + idx.max(0)) // 2
-    x = torch.as_tensor(normalize_ct(crop_centered(a, centre, 128, 0)))[None, None]
-    y = torch.as_tensor(crop_centered(lab.astype(np.uint8), centre, 128, 0).astype(np.float32))[None, None]
+    x = torch.as_tensor(normalize_ct(reference_crop_or_pad(a, centre, 128)[0]))[None, None]
+    y = torch.as_tensor(reference_crop_or_pad(lab.astype(np.uint8), centre, 128)[0].astype(np.float32))[None, None]
     with torch.no_grad():
         _, pred, first = interact(model, model.image_encoder(x), y, 3, set(), "deepest", [None],
                                   compute_loss=False)

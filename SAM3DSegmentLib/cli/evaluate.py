@@ -48,7 +48,7 @@ normalise_argv = O.join_option_values
 
 def _cases(args):
     """``(cases, data description for the summary)`` of ``--data`` or ``--sample``."""
-    from ..eval.evaluate import _filter_targets, discover_dataset, load_case, sample_cases
+    from ..eval.cases import discover_dataset, filter_targets, load_case, sample_cases
 
     if args.data:
         refs, names = discover_dataset(args.data, args.split)
@@ -60,7 +60,7 @@ def _cases(args):
     sample = sample_cases(args.sample)
     if args.max_cases:
         sample = sample[: args.max_cases]
-    sample = [_filter_targets(c, args.labels) for c in sample]
+    sample = [filter_targets(c, args.labels) for c in sample]
     data_info = {"name": f"sample:{args.sample}", "cases": [c.name for c in sample], "labels": args.labels}
     return sample, data_info
 
@@ -77,7 +77,9 @@ def _backend(args):
 
 
 def run(args) -> int:
-    from ..eval.evaluate import CSV_NAME, JSON_NAME, PNG_NAME, PROTOCOLS, EvalConfig, run_evaluation
+    from ..eval.evaluate import run_evaluation
+    from ..eval.protocols import PROTOCOLS, EvalConfig
+    from ..eval.report import CSV_NAME, JSON_NAME, PNG_NAME
 
     quiet = args.quiet
     log = (lambda m: None) if quiet else (lambda m: (sys.stderr.write(m + "\n"), sys.stderr.flush()))

@@ -15,7 +15,7 @@ compare against it. Written from the documented behaviour of torchio/SimpleITK (
    ``(first + last + 1) / 2``, and for an even target moves a non-integer centre down by half a voxel:
    the centre voxel is ``floor((first + last + 1) / 2)`` (:func:`torchio_mask_centre`).
 4. ``ZNormalization(masking_method=x > 0)``: the whole crop minus the mean, divided by the (unbiased,
-   torch default) standard deviation of its voxels > 0, in float32.
+   torch default) standard deviation of its voxels > 0, in float32; no spread there is an error.
 5. Paste-back: low-res logits (32^3) -> ``interpolate(size=128, mode="trilinear",
    align_corners=False)`` -> ``sigmoid > 0.5`` -> nearest-neighbour resampling of the 128^3 ROI mask
    (with its ROI affine) onto the original grid (0 outside the ROI).
@@ -93,15 +93,16 @@ def torchio_mask_centre(mask_abc: np.ndarray) -> np.ndarray:
     return np.floor((first + last + 1) / 2.0).astype(np.int64)
 
 
-def reference_crop_or_pad(arr_abc: np.ndarray, centre_index: Sequence[int], size: int = 128
-                          ) -> Tuple[np.ndarray, np.ndarray]:
-    """Crop / zero-pad ``arr_abc`` to ``size``^3 with ``centre_index`` at ``size // 2``.
+def reference_crop_or_pad(arr_abc: np.ndarray, centre_index: Sequence[int], size: int = 128,
+                          pad_value: float = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Crop / pad ``arr_abc`` (any 3D axis order) to ``size``^3 with ``centre_index`` at ``size // 2``;
+    padding is ``pad_value`` (torchio: 0) in ``arr_abc``'s dtype.
 
     Returns ``(crop, begin)``: crop index ``x`` is source index ``begin + x``.
     """
     c = np.asarray(centre_index, dtype=np.int64).reshape(3)
     begin = c - size // 2
-    out = np.zeros((size,) * 3, dtype=arr_abc.dtype)
+    out = np.full((size,) * 3, pad_value, dtype=arr_abc.dtype)
     src_lo = np.maximum(begin, 0)
     src_hi = np.minimum(begin + size, np.asarray(arr_abc.shape))
     if np.all(src_hi > src_lo):
@@ -113,17 +114,16 @@ def reference_crop_or_pad(arr_abc: np.ndarray, centre_index: Sequence[int], size
 
 
 def reference_znorm(crop: np.ndarray) -> np.ndarray:
-    """torchio ``ZNormalization(masking_method=lambda x: x > 0)`` in float32 torch arithmetic."""
-    import torch
+    """torchio ``ZNormalization(masking_method=lambda x: x > 0)`` as the reference ran it: the numbers of
+    :func:`~SAM3DSegmentLib.inference.regions.normalize_like_reference` (the whole crop minus the mean,
+    divided by the unbiased standard deviation of its voxels > 0), but failing, as torchio does, when those
+    voxels have no spread."""
+    from ..inference.regions import normalize_like_reference
 
-    t = torch.as_tensor(np.ascontiguousarray(crop)).float()
-    values = t[t > 0]
-    mean, std = values.mean(), values.std()
-    if not torch.isfinite(std) or float(std) == 0:
+    values = np.asarray(crop)[np.asarray(crop) > 0]
+    if values.size < 2 or np.all(values == values.flat[0]):
         raise RuntimeError("Standard deviation is 0 for masked values (the reference fails here)")
-    t = t - mean
-    t = t / std
-    return t.numpy()
+    return normalize_like_reference(crop)
 
 
 def reference_crop(volume: Volume, centre_ras: Optional[Sequence[float]] = None,

@@ -34,7 +34,7 @@ import numpy as np
 __all__ = [
     "CheckpointWriteError", "CHECKPOINT_NAMES", "remove_stale_temporaries", "FULL_FORMAT", "PARTIAL_FORMAT", "ENCODER_FORMAT", "atomic_save",
     "file_sha256", "rng_state", "set_rng_state", "save_training_checkpoint", "read_training_checkpoint",
-    "merge_checkpoint", "export_image_encoder", "strip_prefixes",
+    "merge_checkpoint", "export_image_encoder", "strip_prefixes", "load_for_resume",
 ]
 
 from ..models.checkpoint_file import ENCODER_FORMAT, FULL_FORMAT, PARTIAL_FORMAT  # noqa: E402 (the one definition)
@@ -313,3 +313,25 @@ def export_image_encoder(checkpoint_path: str, out_path: str, base_path: Optiona
     sd = model.image_encoder.state_dict()
     return atomic_save({"format": ENCODER_FORMAT, "config": model.config.to_dict(),
                         "image_encoder_state_dict": sd}, out_path)
+
+
+def load_for_resume(path: str, model, base: Optional[Dict[str, Any]], mode: str) -> Dict[str, Any]:
+    """Load the model weights of the training checkpoint ``path`` into ``model`` and return its ``training``
+    state. ``base``: ``{path, sha256, size}`` of the base checkpoint when this run writes partial files."""
+    payload = read_training_checkpoint(path)
+    fmt = payload.get("format")
+    if "training" not in payload:
+        raise ValueError(f"{path} holds no training state (a plain model file?); start a new run from it "
+                         "with model.checkpoint instead of checkpoint.resume")
+    if fmt == PARTIAL_FORMAT:
+        if base is None:
+            raise ValueError(f"{path} is a partial checkpoint but this run trains mode {mode} without a base "
+                             "checkpoint")
+        if payload["base"].get("sha256") != base["sha256"]:
+            raise ValueError(f"{path} was trained on another base checkpoint than model.checkpoint")
+        load_partial_into(model, payload)
+    elif fmt == FULL_FORMAT:
+        model.load_state_dict(strip_prefixes(payload["model_state_dict"]), strict=True)
+    else:
+        raise ValueError(f"{path}: unknown checkpoint format {fmt!r}")
+    return payload["training"]

@@ -1,0 +1,198 @@
+"""What an evaluation writes: ``per_case.csv`` (one row per target and click), ``summary.json`` (per-click and
+per-target statistics, the model and data, timings) and ``dice_vs_clicks.png`` (drawn with matplotlib).
+
+Every file is written atomically (:func:`SAM3DSegmentLib.core.atomic.atomic_write`); see docs/evaluation.md
+for the columns and keys.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..core.atomic import atomic_write
+from .protocols import ENGINE_LABEL, LEGACY_LABEL, EvalConfig, Row
+
+__all__ = ["CSV_NAME", "JSON_NAME", "PNG_NAME", "CSV_FIELDS", "summarize", "plot_dice_vs_clicks",
+           "write_outputs"]
+
+CSV_NAME = "per_case.csv"
+JSON_NAME = "summary.json"
+PNG_NAME = "dice_vs_clicks.png"
+CSV_FIELDS = ["protocol", "case", "target", "click", "positive", "index", "dice", "nsd", "hd95", "seconds",
+              "encodes", "regions"]
+
+
+def _stats(rows: List[Row]) -> Dict[str, Any]:
+    d = [r["dice"] for r in rows]
+    s = [r["nsd"] for r in rows]
+    h = [r["hd95"] for r in rows]
+    return {"n": len(rows),
+            "dice_mean": float(np.mean(d)) if d else None, "dice_median": float(np.median(d)) if d else None,
+            "nsd_mean": float(np.mean(s)) if s else None, "nsd_median": float(np.median(s)) if s else None,
+            # HD95 is inf when the prediction is empty; the median stays meaningful, the mean would not.
+            "hd95_median_mm": (float(np.median(h)) if h and math.isfinite(float(np.median(h))) else None)}
+
+
+def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None) -> Dict[str, Any]:
+    """The summary JSON object (see docs/evaluation.md)."""
+    from .. import __version__
+
+    out: Dict[str, Any] = {
+        "tool": "sam3d evaluate", "version": __version__,
+        "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": config.model, "data": config.data,
+        "clicks": int(config.clicks), "prompt_mode": config.prompt_mode,
+        "model_grid_spacing_mm": float(config.spacing_mm), "clamp_hu": config.clamp_hu,
+        "nsd_tolerance_mm": float(config.nsd_tolerance_mm), "legacy_seed": int(config.seed),
+        "protocols": {}, "timing": timing or {},
+    }
+    for protocol in config.protocols:
+        pr = [r for r in rows if r["protocol"] == protocol]
+        pairs = list(dict.fromkeys((r["case"], r["target"]) for r in pr))
+        targets = list(dict.fromkeys(t for _, t in pairs))
+        entry: Dict[str, Any] = {
+            "label": ENGINE_LABEL if protocol == "engine" else LEGACY_LABEL,
+            "cases": len({c for c, _ in pairs}), "case_targets": len(pairs),
+            "per_click": [{"click": n, **_stats([r for r in pr if r["click"] == n])}
+                          for n in range(1, config.clicks + 1)],
+            "per_target": {t: [{"click": n, **_stats([r for r in pr if r["target"] == t and r["click"] == n])}
+                               for n in range(1, config.clicks + 1)] for t in targets},
+        }
+        if protocol == "legacy":
+            best = {}
+            for c, t in pairs:
+                best[(c, t)] = max(r["dice"] for r in pr if r["case"] == c and r["target"] == t)
+            vals = list(best.values())
+            entry["best_dice_mean"] = float(np.mean(vals)) if vals else None
+            entry["best_dice_median"] = float(np.median(vals)) if vals else None
+            entry["best_dice_per_target"] = {t: float(np.mean([v for (c, tt), v in best.items() if tt == t]))
+                                             for t in targets}
+            entry["note"] = ("Dice inside the crop; 'best_dice_*' is the number comparable with SAM-Med3D's "
+                             "published tables (docs/reference/SAM_MED3D.md section 7), per_click is the crop "
+                             "Dice after exactly N clicks")
+        out["protocols"][protocol] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------------------- plot
+def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: str,
+                        emphasis: Sequence[str] = (), dashed: Sequence[str] = (),
+                        y_label: str = "Dice", x_label: str = "clicks") -> str:
+    """Draw Dice (0..1) against click number 1..N with matplotlib; one line per series.
+
+    ``series``: ``{legend text: [value after click 1, 2, ...]}`` (NaN: no value); names in ``emphasis`` are
+    drawn black and thick (the mean), names in ``dashed`` grey and dashed, the others in the ``tab10``
+    colours in turn. Written atomically to ``path`` (PNG).
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(9.6, 5.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    palette = colormaps["tab10"].colors
+    n = max([len(v) for v in series.values()] + [1])
+    k = 0
+    for name, values in series.items():
+        x = np.arange(1, len(values) + 1)
+        y = np.asarray(values, dtype=np.float64)
+        if name in emphasis:
+            style = dict(color="black", linewidth=4, marker="o", markersize=6, zorder=2)
+        elif name in dashed:
+            style = dict(color="dimgrey", linewidth=2, linestyle="--", marker="o", markersize=4, zorder=3)
+        else:
+            style = dict(color=palette[k % len(palette)], linewidth=2, marker="o", markersize=4, zorder=3)
+            k += 1
+        label = name if len(name) <= 34 else name[:33] + "…"
+        ax.plot(x, y, label=label, **style)
+    ax.set_xlim(0.5, n + 0.5)
+    ax.set_ylim(0.0, 1.0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=12))
+    ax.grid(True, color="0.88")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
+    series: Dict[str, List[float]] = {}
+    emphasis, dashed = [], []
+    engine = summary["protocols"].get("engine")
+    legacy = summary["protocols"].get("legacy")
+    main_p = engine or legacy
+    if main_p is None:
+        return None
+    # The mean first in the legend; plot_dice_vs_clicks draws the thinner per-target lines over it.
+    mean_name = "mean (full volume)" if engine else "mean (legacy crop Dice)"
+    series[mean_name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan")
+                         for p in main_p["per_click"]]
+    emphasis.append(mean_name)
+    for t, per in main_p["per_target"].items():
+        series[t] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in per]
+    if engine and legacy:
+        name = "legacy mean (crop Dice)"
+        series[name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in legacy["per_click"]]
+        dashed.append(name)
+    model = summary.get("model", {}).get("name") or "model"
+    which = "engine, full-volume Dice" if engine else "legacy crop Dice"
+    title = f"Dice vs clicks - {model} ({which}, {summary['data'].get('name', '')})"
+    return plot_dice_vs_clicks(series, path, title, emphasis=emphasis, dashed=dashed)
+
+
+# ------------------------------------------------------------------------------------- writing
+def _write_text(path: str, text: str) -> str:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    return atomic_write(path, write)
+
+
+def _csv_text(rows: List[Row]) -> str:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_outputs(out_dir: str, rows: List[Row], config: EvalConfig, timing: dict,
+                  plot: bool = True) -> Dict[str, Any]:
+    """Write ``per_case.csv`` and ``summary.json`` (and the plot, with ``plot``) into ``out_dir``; returns the
+    summary."""
+    summary = summarize(rows, config, timing)
+    _write_text(os.path.join(out_dir, CSV_NAME), _csv_text(rows))
+    _write_text(os.path.join(out_dir, JSON_NAME), json.dumps(_json_safe(summary), indent=2) + "\n")
+    if plot and rows:
+        try:
+            _plot_from_summary(summary, os.path.join(out_dir, PNG_NAME))
+        except ImportError:
+            sys.stderr.write("sam3d evaluate: matplotlib is not installed; no plot written "
+                             "(pip install matplotlib)\n")
+    return summary
