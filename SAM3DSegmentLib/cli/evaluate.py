@@ -11,10 +11,11 @@ from .runner import command_main
 
 NAME = "evaluate"
 HELP = "score a model with simulated clicks (Dice, NSD, HD95)"
-DESCRIPTION = ("Evaluate a SAM-Med3D-family checkpoint and the interactive engine with simulated clicks. "
+DESCRIPTION = ("Evaluate a SAM-Med3D or 3DSAM-adapter checkpoint and the interactive engine with simulated clicks. "
                "Writes per_case.csv, summary.json and dice_vs_clicks.png into --out.")
-#: What ``--protocol`` takes; "both" runs the engine and the legacy protocol.
-PROTOCOL_CHOICES = ("engine", "legacy", "both")
+#: What ``--protocol`` takes; "both" runs the engine protocol and the model family's own (legacy for SAM-Med3D,
+#: 3dsam for the 3DSAM-adapter).
+PROTOCOL_CHOICES = ("engine", "legacy", "3dsam", "both")
 
 
 def configure(p) -> None:
@@ -31,8 +32,9 @@ def configure(p) -> None:
     p.add_argument("--max-cases", type=O.positive_int, default=None, metavar="N",
                    help="evaluate only the first N cases (by name)")
     p.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="both",
-                   help="engine: the interactive engine on the full volume; legacy: SAM-Med3D's crop protocol "
-                        "(default both)")
+                   help="engine: the interactive engine on the full volume; legacy: SAM-Med3D's crop protocol; "
+                        "3dsam: the 3DSAM-adapter's (N points in the ground truth, one pass, NSD at 5 mm); both "
+                        "(default): engine and the model family's own (legacy or 3dsam)")
     O.add_device_options(p)
     O.add_engine_options(p)
     p.add_argument("--nsd-tolerance", type=O.non_negative_float, default=2.0, metavar="MM",
@@ -78,7 +80,7 @@ def _backend(args):
 
 def run(args) -> int:
     from ..eval.evaluate import run_evaluation
-    from ..eval.protocols import PROTOCOLS, EvalConfig
+    from ..eval.protocols import FAMILY_PROTOCOL, EvalConfig
     from ..eval.report import CSV_NAME, JSON_NAME, PNG_NAME
 
     quiet = args.quiet
@@ -86,13 +88,24 @@ def run(args) -> int:
     out = O.output_folder(args.out)
     outputs = [os.path.join(out, n) for n in (CSV_NAME, JSON_NAME, PNG_NAME)]
     O.refuse_existing("--out", outputs, args.overwrite, folder=out)
-    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
     cases, data_info = _cases(args)
-    config = EvalConfig(clicks=args.clicks, protocols=tuple(protocols), prompt_mode=args.prompt_mode,
+    config = EvalConfig(clicks=args.clicks, prompt_mode=args.prompt_mode,
                         spacing_mm=args.spacing, clamp_hu=args.clamp_hu, extend=not args.no_extend,
                         max_regions=args.max_regions, nsd_tolerance_mm=args.nsd_tolerance, seed=args.seed,
                         data=data_info)
     backend, model_info = _backend(args)
+    O.apply_model_settings(backend, args, log)
+    family = model_info.get("family", "sam_med3d")
+    own = FAMILY_PROTOCOL.get(family, "legacy")
+    protocols = ("engine", own) if args.protocol == "both" else (args.protocol,)
+    wrong = [p for p in protocols if p not in ("engine", own)]
+    if wrong:
+        raise O.UsageError(f"--protocol {wrong[0]} does not apply to this model ({family} family); use engine, "
+                           f"{own} or both")
+    config.protocols = protocols
+    config.spacing_mm = args.spacing or float(getattr(backend, "spacing_mm", None) or 1.5)
+    if getattr(backend, "intensity", None) is not None:
+        model_info["intensity"] = backend.intensity.to_dict()
     config.model = model_info
     log(f"sam3d evaluate: {model_info['backend']}; protocols {', '.join(protocols)}; {args.clicks} clicks")
     summary = run_evaluation(cases, backend, config, out, log)

@@ -1,10 +1,12 @@
-"""The two evaluation protocols (see docs/evaluation.md), each scoring every target of one case.
+"""The engine and legacy evaluation protocols (see docs/evaluation.md), each scoring every target of one case
+(the 3DSAM-adapter's own protocol, ``3dsam``, is in :mod:`.points_protocol`).
 
 ``engine`` (the honest number)
     The interactive engine end to end: :class:`~SAM3DSegmentLib.inference.session.Session` on the FULL volume
     (click-centred regions, region extension, paste-back onto the original grid), N clicks from the
     deterministic RITM-style simulator :func:`~SAM3DSegmentLib.eval.clicker.next_click`, Dice and NSD on the
-    full volume after EACH of clicks 1..N.
+    full volume after EACH of clicks 1..N. A model without exclude clicks (the 3DSAM-adapter) gets include
+    clicks only: the simulator then corrects the missed parts (false negatives) alone.
 
 ``legacy`` (comparable with SAM-Med3D's published tables)
     :data:`LEGACY_LABEL`: the model alone on a 128^3 crop at 1.5 mm centred on the ground-truth bounding
@@ -33,7 +35,7 @@ from .clicker import next_click, next_click_index, random_error_click
 from .metrics import score
 from ..core.interp import resize
 
-__all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "PROTOCOLS", "EvalConfig", "Row", "evaluate_engine",
+__all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "PROTOCOLS", "FAMILY_PROTOCOL", "EvalConfig", "Row", "evaluate_engine",
            "evaluate_legacy", "upsample_logits"]
 
 LEGACY_LABEL = ("legacy: GT-centred 128³ crop, Dice inside the crop, first click deepest point, later "
@@ -41,7 +43,10 @@ LEGACY_LABEL = ("legacy: GT-centred 128³ crop, Dice inside the crop, first clic
 ENGINE_LABEL = ("engine: interactive engine end to end on the full volume (click-centred regions, "
                 "extension, paste-back), deterministic deepest-point clicks in the larger error region, "
                 "full-volume Dice/NSD after exactly N clicks")
-PROTOCOLS = ("engine", "legacy")
+#: Every protocol ``--protocol`` names; ``3dsam`` is in :mod:`.points_protocol` (the 3DSAM-adapter's own).
+PROTOCOLS = ("engine", "legacy", "3dsam")
+#: The protocol comparable with the published numbers of each model family ("both" = engine + this one).
+FAMILY_PROTOCOL = {"sam_med3d": "legacy", "3dsam_adapter": "3dsam"}
 
 
 @dataclass
@@ -50,9 +55,9 @@ class EvalConfig:
     summary JSON."""
 
     clicks: int = 5
-    protocols: Tuple[str, ...] = PROTOCOLS
+    protocols: Tuple[str, ...] = ("engine", "legacy")
     prompt_mode: str = "newest"
-    spacing_mm: float = 1.5
+    spacing_mm: Optional[float] = None   # None: the model's own (1.5 mm for SAM-Med3D)
     clamp_hu: Optional[Tuple[float, float]] = None
     extend: bool = True
     max_regions: int = 8
@@ -71,7 +76,7 @@ class EvalConfig:
             raise EvaluationError(f"--prompt-mode must be 'newest' or 'all', got {self.prompt_mode!r}")
         if not self.nsd_tolerance_mm >= 0:
             raise EvaluationError("--nsd-tolerance must be >= 0 mm")
-        if not self.spacing_mm > 0:
+        if self.spacing_mm is not None and not self.spacing_mm > 0:
             raise EvaluationError("--spacing-mm must be > 0")
 
 
@@ -95,9 +100,10 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
     from ..inference.session import Session, SessionOptions
 
     opts = SessionOptions(prompt_mode=config.prompt_mode, region_size=int(backend.image_size),
-                          spacing_mm=float(config.spacing_mm), extend=bool(config.extend),
+                          spacing_mm=config.spacing_mm, extend=bool(config.extend),
                           max_regions=int(config.max_regions), clamp_hu=config.clamp_hu)
     session = Session(backend, opts)
+    exclude_ok = getattr(backend, "supports_exclude", True)
     session.set_volume(case.image)
     spacing_kji = np.asarray(case.image.spacing, dtype=np.float64)[::-1]
     rows: List[Row] = []
@@ -110,7 +116,8 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
         pred = np.zeros_like(gt)
         clicked = []
         for n in range(1, config.clicks + 1):
-            click = next_click(gt, pred, spacing_kji, avoid_ijk=clicked)   # never the same voxel twice
+            # a model without exclude clicks (3DSAM-adapter): the clicks correct the missed parts only
+            click = next_click(gt, pred if exclude_ok else pred & gt, spacing_kji, avoid_ijk=clicked)   # never twice
             t0 = time.perf_counter()
             encodes = 0
             if click is not None:  # None: perfect (or every error voxel clicked): the score stays
@@ -161,8 +168,11 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
     from ..inference.regions import normalize_like_reference
     from .reference_pipeline import reference_crop_or_pad, torchio_mask_centre
 
+    if not getattr(backend, "supports_mask_prompt", True):
+        raise EvaluationError("--protocol legacy is SAM-Med3D's crop protocol (previous low-res logits, exclude "
+                              "clicks); this model has neither: use --protocol engine or 3dsam")
     size = int(backend.image_size)
-    sp = float(config.spacing_mm)
+    sp = float(config.spacing_mm or 1.5)
     spacing = (sp, sp, sp)
     rows: List[Row] = []
     image_abc: Optional[np.ndarray] = None

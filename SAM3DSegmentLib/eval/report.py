@@ -18,7 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..core.atomic import atomic_write
+from .points_protocol import NSD_TOLERANCE_MM, POINTS_LABEL
 from .protocols import ENGINE_LABEL, LEGACY_LABEL, EvalConfig, Row
+
+LABELS = {"engine": ENGINE_LABEL, "legacy": LEGACY_LABEL, "3dsam": POINTS_LABEL}
 
 __all__ = ["CSV_NAME", "JSON_NAME", "PNG_NAME", "CSV_FIELDS", "summarize", "plot_dice_vs_clicks",
            "write_outputs"]
@@ -50,7 +53,8 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
         "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": config.model, "data": config.data,
         "clicks": int(config.clicks), "prompt_mode": config.prompt_mode,
-        "model_grid_spacing_mm": float(config.spacing_mm), "clamp_hu": config.clamp_hu,
+        "model_grid_spacing_mm": None if config.spacing_mm is None else float(config.spacing_mm),
+        "clamp_hu": config.clamp_hu,
         "nsd_tolerance_mm": float(config.nsd_tolerance_mm), "legacy_seed": int(config.seed),
         "protocols": {}, "timing": timing or {},
     }
@@ -59,7 +63,7 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
         pairs = list(dict.fromkeys((r["case"], r["target"]) for r in pr))
         targets = list(dict.fromkeys(t for _, t in pairs))
         entry: Dict[str, Any] = {
-            "label": ENGINE_LABEL if protocol == "engine" else LEGACY_LABEL,
+            "label": LABELS[protocol],
             "cases": len({c for c, _ in pairs}), "case_targets": len(pairs),
             "per_click": [{"click": n, **_stats([r for r in pr if r["click"] == n])}
                           for n in range(1, config.clicks + 1)],
@@ -78,6 +82,10 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
             entry["note"] = ("Dice inside the crop; 'best_dice_*' is the number comparable with SAM-Med3D's "
                              "published tables (docs/reference/SAM_MED3D.md section 7), per_click is the crop "
                              "Dice after exactly N clicks")
+        if protocol == "3dsam":
+            entry["nsd_tolerance_mm"] = NSD_TOLERANCE_MM
+            entry["note"] = ("one pass per row: click n is the model's output for the first n points; Dice, NSD "
+                             "and HD95 inside the 1 mm crop")
         out["protocols"][protocol] = entry
     return out
 
@@ -130,23 +138,24 @@ def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
     series: Dict[str, List[float]] = {}
     emphasis, dashed = [], []
     engine = summary["protocols"].get("engine")
-    legacy = summary["protocols"].get("legacy")
+    legacy = summary["protocols"].get("legacy") or summary["protocols"].get("3dsam")
+    crop_name = "legacy" if "legacy" in summary["protocols"] else "3dsam"
     main_p = engine or legacy
     if main_p is None:
         return None
     # The mean first in the legend; plot_dice_vs_clicks draws the thinner per-target lines over it.
-    mean_name = "mean (full volume)" if engine else "mean (legacy crop Dice)"
+    mean_name = "mean (full volume)" if engine else f"mean ({crop_name} crop Dice)"
     series[mean_name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan")
                          for p in main_p["per_click"]]
     emphasis.append(mean_name)
     for t, per in main_p["per_target"].items():
         series[t] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in per]
     if engine and legacy:
-        name = "legacy mean (crop Dice)"
+        name = f"{crop_name} mean (crop Dice)"
         series[name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in legacy["per_click"]]
         dashed.append(name)
     model = summary.get("model", {}).get("name") or "model"
-    which = "engine, full-volume Dice" if engine else "legacy crop Dice"
+    which = "engine, full-volume Dice" if engine else f"{crop_name} crop Dice"
     title = f"Dice vs clicks - {model} ({which}, {summary['data'].get('name', '')})"
     return plot_dice_vs_clicks(series, path, title, emphasis=emphasis, dashed=dashed)
 

@@ -106,8 +106,9 @@ class RegionPredictor:
     def embedding(self, rs: RegionState, stats: Stats):
         def encode():
             t = time.perf_counter()
+            intensity = getattr(self.backend, "intensity", None)   # the model's own HU window and statistics
             image = _regions.model_input(self.volume, rs.region, clamp_hu=self.options.clamp_hu,
-                                         intensity=getattr(self.backend, "intensity", None))
+                                         **({} if intensity is None else {"intensity": intensity}))
             emb = self.backend.encode(image)
             stats.encode_s += time.perf_counter() - t
             stats.encoded += 1
