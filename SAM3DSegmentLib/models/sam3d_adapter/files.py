@@ -25,21 +25,27 @@ from .checkpoint import published_state
 from .config import Sam3DAdapterConfig
 
 META_KEY = "sam3dsegment"
+#: Where a resumable training file (``latest.pt`` of ``sam3d train``) keeps the training state.
+TRAINING_KEY = "sam3dsegment_training"
 FAMILY = "3dsam_adapter"
 
-__all__ = ["META_KEY", "FAMILY", "save_model_file", "load_model_file", "file_metadata"]
+__all__ = ["META_KEY", "TRAINING_KEY", "FAMILY", "save_model_file", "load_model_file", "file_metadata"]
 
 
 def save_model_file(model, path, intensity: Optional[WindowZNorm] = None, recipe: Optional[str] = None,
-                    epoch: Optional[int] = None, name: Optional[str] = None, overwrite: bool = False) -> Path:
+                    epoch: Optional[int] = None, name: Optional[str] = None, overwrite: bool = False,
+                    training_state: Optional[dict] = None) -> Path:
     """Write ``model`` in the published format plus our ``"sam3dsegment"`` metadata (atomic; an existing
-    file is replaced only with ``overwrite``)."""
+    file is replaced only with ``overwrite``). ``training_state`` (optimiser, schedule, counters: what resuming
+    a run needs) goes under :data:`TRAINING_KEY`."""
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or pass overwrite=True")
     payload = published_state(model)
     payload[META_KEY] = {"config": model.config.to_dict(),
                          "intensity": None if intensity is None else intensity.to_dict(),
                          "recipe": recipe, "epoch": None if epoch is None else int(epoch), "name": name}
+    if training_state is not None:
+        payload[TRAINING_KEY] = training_state
     atomic_torch_save(payload, path)
     return Path(path)
 
