@@ -225,3 +225,14 @@ def test_load_backend_builds_the_family_backend_with_the_files_statistics(tmp_pa
     assert make_backend(net, intensity={"window": [-50, 150], "mean": 1, "std": 2}).intensity.window == (-50, 150)
     _, demo_info = load_backend(checkpoint=DEMO, device="cpu")
     assert demo_info["family"] == "sam_med3d" and "intensity" not in demo_info
+
+
+def test_a_downloaded_3dsam_adapter_file_passes_the_payload_check(tmp_path):
+    from SAM3DSegmentLib.weights.verify import payload_problem
+
+    assert payload_problem(save_published(tiny_model(), tmp_path / "pub.pth")) is None
+    assert payload_problem(DEMO) is None
+    torch.save({"encoder_dict": {"a": 1}, "decoder_dict": {}, "feature_dict": []}, tmp_path / "bad.pth")
+    assert "do not all hold tensors" in payload_problem(tmp_path / "bad.pth")
+    (tmp_path / "page.pth").write_text("<html>login</html>")
+    assert "HTML page" in payload_problem(tmp_path / "page.pth")

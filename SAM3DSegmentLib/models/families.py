@@ -12,9 +12,9 @@ precisely what does not match. Importing this module does not import torch.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-from .checkpoint_file import CheckpointError, CheckpointSummary, inspect_checkpoint
+from .checkpoint_file import CheckpointError, CheckpointSummary, _as_tensor, inspect_checkpoint, sam_state_dict_problem
 
 SAM_MED3D = "sam_med3d"
 SAM3D_ADAPTER = "3dsam_adapter"
@@ -25,6 +25,7 @@ FAMILIES = (SAM_MED3D, SAM3D_ADAPTER)
 PUBLISHED_DICTS = ("encoder_dict", "decoder_dict", "feature_dict")
 
 __all__ = ["SAM_MED3D", "SAM3D_ADAPTER", "SAM_2D", "FAMILIES", "family_of", "checkpoint_family", "load_model",
+           "model_file_problem",
            "SAM_2D_FOR_INFERENCE"]
 
 #: Why a 2D segment-anything file cannot be clicked with (the loader's message ends with the path).
@@ -45,6 +46,22 @@ def family_of(summary: CheckpointSummary) -> str:
         if t is not None and len(t.shape) == 4:
             return SAM_2D
     return SAM_MED3D
+
+
+def model_file_problem(summary: CheckpointSummary) -> Optional[str]:
+    """None when an inspected file holds a model of either family, else what is wrong (one phrase): used before
+    a downloaded file without a published sha256 is trusted (:mod:`SAM3DSegmentLib.weights.verify`)."""
+    family = family_of(summary)
+    if family == SAM3D_ADAPTER:
+        root = summary.root
+        enc, dec, feats = (root.get(k) for k in PUBLISHED_DICTS)
+        parts = [enc, dec] + (list(feats) if isinstance(feats, (list, tuple)) else [feats])
+        if all(isinstance(p, Mapping) and p and all(_as_tensor(v) for v in p.values()) for p in parts):
+            return None
+        return "it has the 3DSAM-adapter dicts but they do not all hold tensors"
+    if family == SAM_2D:
+        return f"{SAM_2D_FOR_INFERENCE}"
+    return sam_state_dict_problem(summary)
 
 
 def checkpoint_family(path) -> str:
