@@ -286,7 +286,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelStatusLabel.text = f"Loaded: {job.result}"
             self.showDeviceWarning(ctx["device"])
         elif kind == "model_info":  # said once per load: what this model cannot do (3DSAM-adapter: no exclude clicks)
-            self.ui.statusLabel.text = job.result.get("notice") or self.ui.statusLabel.text
+            self.ui.statusLabel.text = (job.result or {}).get("notice") or self.ui.statusLabel.text
             self.ui.excludeButton.setChecked(self.ui.excludeButton.checked and self.link.exclude_allowed)
             self.updateButtons()
         elif kind == "points" and ctx["segment"] == self._target.segment_id:

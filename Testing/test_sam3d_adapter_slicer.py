@@ -28,6 +28,9 @@ def test_the_link_learns_the_model_has_no_exclude_clicks(scene, tmp_path):
     link = sb.EngineLink(engine)
     try:
         assert link.exclude_allowed  # nothing loaded yet: the button stays as it is
+        link.load_model(str(tmp_path / "missing.pth"), "cpu")   # a failed load is said once, by the load job
+        jobs = finish(link)
+        assert kinds(jobs) == [("load", "failed"), ("model_info", "done")] and link.model_info is None
         link.load_model(str(path), "cpu")
         jobs = finish(link)
         assert kinds(jobs) == [("load", "done"), ("model_info", "done")]

@@ -64,10 +64,12 @@ class Engine:
         return self.set_backend(make_backend(model, device=device, dtype=dtype,
                                              intensity=getattr(entry, "intensity", None)))
 
-    def model_info(self) -> Dict[str, Any]:
+    def model_info(self) -> Optional[Dict[str, Any]]:
         """What the GUI shows about the loaded model: ``name``, ``family``, ``supports_exclude``,
-        ``supports_mask_prompt`` and ``notice`` (one line on what the model cannot do, or None)."""
-        self._require_session()
+        ``supports_mask_prompt`` and ``notice`` (one line on what the model cannot do, or None); None when no
+        model is loaded (a failed load already said why)."""
+        if self.backend is None:
+            return None
         b = self.backend
         return {"name": str(getattr(b, "name", type(b).__name__)), "family": getattr(b, "family", "sam_med3d"),
                 "supports_exclude": bool(getattr(b, "supports_exclude", True)),
