@@ -1,7 +1,7 @@
 """SAM3DSegment: interactive click-based 3D segmentation of CT (Slicer glue: UI, observers, engine pump).
-The work lives in SAM3DSegmentLib (slicer: MRML and the link to the engine; inference.engine_process: the model in a
-child process). The model runs in the child process; Slicer's process imports torch only to pick the device for
-"auto" (SAM3DSegmentLib.cli.diagnose.recommended_device) and for Diagnose."""
+The work lives in SAM3DSegmentLib (slicer: MRML, the link to the engine, the Local/Remote panel;
+inference.engine_process: the model in a child process, which also picks the device for "auto" and talks to remote
+servers). Slicer's own process imports torch only for Diagnose."""
 import logging
 import os
 import sys
@@ -81,6 +81,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         names = list(weights.known_names())
         ui.modelComboBox.addItems(names)
         ui.modelComboBox.setCurrentText(weights.DEFAULT_MODEL if weights.DEFAULT_MODEL in names else names[0])
+        self.remote = sb.RemotePanel(ui, qt.QSettings(), self.link, self.startPump)  # Local/Remote, kept in QSettings
         self.timer = qt.QTimer()
         self.timer.setInterval(30)
         self.timer.connect("timeout()", self.pump)
@@ -277,18 +278,21 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onJobFinished(self, job):
         ctx, kind = job.context or {}, (job.context or {}).get("kind")
         if job.state == "failed":
+            from SAM3DSegmentLib import slicer as sb
             logging.error(job.traceback)
-            self.ui.statusLabel.text = f"Failed: {job.error}"
+            (self.ui.modelStatusLabel if kind == "load" else self.ui.statusLabel).text = sb.failure_text(job)
             slicer.util.errorDisplay(f"SAM3DSegment: {job.error}", detailedText=job.traceback)
         elif job.state != "done":
             self.ui.statusLabel.text = "Cancelled: the segment is unchanged."
         elif kind == "load":
-            self.ui.modelStatusLabel.text = f"Loaded: {job.result}"
-            self.showDeviceWarning(ctx["device"])
-        elif kind == "model_info":  # said once per load: what this model cannot do (3DSAM-adapter: no exclude clicks)
-            self.ui.statusLabel.text = (job.result or {}).get("notice") or self.ui.statusLabel.text
+            self.ui.modelStatusLabel.text = f"Loaded: {job.result['name']}"
+            self.showDeviceWarning(None, job.result["warning"])
+            # said once per load: what this model cannot do (a 3DSAM-adapter has no exclude clicks)
+            self.ui.statusLabel.text = job.result.get("notice") or self.ui.statusLabel.text
             self.ui.excludeButton.setChecked(self.ui.excludeButton.checked and self.link.exclude_allowed)
             self.updateButtons()
+        elif kind == "servers":
+            self.remote.show_reports(job.result)
         elif kind == "points" and ctx["segment"] == self._target.segment_id:
             self.rewritePoints(job.result)
         elif kind in ("clicks", "reset", "undo", "redo"):
@@ -302,14 +306,15 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.latencyLabel.text = describe_update(update, job.wall_s)
 
     def onLoadModel(self):
-        path = self.ui.checkpointPathLineEdit.currentPath.strip()
-        self.link.load_model(path or self.ui.modelComboBox.currentText, self.ui.deviceComboBox.currentText)
-        self.ui.modelStatusLabel.text = "Loading..."
-        self.startPump()
+        with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not load the model", waitCursor=False):
+            self.remote.load(self.ui.modelComboBox.currentText, self.ui.checkpointPathLineEdit.currentPath.strip(),
+                             self.ui.deviceComboBox.currentText)  # local, or on the remote servers
+            self.ui.modelStatusLabel.text = "Loading..."
+            self.startPump()
 
-    def showDeviceWarning(self, device):
-        from SAM3DSegmentLib.cli import diagnose
-        warning = getattr(device, "warning", None) or (diagnose.CPU_WARNING if device == "cpu" else None)
+    def showDeviceWarning(self, device, warning=None):
+        from SAM3DSegmentLib.models.device import device_warning
+        warning = warning or (device_warning(device) if device else None)
         self.ui.deviceWarningLabel.text = warning or ""
         self.ui.deviceWarningLabel.visible = bool(warning)
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from SAM3DSegmentLib import cli
-from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.io import read_segmentation, read_volume, write_volume
+from SAM3DSegmentLib.io import read_segmentation, read_volume
+from _cli_fixtures import make_cli_inputs  # noqa: E402  (Testing/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,23 +31,7 @@ def run_cli(*args, cwd=None):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    import torch
-
-    from SAM3DSegmentLib.models import SamMed3DConfig, build_sam_med3d, save_checkpoint
-
-    d = tmp_path_factory.mktemp("cli_inputs")
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(build_sam_med3d(SamMed3DConfig.tiny()), d / "tiny.pt", extra={"name": "tiny-test"})
-    shape_ijk = (40, 36, 24)
-    ijk_to_ras = make_ijk_to_ras((1.2, 1.1, 2.0), np.diag([-1.0, -1.0, 1.0]), (30.0, 20.0, -15.0))
-    i, j, k = np.meshgrid(*(np.arange(n) for n in shape_ijk), indexing="ij")
-    sphere = ((i - 20) ** 2 + (j - 18) ** 2 + ((k - 12) * 1.8) ** 2) < 100
-    arr = np.where(sphere, 80, -50).astype(np.int16).transpose(2, 1, 0)
-    image = d / "ct.nii.gz"
-    write_volume(Volume(arr, ijk_to_ras), str(image))
-    vol = read_volume(str(image))
-    centre_ras = vol.ijk_to_ras_points(np.array([20.0, 18.0, 12.0]))
-    return {"dir": d, "ckpt": ckpt, "image": image, "volume": vol, "centre": centre_ras}
+    return make_cli_inputs(tmp_path_factory.mktemp("cli_inputs"))
 
 
 def ras_arg(p):
@@ -71,7 +55,7 @@ def test_segment_writes_a_mask_on_the_input_grid(inputs, tmp_path):
     mask = read_volume(str(out))
     assert mask.same_grid(inputs["volume"], atol=1e-4)
     assert set(np.unique(mask.array)) <= {0, 1}
-    info = json.loads(timings.read_text())
+    info = json.loads(timings.read_text(encoding="utf-8"))
     assert info["checkpoint"] == str(inputs["ckpt"]) and info["regions"] >= 1
     assert len(info["timings"]["clicks"]) == 2 and info["timings"]["clicks"][1]["encoded_regions"] == 0
     assert info["mask_voxels"] == int(mask.array.sum())
@@ -255,7 +239,7 @@ def test_run_demo_writes_masks_overlay_and_report(inputs, tmp_path):
                       log=lambda *a: None, volume=vol, references=refs)
     out = tmp_path / "demo"
     assert sorted(os.listdir(out)) == ["demo.json", "demo.seg.nrrd", "overlay.png"]
-    saved = json.loads((out / "demo.json").read_text())
+    saved = json.loads((out / "demo.json").read_text(encoding="utf-8"))
     assert saved["structures"]["ball"]["clicks"][0]["positive"] is True
     assert 0.0 <= saved["structures"]["ball"]["dice"] <= 1.0 and saved["model"]["checkpoint"] == str(inputs["ckpt"])
     segs = read_segmentation(str(out / "demo.seg.nrrd"), reference=vol)

@@ -71,7 +71,7 @@ def test_demo_without_a_published_model_says_it_is_a_small_demo_model_and_how_to
     assert lines[0].startswith("model: demo - the bundled demonstration model")
     assert "SMALL OFFLINE DEMONSTRATION MODEL" in lines[1] and "not SAM-Med3D" in lines[1]
     assert "sam3d download sam-med3d-turbo" in lines[2]
-    saved = json.loads((out / "demo.json").read_text())
+    saved = json.loads((out / "demo.json").read_text(encoding="utf-8"))
     assert saved["model"]["kind"] == "bundled demo model" and saved["model"]["model"] == "demo"
     assert not (tmp_path / "empty_cache").exists()  # nothing downloaded, nothing created
 
@@ -92,7 +92,7 @@ def test_demo_runs_a_published_model_found_in_the_cache_and_names_it_first(tmp_p
     lines = _lines(capsys)
     assert lines[0] == f"model: sam-med3d - published SAM-Med3D checkpoint from the model cache ({target})"
     assert not any("DEMONSTRATION" in ln for ln in lines)
-    saved = json.loads((out / "demo.json").read_text())
+    saved = json.loads((out / "demo.json").read_text(encoding="utf-8"))
     assert saved["model"]["kind"] == "published" and saved["model"]["checkpoint"] == str(target)
 
 

@@ -165,7 +165,7 @@ def test_stub_engine_and_legacy_improve_with_clicks_and_write_outputs(tmp_path):
     d_legacy = [float(r["dice"]) for r in legacy]
     assert max(d_legacy) > d_legacy[0]
 
-    data = json.loads((out / "summary.json").read_text())
+    data = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert data == json.loads(json.dumps(summary))  # the file is the returned summary
     e = data["protocols"]["engine"]
     assert e["per_click"][4]["dice_mean"] == pytest.approx(d_engine[4], abs=1e-5)
@@ -280,17 +280,17 @@ def test_cli_end_to_end_with_a_tiny_random_checkpoint(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "per_case.csv", newline="")))
     assert {(r["protocol"], r["click"]) for r in rows} == {(p, c) for p in ("engine", "legacy") for c in "12"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["nsd"]) <= 1.0 for r in rows)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert len(summary["model"]["checkpoint_sha256"]) == 64
     assert summary["model"]["device"] == "cpu"
     assert summary["data"]["cases"] == ["case00"]
     assert (out / "dice_vs_clicks.png").stat().st_size > 1000
     assert "best Dice over clicks" in capsys.readouterr().out
     # Never clobber earlier results without --overwrite.
-    before = (out / "per_case.csv").read_text()
+    before = (out / "per_case.csv").read_text(encoding="utf-8")
     assert main(argv) == 1
     assert "--overwrite" in capsys.readouterr().err
-    assert (out / "per_case.csv").read_text() == before
+    assert (out / "per_case.csv").read_text(encoding="utf-8") == before
     # Bad input: a clear message, exit status 1.
     assert main(["--data", str(tmp_path / "missing"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o2")]) == 1
     assert "does not exist" in capsys.readouterr().err

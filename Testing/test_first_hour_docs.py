@@ -120,7 +120,7 @@ def _run_setup(tmp_path, **env):
     res = subprocess.run(["bash", str(repo / "scripts" / "setup.sh")], cwd=repo, env=full_env,
                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr
-    calls = [ln for ln in log.read_text().splitlines() if " install " in f" {ln} "]
+    calls = [ln for ln in log.read_text(encoding="utf-8").splitlines() if " install " in f" {ln} "]
     return res.stdout, calls
 
 
@@ -138,7 +138,7 @@ def test_setup_offers_a_cpu_only_torch_index_and_keeps_the_local_wheel_folder(tm
     torch_call = next(c for c in calls if "torch==2.13.0" in c)
     assert "--index-url" not in torch_call and "--find-links" not in torch_call
     assert "CUDA build" in out and "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in out
-    text = (REPO / "scripts" / "setup.sh").read_text()
+    text = (REPO / "scripts" / "setup.sh").read_text(encoding="utf-8")
     assert "pinned CPU torch" not in text
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert "pinned CPU torch" not in readme and "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in readme

@@ -30,6 +30,7 @@ from SAM3DSegmentLib.cli import segment as segment_command
 from SAM3DSegmentLib.core import atomic
 from SAM3DSegmentLib import io
 from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
+from _cli_fixtures import make_cli_inputs  # noqa: E402  (Testing/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,21 +74,7 @@ def _listing(folder) -> list:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    import torch
-
-    from SAM3DSegmentLib.models import SamMed3DConfig, build_sam_med3d, save_checkpoint
-
-    d = tmp_path_factory.mktemp("hostile_inputs")
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(build_sam_med3d(SamMed3DConfig.tiny()), d / "tiny.pt", extra={"name": "tiny-test"})
-    shape_ijk = (40, 36, 24)
-    ijk_to_ras = make_ijk_to_ras((1.2, 1.1, 2.0), np.diag([-1.0, -1.0, 1.0]), (30.0, 20.0, -15.0))
-    i, j, k = np.meshgrid(*(np.arange(n) for n in shape_ijk), indexing="ij")
-    sphere = ((i - 20) ** 2 + (j - 18) ** 2 + ((k - 12) * 1.8) ** 2) < 100
-    arr = np.where(sphere, 80, -50).astype(np.int16).transpose(2, 1, 0)
-    image = d / "ct.nii.gz"
-    io.write_volume(Volume(arr, ijk_to_ras), str(image))
-    return {"dir": d, "ckpt": ckpt, "image": image, "volume": io.read_volume(str(image))}
+    return make_cli_inputs(tmp_path_factory.mktemp("hostile_inputs"))
 
 
 def _segment_args(inputs, image, out, *extra):
@@ -201,7 +188,7 @@ def test_symlinked_output_is_written_through(tmp_path):
     atomic.write_json(tmp_path / "t.json", {"a": 1})
     (tmp_path / "t_link.json").symlink_to(tmp_path / "t.json")
     atomic.write_json(tmp_path / "t_link.json", {"a": 2})
-    assert (tmp_path / "t_link.json").is_symlink() and json.loads((tmp_path / "t.json").read_text()) == {"a": 2}
+    assert (tmp_path / "t_link.json").is_symlink() and json.loads((tmp_path / "t.json").read_text(encoding="utf-8")) == {"a": 2}
     assert _listing(real_dir) == ["mask.nii.gz"]
 
 
@@ -279,13 +266,13 @@ def test_segment_cli_dicom_series_choice_is_printed_and_recorded(inputs, tmp_pat
     r = run_cli(*_segment_args(inputs, folder, out, "--timings", timings))
     assert r.returncode == 0, r.stderr
     assert f"DICOM folder holds 2 series; reading {UID_A} (24 files)" in r.stdout and UID_B in r.stdout
-    rec = json.loads(timings.read_text())["dicom_series"]
+    rec = json.loads(timings.read_text(encoding="utf-8"))["dicom_series"]
     assert rec == {"series_uid": UID_A, "n_files": 24, "other_series": [UID_B], "chosen_by": "most files"}
     args = _segment_args(inputs, folder, out, "--timings", timings, "--series", UID_B, "--overwrite")
     args[args.index("20,18,12")] = "20,18,2"                          # inside the 5-slice series
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
-    rec = json.loads(timings.read_text())["dicom_series"]
+    rec = json.loads(timings.read_text(encoding="utf-8"))["dicom_series"]
     assert rec["series_uid"] == UID_B and rec["chosen_by"] == "--series" and rec["n_files"] == 5
     assert io.read_volume(str(out)).array.shape == (5, 36, 40)
     r = run_cli(*_segment_args(inputs, folder, tmp_path / "x.nii.gz", "--series", "9.9.9"))
@@ -361,7 +348,7 @@ def test_atomic_group_is_all_or_nothing(tmp_path, monkeypatch):
         with atomic.AtomicGroup() as g:
             atomic.write_json(a, "new a", group=g)
             atomic.atomic_write(b, lambda tmp: (_ for _ in ()).throw(RuntimeError("boom")), group=g)
-    assert json.loads(a.read_text()) == "old a" and _listing(tmp_path) == ["a.json"]
+    assert json.loads(a.read_text(encoding="utf-8")) == "old a" and _listing(tmp_path) == ["a.json"]
     # the second rename fails after the first succeeded: the first is rolled back
     real_replace = os.replace
 
@@ -376,12 +363,12 @@ def test_atomic_group_is_all_or_nothing(tmp_path, monkeypatch):
             atomic.write_json(a, "new a", group=g)
             atomic.write_json(b, "new b", group=g)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert json.loads(a.read_text()) == "old a" and _listing(tmp_path) == ["a.json"]
+    assert json.loads(a.read_text(encoding="utf-8")) == "old a" and _listing(tmp_path) == ["a.json"]
     with atomic.AtomicGroup() as g:
         atomic.write_json(a, "new a", group=g)
         atomic.write_json(b, "new b", group=g)
-        assert json.loads(a.read_text()) == "old a"                # nothing in place before the commit
-    assert json.loads(a.read_text()) == "new a" and json.loads(b.read_text()) == "new b"
+        assert json.loads(a.read_text(encoding="utf-8")) == "old a"                # nothing in place before the commit
+    assert json.loads(a.read_text(encoding="utf-8")) == "new a" and json.loads(b.read_text(encoding="utf-8")) == "new b"
     assert _listing(tmp_path) == ["a.json", "b.json"]
 
 

@@ -10,10 +10,8 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from SAM3DSegmentLib.cli.download import main as download_main
 from SAM3DSegmentLib.models.checkpoint_file import CheckpointError, inspect_checkpoint
 
 from _checkpoint_bytes import checkpoint_bytes  # noqa: E402  (Testing/ is on sys.path under pytest)
+from _loopback_http import LoopbackServer as Server  # noqa: E402  (Testing/ is on sys.path under pytest)
 
 REPO = Path(__file__).resolve().parents[1]
 HTML = b"<!DOCTYPE html><html><head><title>Hotel Wi-Fi</title></head><body>Log in to continue</body></html>"
@@ -36,85 +35,6 @@ def _isolated_env(monkeypatch, tmp_path):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SAM3D_WEIGHTS_BASE_URL", raising=False)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """``server.files[path]`` with ``bytes=N-`` ranges. ``server.rate``: bytes per second for the body
-    (None: at once); ``server.header_trickle``: send the status line one byte per 0.2 s."""
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        srv = self.server
-        srv.requests.append({"path": self.path, "range": self.headers.get("Range")})
-        data = srv.files.get(self.path)
-        if srv.header_trickle:
-            for b in b"HTTP/1.1 200 OK\r\n":
-                if srv.stop.wait(0.2):
-                    return
-                with contextlib.suppress(OSError):
-                    self.wfile.write(bytes([b]))
-                    self.wfile.flush()
-            return
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        m = re.fullmatch(r"bytes=(\d+)-", (self.headers.get("Range") or "").strip())
-        if m:
-            start = int(m.group(1))
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", '"' + hashlib.md5(data).hexdigest() + '"')
-        self.end_headers()
-        try:
-            if srv.rate is None:
-                self.wfile.write(body)
-                return
-            step = max(1, int(srv.rate / 20))
-            for i in range(0, len(body), step):
-                if srv.stop.wait(0.05):
-                    return
-                self.wfile.write(body[i:i + step])
-                self.wfile.flush()
-        except OSError:  # the client gave up
-            pass
-
-
-class Server:
-    def __init__(self, files, rate=None, header_trickle=False):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.files = {"/" + k: v for k, v in files.items()}
-        self.httpd.requests = []
-        self.httpd.rate = rate
-        self.httpd.header_trickle = header_trickle
-        self.httpd.stop = threading.Event()
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-
-    @property
-    def base(self):
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    @property
-    def requests(self):
-        return self.httpd.requests
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.stop.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
 
 def _folder(tmp_path) -> Path:
@@ -182,7 +102,7 @@ def test_pinned_portal_page_is_reported_listed_and_repaired(tmp_path, monkeypatc
         out = capsys.readouterr().out
         assert f"deleted {target}" in out
         assert target.read_bytes() == good
-        record = json.loads(W.sidecar_path(target).read_text())
+        record = json.loads(W.sidecar_path(target).read_text(encoding="utf-8"))
         assert record["sha256"] == hashlib.sha256(good).hexdigest()
         # A good copy is kept: --repair checks it and fetches nothing.
         assert download_main(["--repair", "sam-med3d"]) == 0

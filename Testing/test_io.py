@@ -317,7 +317,7 @@ def test_atomic_write_permissions_extension_and_failure(tmp_path):
     assert (os.stat(target).st_mode & 0o777) == 0o666 & ~umask  # not mkstemp's 0600
     os.chmod(target, 0o640)  # an existing file keeps the mode its owner gave it
     atomic.write_json(target, {"a": 1})
-    assert (os.stat(target).st_mode & 0o777) == 0o640 and json.loads(target.read_text()) == {"a": 1}
+    assert (os.stat(target).st_mode & 0o777) == 0o640 and json.loads(target.read_text(encoding="utf-8")) == {"a": 1}
 
     def fail(tmp):
         open(tmp, "w").write("half")
@@ -325,7 +325,7 @@ def test_atomic_write_permissions_extension_and_failure(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         atomic.atomic_write(target, fail)
-    assert json.loads(target.read_text()) == {"a": 1} and os.listdir(target.parent) == ["mask.seg.nrrd"]
+    assert json.loads(target.read_text(encoding="utf-8")) == {"a": 1} and os.listdir(target.parent) == ["mask.seg.nrrd"]
     with pytest.raises(IsADirectoryError):
         atomic.atomic_write(tmp_path, write)
 

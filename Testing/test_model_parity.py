@@ -57,13 +57,13 @@ def test_published_architecture_matches_manifest(full_pair):
 
     # in the repository (docs/reference/SAM_MED3D.md describes it): the suite reads nothing outside it
     manifest = Path(__file__).resolve().parent / "data" / "sam_med3d_vit_b_ori.manifest.json"
-    expected = json.loads(manifest.read_text())["state_dict"]
+    expected = json.loads(manifest.read_text(encoding="utf-8"))["state_dict"]
     _, ours = full_pair
     sd = ours.state_dict()
     assert list(sd.keys()) == list(expected.keys())
     for k, v in sd.items():
         assert list(v.shape) == expected[k]["shape"], k
-    total = json.loads(manifest.read_text())["total_state_dict_elements"]
+    total = json.loads(manifest.read_text(encoding="utf-8"))["total_state_dict_elements"]
     assert sum(v.numel() for v in sd.values()) == total
 
 

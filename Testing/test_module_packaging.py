@@ -27,7 +27,7 @@ MAX_MODULE_LINES = 400  # the module stays thin, the work lives in SAM3DSegmentL
 
 def cmake_lists(path: Path) -> dict:
     """``set(NAME item item ...)`` blocks of a CMake file, ${MODULE_NAME} substituted, comments removed."""
-    text = re.sub(r"#[^\n]*", "", path.read_text())
+    text = re.sub(r"#[^\n]*", "", path.read_text(encoding="utf-8"))
     variables = {m.group(1): m.group(2).strip() for m in re.finditer(r"set\(\s*(\w+)\s+([^\s)]+)\s*\)", text)}
     out = {}
     for m in re.finditer(r"set\(\s*(\w+)\s*\n(.*?)\)", text, re.S):
@@ -94,7 +94,7 @@ def write_lib_lists(root: Path = ROOT) -> None:
     """Rewrite LIB_PYTHON_SCRIPTS / LIB_PYTHON_RESOURCES in SAM3DSegment/CMakeLists.txt from the tree.
     Run ``python Testing/test_module_packaging.py --write-lib-lists`` after adding files to SAM3DSegmentLib."""
     path = root / "SAM3DSegment" / "CMakeLists.txt"
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     for var, python in (("LIB_PYTHON_SCRIPTS", True), ("LIB_PYTHON_RESOURCES", False)):
         items = "".join(f"  {p}\n" for p in sorted(tree_files(root / "SAM3DSegmentLib", root, python=python)))
         text, n = re.subn(rf"set\({var}\n(?:[ \t]*[^\n)]*\n)*  \)", f"set({var}\n{items}  )", text)
@@ -103,7 +103,7 @@ def write_lib_lists(root: Path = ROOT) -> None:
 
 
 def test_module_cmake_ships_the_lib_next_to_the_module_and_registers_the_self_test():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}", text)
     assert "WITH_GENERIC_TESTS" in text
     assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT \$\{MODULE_NAME\}\.py\s*\)", text)
@@ -114,7 +114,7 @@ def test_module_cmake_ships_the_lib_next_to_the_module_and_registers_the_self_te
 
 
 def test_extension_cmake_metadata():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     values = dict(re.findall(r"set\((EXTENSION_\w+)\s+(.+?)\)\s*(?:#.*)?\n", text))
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS",
@@ -125,14 +125,14 @@ def test_extension_cmake_metadata():
     for key, name in (("EXTENSION_LICENSE_FILE", "LICENSE"), ("EXTENSION_README_FILE", "README.md")):
         assert values[key] == f"${{CMAKE_CURRENT_SOURCE_DIR}}/{name}"
         assert (ROOT / name).is_file(), f"{name} is missing"
-    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert "Apache License" in (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert re.search(r"add_subdirectory\(SAM3DSegment\)", text)
     assert text.index("find_package(Slicer REQUIRED)") < text.index("add_subdirectory(SAM3DSegment)") \
         < text.index("${Slicer_EXTENSION_CPACK}")
 
 
 def test_catalog_entry():
-    entry = json.loads((ROOT / "SAM3DSegment.json").read_text())
+    entry = json.loads((ROOT / "SAM3DSegment.json").read_text(encoding="utf-8"))
     assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
                                        "slicer-extension-catalog-entry-schema-v1")
     assert entry["category"] == "Segmentation" and entry["scm_url"].startswith("https://")
@@ -154,7 +154,7 @@ def test_ui_file_is_designer_xml_with_every_widget_the_module_uses():
     top = tree.getroot().find("widget")
     assert top.get("class") == "qMRMLWidget"
     names = {w.get("name") for w in tree.iter("widget")}
-    used = set(re.findall(r"\bui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"\bui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used - names == set(), "the module uses widgets missing from SAM3DSegment.ui"
     classes = {w.get("class") for w in tree.iter("widget")}
     assert {"qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget", "ctkCollapsibleButton"} <= classes
@@ -162,17 +162,17 @@ def test_ui_file_is_designer_xml_with_every_widget_the_module_uses():
     assert {c for c in classes if c.startswith(("qMRML", "ctk"))} <= declared
     bound = {p.findtext("string") for w in tree.iter("widget")
              for p in w.findall("property") if p.get("name") == "SlicerParameterName"}
-    module_fields = set(re.findall(r"^\s{4}(\w+): slicer\.", MODULE_FILE.read_text(), re.M))
+    module_fields = set(re.findall(r"^\s{4}(\w+): slicer\.", MODULE_FILE.read_text(encoding="utf-8"), re.M))
     assert bound and bound <= module_fields, "SlicerParameterName must name a parameter node field"
 
 
 def test_module_stays_thin():
-    n = len(MODULE_FILE.read_text().splitlines())
+    n = len(MODULE_FILE.read_text(encoding="utf-8").splitlines())
     assert n <= MAX_MODULE_LINES, f"SAM3DSegment.py has {n} lines; move logic into SAM3DSegmentLib"
 
 
 def test_module_top_level_imports_are_light():
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     allowed = {"logging", "os", "sys", "time", "qt", "slicer", "vtk", "ctk", "slicer.ScriptedLoadableModule",
                "slicer.util", "slicer.parameterNodeWrapper"}
     top_level = []
@@ -185,7 +185,7 @@ def test_module_top_level_imports_are_light():
     assert set(top_level) <= allowed, f"heavy or unexpected top-level imports: {set(top_level) - allowed}"
     for cls in ("SAM3DSegment", "SAM3DSegmentWidget", "SAM3DSegmentLogic", "SAM3DSegmentTest"):
         assert any(isinstance(n, ast.ClassDef) and n.name == cls for n in tree.body), f"class {cls} missing"
-    assert not re.search(r"^\s*(import|from)\s+torch\b", MODULE_FILE.read_text(), re.M)
+    assert not re.search(r"^\s*(import|from)\s+torch\b", MODULE_FILE.read_text(encoding="utf-8"), re.M)
 
 
 STUBS = textwrap.dedent('''

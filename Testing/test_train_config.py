@@ -26,7 +26,7 @@ def _leaves(d, prefix=()):
 def test_every_shipped_config_loads_with_its_values_and_round_trips(path):
     cfg = load_config(str(path))
     dumped = config_to_dict(cfg)
-    for keys, value in _leaves(json.loads(path.read_text())):
+    for keys, value in _leaves(json.loads(path.read_text(encoding="utf-8"))):
         got = dumped
         for k in keys:
             got = got[k]

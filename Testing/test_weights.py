@@ -11,7 +11,6 @@ import socket
 import sys
 import threading
 import urllib.error
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,105 +19,13 @@ from SAM3DSegmentLib import weights as W
 from SAM3DSegmentLib.cli.download import main as download_main
 
 from _checkpoint_bytes import checkpoint_bytes  # noqa: E402  (Testing/ is on sys.path under pytest)
+from _loopback_http import LoopbackServer  # noqa: E402  (Testing/ is on sys.path under pytest)
 
 SIZE = 3 * 1024 * 1024 + 12345  # a few MB, not a multiple of the chunk size
 
 
 def _payload(size: int = SIZE, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Serves ``server.files[path]``; honours ``bytes=N-`` ranges unless ``server.ignore_range``.
-
-    ``server.cut_first``: the first GET of a file announces the full length, sends that many bytes and
-    closes the connection. ``server.delay``: seconds to wait before the body.
-    """
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def do_GET(self):
-        srv = self.server
-        entry = {"path": self.path, "range": self.headers.get("Range"),
-                 "if_range": self.headers.get("If-Range"), "status": None, "sent": 0}
-        with srv.lock:
-            srv.requests.append(entry)
-            first = sum(1 for r in srv.requests if r["path"] == self.path) == 1
-        data = srv.files.get(self.path)
-        if data is None:
-            entry["status"] = 404
-            self.send_error(404, "Not Found")
-            return
-        start = 0
-        rng = self.headers.get("Range")
-        if rng and not srv.ignore_range:
-            m = re.fullmatch(r"bytes=(\d+)-", rng.strip())
-            assert m, rng
-            start = int(m.group(1))
-            if start >= len(data):
-                entry["status"] = 416
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            entry["status"] = 206
-        else:
-            self.send_response(200)
-            entry["status"] = 200
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", '"' + hashlib.md5(data).hexdigest() + '"')
-        self.send_header("Accept-Ranges", "bytes")
-        self.end_headers()
-        if srv.delay:
-            threading.Event().wait(srv.delay)
-        if first and srv.cut_first is not None:
-            body = body[: srv.cut_first]
-        view = memoryview(body)
-        for i in range(0, len(body), 256 * 1024):
-            self.wfile.write(view[i:i + 256 * 1024])
-            entry["sent"] += len(view[i:i + 256 * 1024])
-        self.wfile.flush()
-        self.close_connection = True
-
-
-class LoopbackServer:
-    def __init__(self, files, *, cut_first=None, ignore_range=False, delay=0.0):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.files = {"/" + k: v for k, v in files.items()}
-        self.httpd.requests = []
-        self.httpd.lock = threading.Lock()
-        self.httpd.cut_first = cut_first
-        self.httpd.ignore_range = ignore_range
-        self.httpd.delay = delay
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def url(self, name: str) -> str:
-        return f"{self.base}/{name}"
-
-    @property
-    def requests(self):
-        return self.httpd.requests
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture(autouse=True)
@@ -428,7 +335,7 @@ def test_resolve_name_downloads_once_and_trusts_on_first_use(tmp_path, monkeypat
             path = W.resolve_checkpoint("sam-med3d", progress=None)
         assert path == tmp_path / "home" / "checkpoints" / "sam_med3d.pth"
         assert path.read_bytes() == data
-        record = json.loads(W.sidecar_path(path).read_text())
+        record = json.loads(W.sidecar_path(path).read_text(encoding="utf-8"))
         assert record["sha256"] == digest and record["verified"] == "trust-on-first-use"
         assert record["size"] == len(data)
         assert "trust on first use" in caplog.text and digest in caplog.text

@@ -212,7 +212,7 @@ def test_engine_loads_checkpoint_on_worker_and_segments(worker, tmp_path):
                           pass_job=True)
     done = drain(worker, 3, timeout=120)
     assert [j.state for j in done] == [DONE, DONE, DONE], [j.traceback for j in done]
-    assert "cpu" in load.result and isinstance(setv.result, str)
+    assert "cpu" in load.result["name"] and load.result["device"] == "cpu" and isinstance(setv.result, str)
     update = click.result
     assert update.encoded_regions == 1 and update.mask_box.dtype == np.uint8
     assert np.array_equal(eng.mask("S")[update.box], update.mask_box)

@@ -37,6 +37,6 @@ fi
 "${PIP[@]}" install "${EXTRA[@]}" "${TORCH_EXTRA[@]}" "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import torch" || { echo "torch failed to install ($TORCH_SPEC)" >&2; exit 1; }
 "${PIP[@]}" install "${EXTRA[@]}" -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import SAM3DSegmentLib, SimpleITK, slicerio, medim, slicer, matplotlib" \
+"$VENV/bin/python" -c "import SAM3DSegmentLib, SimpleITK, slicerio, medim, slicer, matplotlib, torchio" \
   || { echo "dependency installation failed" >&2; exit 1; }
 echo "environment ready: $VENV (torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__, "CUDA " + str(torch.version.cuda) if torch.version.cuda else "CPU-only")'))"

@@ -1,6 +1,6 @@
 """The ``sam3d`` command: one argparse root with a sub-command per module of this package.
 
-``sam3d segment | demo | evaluate | train | download | diagnose``; ``sam3d COMMAND --help`` lists a
+``sam3d segment | demo | evaluate | train | download | diagnose | serve``; ``sam3d COMMAND --help`` lists a
 command's options. Options that several commands take (model, checkpoint, device, threads, dtype,
 spacing, clamp, region growth, overwrite, quiet) are defined once in :mod:`.options`: same spelling,
 default and meaning everywhere. Unknown arguments are refused. Exit statuses and error messages come from
@@ -15,14 +15,14 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from . import demo, diagnose, download, evaluate, segment, train
+from . import demo, diagnose, download, evaluate, segment, serve, train
 from .options import PROG, CliError, Parser, UsageError
 from .runner import add_command, execute, fail, normalised, parse
 
 __all__ = ["main", "build_parser", "COMMANDS", "CliError", "UsageError"]
 
 #: The sub-commands, in the order ``sam3d --help`` lists them.
-COMMANDS = {m.NAME: m for m in (segment, demo, evaluate, train, download, diagnose)}
+COMMANDS = {m.NAME: m for m in (segment, demo, evaluate, train, download, diagnose, serve)}
 
 
 def build_parser() -> Parser:

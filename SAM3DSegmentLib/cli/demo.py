@@ -105,7 +105,7 @@ def _model_line(model: Optional[str], info: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ demo run
 def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corrections: int = 2,
-             prompt_mode: str = "newest", spacing_mm: Optional[float] = None, max_regions: int = 8,
+             prompt_mode: str = "newest-click", spacing_mm: Optional[float] = None, max_regions: int = 8,
              log=print, volume=None, references: Optional[Dict[str, object]] = None,
              clamp_hu: Optional[Tuple[float, float]] = None, extend: bool = True,
              title: Sequence[str] = ()) -> dict:
@@ -185,8 +185,7 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
               "protocol": f"first click at the deepest point of the reference segment, then {corrections} "
                           "click(s) at the deepest point of the larger error region; Dice on the full CT grid",
               "prompt_mode": session.options.prompt_mode, "spacing_mm": session.options.spacing_mm,
-              "clamp_hu": clamp_hu, "extend": extend,
-              "max_regions": max_regions,
+              "clamp_hu": clamp_hu, "extend": extend, "max_regions": max_regions,
               "structures": results,
               "mean_dice": mean_dice,
               "timings": {"first_click_median_s": float(np.median(first)) if first else None,

@@ -16,17 +16,11 @@ import platform
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+# The CPU warning and the measured CPU speed it quotes live with the device choice (models/device.py, where the
+# engine process picks the device for "auto"); re-exported here for the report and its tests.
+from ..models.device import CPU_ENCODE_SECONDS, CPU_LATER_CLICK, CPU_WARNING  # noqa: F401
 from .runner import command_main
 
-#: Measured CPU speed of the full-size model (2 torch threads): the "Summary" table of docs/benchmarks.md
-#: holds the measurements; Testing/test_first_hour_docs.py checks that these quote it exactly.
-CPU_ENCODE_SECONDS = "0.76 s"
-CPU_LATER_CLICK = "21–38 ms"
-CPU_WARNING = ("No CUDA or Apple MPS GPU is available to torch: the model runs on the CPU. Measured with the "
-               f"full SAM-Med3D model on 2 CPU threads: {CPU_ENCODE_SECONDS} to encode each new 128^3 region, "
-               f"{CPU_LATER_CLICK} per later click inside it (docs/benchmarks.md); objects spanning several "
-               "regions and slower or busy CPUs take a multiple of that. Install a CUDA build of torch "
-               "(Slicer: PyTorch extension) on a machine with an NVIDIA GPU for interactive speed.")
 NO_TORCH_WARNING = ("torch cannot be imported, so the model cannot run here. Install torch (in 3D Slicer: "
                     "the PyTorch extension; elsewhere: pip install torch).")
 

@@ -11,6 +11,8 @@ import math
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from ..core.click_protocols import CLICK_PROTOCOLS, NEWEST_CLICK, click_protocol
+
 PROG = "sam3d"
 #: ``--sample`` names (bundled images, read by :mod:`SAM3DSegmentLib.data.sample_data`).
 SAMPLES = ("chest",)
@@ -112,6 +114,14 @@ def mean_std(text: str) -> Tuple[float, float]:
     return (mean, std)
 
 
+def click_protocol_name(text: str) -> str:
+    """A click protocol (``newest-click`` | ``all-clicks``; the older ``newest`` / ``all`` accepted) -> its name."""
+    try:
+        return click_protocol(text, "the click protocol")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 #: Options whose values may start with '-' (``--clamp-hu -1000,1000``): argparse would read such a value
 #: as an option; :func:`join_option_values` glues it to its flag instead.
 NEGATIVE_VALUE_OPTIONS = ("--clamp-hu", "--znorm")
@@ -153,9 +163,10 @@ ZNORM_HELP = ("3DSAM-adapter models only: the dataset's foreground mean and std 
               "each region's own mean and std)")
 OVERWRITE_HELP = "replace output files that already exist (default: refuse, and change nothing)"
 QUIET_HELP = "print nothing but errors"
-PROMPT_MODE_HELP = ("newest: each click with the previous mask (the model's training protocol, default); all: "
-                    "every click so far with the previous mask. A model without previous-mask input (the "
-                    "3DSAM-adapter) always gets all the clicks in the region")
+PROMPT_MODE_HELP = ("the click protocol: newest-click: each click alone with the previous mask (SAM-Med3D's training "
+                    "and published evaluation; default); all-clicks: every click so far in the click's region with "
+                    "the previous mask (SAM-Med3D's inference code). The older spellings newest and all are "
+                    "accepted. A model without previous-mask input (the 3DSAM-adapter) always gets all-clicks")
 NO_EXTEND_HELP = "do not grow beyond the first model region when the mask touches its border"
 MAX_REGIONS_HELP = "most model regions per object (default 8)"
 SAMPLE_HELP = ("use a bundled sample image instead of a file: 'chest' is the chest CT shipped in slicerio "
@@ -179,12 +190,54 @@ def add_device_options(p: argparse.ArgumentParser, dtype: bool = True) -> None:
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """How the interactive engine turns clicks into a mask: prompt mode, spacing, clamp, region growth."""
-    p.add_argument("--prompt-mode", choices=("newest", "all"), default="newest", help=PROMPT_MODE_HELP)
+    p.add_argument("--prompt-mode", type=click_protocol_name, choices=tuple(CLICK_PROTOCOLS), default=NEWEST_CLICK,
+                   help=PROMPT_MODE_HELP)
     p.add_argument("--spacing", type=positive_float, default=None, metavar="MM", help=SPACING_HELP)
     p.add_argument("--clamp-hu", type=clamp_range, default=None, metavar="LO,HI|none", help=CLAMP_HELP)
     p.add_argument("--znorm", type=mean_std, default=None, metavar="MEAN,STD", help=ZNORM_HELP)
     p.add_argument("--no-extend", action="store_true", help=NO_EXTEND_HELP)
     p.add_argument("--max-regions", type=positive_int, default=8, metavar="N", help=MAX_REGIONS_HELP)
+
+
+SERVER_HELP = ("run the model on 'sam3d serve' at URL instead of here (docs/remote.md); repeat (or comma-separate) "
+               "for equivalent servers to fail over between. --model then names a model the server offers; "
+               "--device/--dtype/--threads apply only to a local torch decoder (--checkpoint)")
+SERVER_KEY_FILE_HELP = ("file holding the server's key on its first line (default: $SAM3D_SERVER_KEY); a key is never "
+                        "a command-line argument")
+SERVER_MODE_HELP = ("split: decode clicks here (ONNX, or torch with --checkpoint of the served file); full: the server "
+                    "decodes; auto (default): split when onnxruntime is installed")
+SERVER_TIMEOUT_HELP = "seconds to wait for one server's answer (default 60)"
+SERVER_CA_HELP = "CA certificate to trust for an https server (e.g. a self-signed one)"
+WIRE_DTYPE_HELP = "precision of the region and embedding on the wire (float32: exact, twice the bytes)"
+
+
+def add_server_options(p: argparse.ArgumentParser) -> None:
+    """``--server URL`` (+ key file, mode, time limit, CA, wire precision): remote inference. The key comes
+    from ``--server-key-file`` or ``$SAM3D_SERVER_KEY``, never from the command line (other users can read a
+    process's arguments). :func:`remote_options` turns the parsed values into the library's options."""
+    g = p.add_argument_group("remote inference (docs/remote.md)")
+    g.add_argument("--server", action="append", default=None, metavar="URL", help=SERVER_HELP)
+    g.add_argument("--server-key-file", metavar="PATH", default=None, help=SERVER_KEY_FILE_HELP)
+    g.add_argument("--server-mode", choices=("auto", "split", "full"), default="auto", help=SERVER_MODE_HELP)
+    g.add_argument("--server-timeout", type=positive_float, default=60.0, metavar="S", help=SERVER_TIMEOUT_HELP)
+    g.add_argument("--server-ca", metavar="PEM", default=None, help=SERVER_CA_HELP)
+    g.add_argument("--wire-dtype", choices=("float16", "float32"), default="float16", help=WIRE_DTYPE_HELP)
+
+
+def remote_options(args: argparse.Namespace):
+    """:class:`~SAM3DSegmentLib.remote.options.RemoteOptions` from :func:`add_server_options`' values (the key
+    read from its file or the environment), or None when no ``--server`` was given."""
+    servers = [u.strip() for item in (getattr(args, "server", None) or []) for u in item.split(",") if u.strip()]
+    if not servers:
+        return None
+    from ..remote.options import RemoteOptions, read_key
+
+    try:
+        key = read_key(args.server_key_file)
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    return RemoteOptions(servers=servers, key=key, mode=args.server_mode, timeout_s=args.server_timeout,
+                         ca_file=args.server_ca, wire_dtype=args.wire_dtype)
 
 
 def add_sample_option(p: argparse.ArgumentParser, target=None) -> None:

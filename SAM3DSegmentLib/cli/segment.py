@@ -89,6 +89,7 @@ def configure(p) -> None:
                         "neither)")
     O.add_overwrite_option(p)
     O.add_quiet_option(p)
+    O.add_server_options(p)
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -221,6 +222,7 @@ def run(args) -> int:
                     if args.timings else None)
     if timings_path and _same_file(timings_path, out):
         raise UsageError("--timings and --out must be different files")
+    remote = O.remote_options(args)  # the key file is read now: a bad one fails before any work
 
     import numpy as np
 
@@ -240,7 +242,7 @@ def run(args) -> int:
     from ..inference.backends import load_backend
 
     t = time.perf_counter()
-    backend, info = load_backend(args.model, args.checkpoint, args.device, args.threads, args.dtype)
+    backend, info = load_backend(args.model, args.checkpoint, args.device, args.threads, args.dtype, remote=remote)
     load_s = time.perf_counter() - t
     if not args.quiet:
         print(f"model: {backend.name}; checkpoint: {info['checkpoint']}")

@@ -190,8 +190,11 @@ def closest_canonical_axes(directions: np.ndarray) -> Tuple[np.ndarray, np.ndarr
     """For each RAS axis (R, A, S) the volume axis (i, j, k) closest to it and its sign.
 
     Returns ``(perm, signs)`` with ``directions[:, perm[r]] * signs[r]`` the volume axis that points most
-    nearly along RAS axis ``r`` — the permutation/flip that nibabel's ``as_closest_canonical`` applies
-    (it keeps any residual rotation).
+    nearly along RAS axis ``r`` (a permutation/flip; any residual rotation stays). For axis-aligned and mildly
+    oblique volumes this is the permutation/flip nibabel's ``as_closest_canonical`` applies; for some strongly
+    oblique ones nibabel's rule (polar decomposition, then input axes in order) picks another (16 of 300
+    random orientations tilted up to 50 degrees). The reference's own rule, for reference mode, is
+    :func:`SAM3DSegmentLib.eval.reference_pipeline.reference_orientation`.
     """
     d = np.asarray(directions, dtype=np.float64)
     perm = np.full(3, -1)

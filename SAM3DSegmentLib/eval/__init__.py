@@ -1,1 +1,1 @@
-"""eval."""
+"""Evaluation: click simulation, metrics, protocols, reports, the reference pipeline and reference mode."""

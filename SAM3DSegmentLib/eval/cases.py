@@ -49,6 +49,10 @@ class LabelTargets(_abc.Mapping):
     def __len__(self) -> int:
         return len(self._values)
 
+    def label_value(self, name: str) -> int:
+        """The label-map value of target ``name``."""
+        return self._values[name]
+
 
 def discover_dataset(root: str, split: str = "Tr") -> Tuple[List[CaseFiles], Optional[Dict[int, str]]]:
     """``(cases sorted by name, {label value: name} from dataset.json or None)`` of an nnU-Net raw dataset

@@ -1,8 +1,9 @@
 """``sam3d evaluate``: accuracy of a checkpoint / of the interactive engine under simulated clicks.
 
 :func:`run_evaluation` runs the protocols of :mod:`.protocols` (``engine``: the interactive engine end to
-end on the full volume; ``legacy``: comparable with SAM-Med3D's published tables) and :mod:`.points_protocol`
-(``3dsam``: the 3DSAM-adapter's own) over the cases of
+end on the full volume; ``legacy``: comparable with SAM-Med3D's published tables; ``reference``: SAM-Med3D's
+inference code, ``validate_paired_img_gt``, reproduced) and :mod:`.points_protocol` (``3dsam``: the
+3DSAM-adapter's own) over the cases of
 :mod:`.cases` and writes what :mod:`.report` writes into ``--out`` (``per_case.csv``, ``summary.json``,
 ``dice_vs_clicks.png``), re-written after every case so an interrupted run keeps what it finished.
 See docs/evaluation.md.
@@ -17,7 +18,7 @@ import numpy as np
 
 from .cases import Case, EvaluationError, discover_dataset, load_case, sample_cases
 from .points_protocol import evaluate_points
-from .protocols import PROTOCOLS, EvalConfig, Log, Row, evaluate_engine, evaluate_legacy
+from .protocols import EvalConfig, Log, Row, evaluate_engine, evaluate_legacy, evaluate_reference
 from .report import CSV_NAME, JSON_NAME, PNG_NAME, write_outputs
 
 __all__ = ["run_evaluation"]
@@ -39,7 +40,8 @@ def run_evaluation(cases: Iterable[Case], backend, config: EvalConfig, out_dir: 
             f"i,j,k, spacing {np.round(case.image.spacing, 3).tolist()} mm)")
         for protocol in config.protocols:
             t0 = time.perf_counter()
-            fn = {"engine": evaluate_engine, "legacy": evaluate_legacy, "3dsam": evaluate_points}[protocol]
+            fn = {"engine": evaluate_engine, "legacy": evaluate_legacy, "reference": evaluate_reference,
+                  "3dsam": evaluate_points}[protocol]
             rows.extend(fn(backend, case, config, log))
             per_protocol_s[protocol] += time.perf_counter() - t0
         timing = {"total_s": time.perf_counter() - t_start, "per_protocol_s": dict(per_protocol_s),

@@ -1,6 +1,6 @@
 """Overlap and surface metrics for binary 3D masks, in physical units.
 
-All functions take two boolean-like 3D arrays on the SAME voxel grid (any axis order) and, for the
+The mask functions take two boolean-like 3D arrays on the SAME voxel grid (any axis order) and, for the
 surface metrics, ``spacing`` = millimetres per ARRAY axis (for ``Volume.array`` indexed ``[k, j, i]``
 pass ``volume.spacing[::-1]``). Distances are Euclidean on that grid, so anisotropic voxels count
 correctly (oblique grids too, as long as the axes are orthogonal).
@@ -20,6 +20,9 @@ Conventions (stated once, used everywhere):
 * **HD95**: the 95th percentile of the pooled symmetric surface distances (both directions in one
   sample). Both empty -> 0.0; exactly one empty -> ``inf`` (callers writing JSON turn it into null).
 
+The SegFM challenge's case scores (:func:`multiclass_scores`, :func:`click_auc`, at the end) take two integer
+label maps and average the per-class numbers as the challenge does.
+
 Everything is computed inside the bounding box of ``P | G`` (plus one voxel), which gives exactly the
 same numbers as the whole array at a fraction of the cost on big CT volumes.
 """
@@ -30,6 +33,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.boxes import box_union
 from ..core.geometry import mask_bounds, spacing_mm
 
 __all__ = ["dice", "surface", "surface_distances", "normalized_surface_dice", "hd95",
@@ -159,3 +163,69 @@ def score(pred: np.ndarray, gt: np.ndarray, spacing: Optional[Sequence[float]] =
     d_pg, d_gp = surface_distances(pred, gt, spacing)
     return SegmentationScores(dice=dice(pred, gt), nsd=_nsd_from(d_pg, d_gp, tolerance_mm),
                               hd95=_hd95_from(d_pg, d_gp), tolerance_mm=float(tolerance_mm))
+
+
+# --------------------------------------------------------------------- SegFM challenge metrics
+__all__ += ["SEGFM_NSD_DICE_GATE", "CaseScores", "multiclass_scores", "click_auc"]
+
+#: The challenge computes the surface Dice of a case only when its mean Dice is above this (else NSD = 0).
+SEGFM_NSD_DICE_GATE = 0.2
+
+
+@dataclass(frozen=True)
+class CaseScores:
+    """Multi-class scores of one label map: ``dice`` / ``nsd`` = means over the classes (``nsd`` is 0.0 when
+    ``dice`` is not above the gate, as the challenge); ``per_class`` = ``{label: (dice, nsd)}``, the per-class
+    NSD computed whatever the gate."""
+
+    dice: float
+    nsd: float
+    per_class: dict
+
+
+def multiclass_scores(gt: np.ndarray, seg: np.ndarray, classes: Sequence[int],
+                      spacing: Optional[Sequence[float]] = None, tolerance_mm: float = 2.0,
+                      nsd_dice_gate: float = SEGFM_NSD_DICE_GATE) -> CaseScores:
+    """Dice and NSD at ``tolerance_mm`` of each class of two integer label maps on the same grid (``spacing``
+    per array axis), averaged over ``classes`` (the classes present in ``gt``, as the challenge). Each class is
+    scored on the bounding box of its voxels in both maps (exactly the numbers of the whole array)."""
+    from scipy import ndimage
+
+    g = np.asarray(gt)
+    s = np.asarray(seg)
+    if g.shape != s.shape or g.ndim != 3:
+        raise ValueError(f"expected two 3D label maps of one shape, got {g.shape} and {s.shape}")
+    if g.dtype.kind not in "iub" or s.dtype.kind not in "iub":
+        raise ValueError("label maps must hold integers")
+    g = g.view(np.uint8) if g.dtype.kind == "b" else g
+    s = s.view(np.uint8) if s.dtype.kind == "b" else s
+    classes = [int(c) for c in classes]
+    if not classes:
+        raise ValueError("no classes to score (the ground truth holds no foreground)")
+    if min(classes) < 1:
+        raise ValueError(f"classes must be positive label values (0 is background), got {classes}")
+    top = max(classes)
+    g_boxes = ndimage.find_objects(g, max_label=top)
+    s_boxes = ndimage.find_objects(s, max_label=top)
+    per_class = {}
+    for c in classes:
+        box = box_union(g_boxes[c - 1], s_boxes[c - 1])
+        if box is None:   # in neither map: a perfect "nothing"
+            per_class[c] = (1.0, 1.0)
+            continue
+        gc, sc = g[box] == c, s[box] == c
+        per_class[c] = (dice(sc, gc), normalized_surface_dice(sc, gc, tolerance_mm, spacing))
+    mean_dice = float(np.mean([v[0] for v in per_class.values()]))
+    mean_nsd = float(np.mean([v[1] for v in per_class.values()])) if mean_dice > nsd_dice_gate else 0.0
+    return CaseScores(dice=mean_dice, nsd=mean_nsd, per_class=per_class)
+
+
+def click_auc(values: Sequence[float]) -> float:
+    """Area under a per-click score curve: the trapezoid rule with unit spacing between click steps (5 steps of
+    scores in 0..1 give at most 4.0), as the challenge's DSC_AUC and NSD_AUC."""
+    from scipy.integrate import trapezoid
+
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size < 2:
+        raise ValueError(f"an area under the click curve needs at least 2 click steps, got {v.size}")
+    return float(trapezoid(v, dx=1.0))

@@ -29,13 +29,10 @@ import numpy as np
 from ..inference.regions import Region, model_input, sample_volume
 from .cases import Case, EvaluationError
 from .metrics import score
-from .protocols import _row
+from .protocols import POINTS_LABEL, _row
 
 __all__ = ["POINTS_LABEL", "NSD_TOLERANCE_MM", "evaluate_points", "draw_points"]
 
-POINTS_LABEL = ("3dsam: the 3DSAM-adapter's protocol: N points uniform in the ground truth at 1 mm, 128³ crop "
-                "at 1 mm centred on their bounding box, one pass with the first n points for n = 1..N, Dice and "
-                "NSD (5 mm) inside the crop")
 NSD_TOLERANCE_MM = 5.0
 
 

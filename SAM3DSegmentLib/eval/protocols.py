@@ -1,24 +1,36 @@
-"""The engine and legacy evaluation protocols (see docs/evaluation.md), each scoring every target of one case
-(the 3DSAM-adapter's own protocol, ``3dsam``, is in :mod:`.points_protocol`).
+"""The engine, legacy and reference evaluation protocols (see docs/evaluation.md), each scoring every target of
+one case (the 3DSAM-adapter's own protocol, ``3dsam``, is in :mod:`.points_protocol`).
 
 ``engine`` (the honest number)
     The interactive engine end to end: :class:`~SAM3DSegmentLib.inference.session.Session` on the FULL volume
     (click-centred regions, region extension, paste-back onto the original grid), N clicks from the
     deterministic RITM-style simulator :func:`~SAM3DSegmentLib.eval.clicker.next_click`, Dice and NSD on the
-    full volume after EACH of clicks 1..N. A model without exclude clicks (the 3DSAM-adapter) gets include
-    clicks only: the simulator then corrects the missed parts (false negatives) alone.
+    full volume after EACH of clicks 1..N; ``--prompt-mode`` chooses its click protocol. A model without
+    exclude clicks (the 3DSAM-adapter) gets include clicks only: the simulator then corrects the missed parts
+    (false negatives) alone.
 
 ``legacy`` (comparable with SAM-Med3D's published tables)
     :data:`LEGACY_LABEL`: the model alone on a 128^3 crop at 1.5 mm centred on the ground-truth bounding
     box, Dice inside the crop, first click at the deepest point, later clicks drawn at random from the
-    error region, only the newest click fed with the previous low-res logits, and the per-case score is
-    the BEST Dice over the click steps.
+    error region, the ``newest-click`` protocol, and the per-case score is the BEST Dice over the click
+    steps.
+
+``reference`` (SAM-Med3D's inference code)
+    :data:`REFERENCE_LABEL`: ``validate_paired_img_gt`` reproduced step by step
+    (:mod:`SAM3DSegmentLib.eval.reference_mode`): torchio 0.20 resampling, GT-centred crop, random clicks
+    from numpy's state seeded per case, the ``all-clicks`` protocol, paste-back onto the original grid,
+    Dice on the full volume after each click.
+
+Click protocols (:data:`CLICK_PROTOCOLS`, :mod:`SAM3DSegmentLib.core.click_protocols`): which clicks the
+decoder sees at each step. ``newest-click``: only the newest click with the previous low-res logits
+(SAM-Med3D's training and its published evaluation). ``all-clicks``: every click so far with the previous
+low-res logits (its inference code, ``validate_paired_img_gt``).
 
 Each returns one row per (target, click) (:data:`Row`, the columns of ``per_case.csv``).
 
-Axis conventions: volume arrays are ``[k, j, i]``; engine clicks are voxel ``(i, j, k)``; the legacy crop
-is indexed ``[a, b, c]`` in the region's own (RAS-canonical) axis order and its clicks are ``(a, b, c)``
-(the order the network takes).
+Axis conventions: volume arrays are ``[k, j, i]``; engine clicks are voxel ``(i, j, k)``; the legacy and
+reference crops are indexed ``[a, b, c]`` in the region's own (RAS-canonical) axis order and their clicks
+are ``(a, b, c)`` (the order the network takes).
 """
 from __future__ import annotations
 
@@ -29,24 +41,37 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..core.click_protocols import ALL_CLICKS, CLICK_PROTOCOLS, NEWEST_CLICK, click_protocol
 from ..core.geometry import Volume
-from .cases import Case, EvaluationError
+from .cases import Case, EvaluationError, LabelTargets
 from .clicker import next_click, next_click_index, random_error_click
 from .metrics import score
 from ..core.interp import resize
 
-__all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "PROTOCOLS", "FAMILY_PROTOCOL", "EvalConfig", "Row", "evaluate_engine",
-           "evaluate_legacy", "upsample_logits"]
+__all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "REFERENCE_LABEL", "POINTS_LABEL", "PROTOCOLS", "DEFAULT_PROTOCOLS",
+           "FAMILY_PROTOCOLS", "CLICK_PROTOCOLS", "PROTOCOL_LABELS", "click_protocol_of", "EvalConfig", "Row",
+           "evaluate_engine", "evaluate_legacy", "evaluate_reference", "upsample_logits"]
 
 LEGACY_LABEL = ("legacy: GT-centred 128³ crop, Dice inside the crop, first click deepest point, later "
-                "clicks random in the error region, best Dice over click steps")
+                "clicks random in the error region, newest-click protocol, best Dice over click steps")
+REFERENCE_LABEL = ("reference: SAM-Med3D's validate_paired_img_gt (torchio 0.20 resampling, GT-centred 128³ "
+                   "crop, random clicks seeded per case, all-clicks protocol, paste-back), full-volume "
+                   "Dice/NSD after each click")
 ENGINE_LABEL = ("engine: interactive engine end to end on the full volume (click-centred regions, "
                 "extension, paste-back), deterministic deepest-point clicks in the larger error region, "
                 "full-volume Dice/NSD after exactly N clicks")
+POINTS_LABEL = ("3dsam: the 3DSAM-adapter's protocol: N points uniform in the ground truth at 1 mm, 128³ crop "
+                "at 1 mm centred on their bounding box, one pass with the first n points for n = 1..N, Dice and "
+                "NSD (5 mm) inside the crop")
 #: Every protocol ``--protocol`` names; ``3dsam`` is in :mod:`.points_protocol` (the 3DSAM-adapter's own).
-PROTOCOLS = ("engine", "legacy", "3dsam")
-#: The protocol comparable with the published numbers of each model family ("both" = engine + this one).
-FAMILY_PROTOCOL = {"sam_med3d": "legacy", "3dsam_adapter": "3dsam"}
+PROTOCOLS = ("engine", "legacy", "reference", "3dsam")
+#: What ``--protocol both`` (the default) runs for a SAM-Med3D model.
+DEFAULT_PROTOCOLS = ("engine", "legacy")
+#: The protocols besides ``engine`` that apply to each model family: ``both`` runs engine + the first,
+#: ``all`` engine + all of them.
+FAMILY_PROTOCOLS = {"sam_med3d": ("legacy", "reference"), "3dsam_adapter": ("3dsam",)}
+PROTOCOL_LABELS = {"engine": ENGINE_LABEL, "legacy": LEGACY_LABEL, "reference": REFERENCE_LABEL,
+                   "3dsam": POINTS_LABEL}
 
 
 @dataclass
@@ -55,14 +80,15 @@ class EvalConfig:
     summary JSON."""
 
     clicks: int = 5
-    protocols: Tuple[str, ...] = ("engine", "legacy")
-    prompt_mode: str = "newest"
+    protocols: Tuple[str, ...] = DEFAULT_PROTOCOLS
+    prompt_mode: str = NEWEST_CLICK  # the engine's click protocol (CLICK_PROTOCOLS; older spellings accepted)
     spacing_mm: Optional[float] = None   # None: the model's own (1.5 mm for SAM-Med3D)
     clamp_hu: Optional[Tuple[float, float]] = None
     extend: bool = True
     max_regions: int = 8
     nsd_tolerance_mm: float = 2.0
     seed: int = 0
+    reference_seed: int = 233  # validate_paired_img_gt's default seed
     model: Dict[str, Any] = field(default_factory=dict)   # name, checkpoint, sha256, device ... for the JSON
     data: Dict[str, Any] = field(default_factory=dict)
 
@@ -72,8 +98,10 @@ class EvalConfig:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad or not self.protocols:
             raise EvaluationError(f"unknown protocol(s) {bad}; choose from {PROTOCOLS}")
-        if self.prompt_mode not in ("newest", "all"):
-            raise EvaluationError(f"--prompt-mode must be 'newest' or 'all', got {self.prompt_mode!r}")
+        try:
+            self.prompt_mode = click_protocol(self.prompt_mode, "--prompt-mode")
+        except ValueError as err:
+            raise EvaluationError(str(err)) from None
         if not self.nsd_tolerance_mm >= 0:
             raise EvaluationError("--nsd-tolerance must be >= 0 mm")
         if self.spacing_mm is not None and not self.spacing_mm > 0:
@@ -82,6 +110,12 @@ class EvalConfig:
 
 Row = Dict[str, Any]
 Log = Callable[[str], None]
+
+
+def click_protocol_of(protocol: str, config: EvalConfig) -> str:
+    """The click protocol an evaluation protocol runs: legacy ``newest-click``, reference and 3dsam ``all-clicks``, the
+    engine ``config.prompt_mode``."""
+    return {"legacy": NEWEST_CLICK, "reference": ALL_CLICKS, "3dsam": ALL_CLICKS}.get(protocol, config.prompt_mode)
 
 
 def _row(protocol: str, case: str, target: str, click: int, positive: Optional[bool], index, s,
@@ -138,7 +172,8 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
 # ------------------------------------------------------------------------------ legacy protocol
 def upsample_logits(logits: np.ndarray, size: int) -> np.ndarray:
     """Trilinear upsampling of a cubic (s, s, s) array to (size,)*3 with ``align_corners=False``
-    semantics (torch's ``F.interpolate(mode="trilinear")``), numpy only: :func:`SAM3DSegmentLib.core.interp.resize`."""
+    semantics, rounded as torch's CPU ``F.interpolate(mode="trilinear")`` rounds, numpy only:
+    :func:`SAM3DSegmentLib.core.interp.resize`."""
     return resize(logits, size)
 
 
@@ -166,7 +201,7 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
     crop (zero padding) centred the way torchio ``CropOrPad(mask_name=label)`` centres it, the image
     z-normalised over the crop's voxels > 0. Dice/NSD/HD95 are computed inside the crop."""
     from ..inference.regions import normalize_like_reference
-    from .reference_pipeline import reference_crop_or_pad, torchio_mask_centre
+    from .reference_pipeline import reference_crop_or_pad, torchio_crop_begin
 
     if not getattr(backend, "supports_mask_prompt", True):
         raise EvaluationError("--protocol legacy is SAM-Med3D's crop protocol (previous low-res logits, exclude "
@@ -187,10 +222,10 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
             continue
         if image_abc is None:  # once per case
             image_abc = _reference_grid(case.image, sp, "linear", config.clamp_hu)
-        centre = torchio_mask_centre(label_abc)
-        crop_gt = reference_crop_or_pad(label_abc, centre, size)[0] != 0
+        begin = torchio_crop_begin(label_abc.shape, size, label_abc)  # torchio's rule, odd sizes too
+        crop_gt = reference_crop_or_pad(label_abc, size=size, begin=begin)[0] != 0
         # the reference's z-normalisation (reference_znorm), without its failure on a crop with no spread
-        image = normalize_like_reference(reference_crop_or_pad(image_abc, centre, size)[0])
+        image = normalize_like_reference(reference_crop_or_pad(image_abc, size=size, begin=begin)[0])
         rng = np.random.default_rng(_stable_seed(config.seed, case.name, target))
         t0 = time.perf_counter()
         embedding = backend.encode(image)
@@ -212,4 +247,60 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
         recent = rows[-config.clicks:]
         log(f"  legacy  {case.name} / {target}: crop Dice " + " ".join(f"{r['dice']:.3f}" for r in recent)
             + f" (best {max(r['dice'] for r in recent):.3f})")
+    return rows
+
+
+# --------------------------------------------------------------------------- reference protocol
+def _target_order(case: Case) -> List[str]:
+    """Targets in ascending label value where known (the order validate_paired_img_gt runs them)."""
+    names = list(case.targets)
+    if isinstance(case.targets, LabelTargets):
+        return sorted(names, key=case.targets.label_value)
+    return names
+
+
+def evaluate_reference(backend, case: Case, config: EvalConfig, log: Log = lambda m: None) -> List[Row]:
+    """Reference protocol (:data:`REFERENCE_LABEL`) for every target of ``case``: SAM-Med3D's
+    ``validate_paired_img_gt`` (:mod:`SAM3DSegmentLib.eval.reference_mode`) with ``config.clicks`` clicks,
+    one numpy random state per case seeded with ``config.reference_seed``, targets in ascending label
+    value. Each click's ROI mask is pasted back onto the original grid and scored there. The mask after
+    the last click is what the reference computes for ``num_clicks = config.clicks`` before merging the
+    targets into one label map (the same clicks and masks as long as every label of the case is
+    evaluated: the targets share the random stream)."""
+    from .reference_mode import reference_interact, reference_preprocess
+    from .reference_pipeline import reference_grid
+
+    size = int(backend.image_size)
+    sp = float(config.spacing_mm or 1.5)
+    spacing_kji = np.asarray(case.image.spacing, dtype=np.float64)[::-1]
+    image = case.image
+    if config.clamp_hu is not None:
+        image = image.with_array(np.clip(image.array, config.clamp_hu[0], config.clamp_hu[1])
+                                 .astype(image.array.dtype))
+    image_abc = reference_grid(image, sp, "linear")  # once per case
+    rng = np.random.RandomState(int(config.reference_seed))
+    rows: List[Row] = []
+    for target in _target_order(case):
+        gt = np.asarray(case.targets[target], dtype=bool)
+        if not gt.any():
+            log(f"  {case.name} / {target}: empty ground truth, skipped")
+            continue
+        try:
+            roi = reference_preprocess(image, gt, size, sp, image_abc=image_abc)
+        except RuntimeError as err:  # no intensity spread in the crop: the reference stops here
+            log(f"  reference {case.name} / {target}: {err}; skipped")
+            continue
+        obj = reference_interact(backend, roi, config.clicks, rng)
+        if not obj.logits:
+            log(f"  reference {case.name} / {target}: the object vanishes when resampled to {sp} mm "
+                "(empty prediction, as the reference gives)")
+        for n in range(1, config.clicks + 1):
+            clicked = n <= len(obj.logits)
+            pred = obj.mask(case.image, n - 1) != 0 if clicked else np.zeros_like(gt)
+            s = score(pred, gt, spacing_kji, config.nsd_tolerance_mm)
+            rows.append(_row("reference", case.name, target, n, obj.positive[n - 1] if clicked else None,
+                             obj.points[n - 1] if clicked else None, s,
+                             obj.seconds[n - 1] if clicked else 0.0, int(n == 1 and clicked), 1))
+        log(f"  reference {case.name} / {target}: Dice " +
+            " ".join(f"{r['dice']:.3f}" for r in rows[-config.clicks:]))
     return rows

@@ -18,10 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..core.atomic import atomic_write
-from .points_protocol import NSD_TOLERANCE_MM, POINTS_LABEL
-from .protocols import ENGINE_LABEL, LEGACY_LABEL, EvalConfig, Row
-
-LABELS = {"engine": ENGINE_LABEL, "legacy": LEGACY_LABEL, "3dsam": POINTS_LABEL}
+from .points_protocol import NSD_TOLERANCE_MM
+from .protocols import CLICK_PROTOCOLS, PROTOCOL_LABELS, EvalConfig, Row, click_protocol_of
 
 __all__ = ["CSV_NAME", "JSON_NAME", "PNG_NAME", "CSV_FIELDS", "summarize", "plot_dice_vs_clicks",
            "write_outputs"]
@@ -56,6 +54,7 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
         "model_grid_spacing_mm": None if config.spacing_mm is None else float(config.spacing_mm),
         "clamp_hu": config.clamp_hu,
         "nsd_tolerance_mm": float(config.nsd_tolerance_mm), "legacy_seed": int(config.seed),
+        "reference_seed": int(config.reference_seed), "click_protocols": dict(CLICK_PROTOCOLS),
         "protocols": {}, "timing": timing or {},
     }
     for protocol in config.protocols:
@@ -63,7 +62,8 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
         pairs = list(dict.fromkeys((r["case"], r["target"]) for r in pr))
         targets = list(dict.fromkeys(t for _, t in pairs))
         entry: Dict[str, Any] = {
-            "label": LABELS[protocol],
+            "label": PROTOCOL_LABELS[protocol],
+            "click_protocol": click_protocol_of(protocol, config),
             "cases": len({c for c, _ in pairs}), "case_targets": len(pairs),
             "per_click": [{"click": n, **_stats([r for r in pr if r["click"] == n])}
                           for n in range(1, config.clicks + 1)],
@@ -82,6 +82,11 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
             entry["note"] = ("Dice inside the crop; 'best_dice_*' is the number comparable with SAM-Med3D's "
                              "published tables (docs/reference/SAM_MED3D.md section 7), per_click is the crop "
                              "Dice after exactly N clicks")
+        if protocol == "reference":
+            entry["note"] = ("Dice on the full volume; after the last click the masks are what "
+                             "validate_paired_img_gt computes with num_clicks = clicks, before it merges them "
+                             "into one label map (per_click before that comes from the same run: the targets "
+                             "of a case share one random stream)")
         if protocol == "3dsam":
             entry["nsd_tolerance_mm"] = NSD_TOLERANCE_MM
             entry["note"] = ("one pass per row: click n is the model's output for the first n points; Dice, NSD "
@@ -93,12 +98,12 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
 # ----------------------------------------------------------------------------------------- plot
 def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: str,
                         emphasis: Sequence[str] = (), dashed: Sequence[str] = (),
-                        y_label: str = "Dice", x_label: str = "clicks") -> str:
+                        y_label: str = "Dice", x_label: str = "clicks", dotted: Sequence[str] = ()) -> str:
     """Draw Dice (0..1) against click number 1..N with matplotlib; one line per series.
 
     ``series``: ``{legend text: [value after click 1, 2, ...]}`` (NaN: no value); names in ``emphasis`` are
-    drawn black and thick (the mean), names in ``dashed`` grey and dashed, the others in the ``tab10``
-    colours in turn. Written atomically to ``path`` (PNG).
+    drawn black and thick (the mean), names in ``dashed`` grey and dashed, names in ``dotted`` black and
+    dotted (another protocol's mean), the others in the ``tab10`` colours but its grey in turn. Written atomically to ``path`` (PNG).
     """
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -108,7 +113,7 @@ def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: st
     fig = Figure(figsize=(9.6, 5.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    palette = colormaps["tab10"].colors
+    palette = [c for n, c in enumerate(colormaps["tab10"].colors) if n != 7]  # grey: the dashed line's
     n = max([len(v) for v in series.values()] + [1])
     k = 0
     for name, values in series.items():
@@ -118,6 +123,8 @@ def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: st
             style = dict(color="black", linewidth=4, marker="o", markersize=6, zorder=2)
         elif name in dashed:
             style = dict(color="dimgrey", linewidth=2, linestyle="--", marker="o", markersize=4, zorder=3)
+        elif name in dotted:
+            style = dict(color="black", linewidth=2.5, linestyle=":", marker="s", markersize=5, zorder=3)
         else:
             style = dict(color=palette[k % len(palette)], linewidth=2, marker="o", markersize=4, zorder=3)
             k += 1
@@ -136,28 +143,35 @@ def plot_dice_vs_clicks(series: Dict[str, Sequence[float]], path: str, title: st
 
 def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
     series: Dict[str, List[float]] = {}
-    emphasis, dashed = [], []
+    emphasis, dashed, dotted = [], [], []
     engine = summary["protocols"].get("engine")
-    legacy = summary["protocols"].get("legacy") or summary["protocols"].get("3dsam")
-    crop_name = "legacy" if "legacy" in summary["protocols"] else "3dsam"
-    main_p = engine or legacy
+    crop_name = "legacy" if "legacy" in summary["protocols"] else "3dsam"   # the two crop-Dice protocols
+    legacy = summary["protocols"].get(crop_name)
+    reference = summary["protocols"].get("reference")
+    main_p = engine or reference or legacy
     if main_p is None:
         return None
     # The mean first in the legend; plot_dice_vs_clicks draws the thinner per-target lines over it.
-    mean_name = "mean (full volume)" if engine else f"mean ({crop_name} crop Dice)"
+    mean_name = "mean (full volume)" if main_p is not legacy else f"mean ({crop_name} crop Dice)"
     series[mean_name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan")
                          for p in main_p["per_click"]]
     emphasis.append(mean_name)
     for t, per in main_p["per_target"].items():
         series[t] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in per]
-    if engine and legacy:
+    if reference and main_p is not reference:
+        name = "reference mean (full volume)"
+        series[name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan")
+                        for p in reference["per_click"]]
+        dotted.append(name)
+    if legacy and main_p is not legacy:
         name = f"{crop_name} mean (crop Dice)"
         series[name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in legacy["per_click"]]
         dashed.append(name)
     model = summary.get("model", {}).get("name") or "model"
-    which = "engine, full-volume Dice" if engine else f"{crop_name} crop Dice"
+    which = ("engine, full-volume Dice" if main_p is engine else
+             "reference, full-volume Dice" if main_p is reference else f"{crop_name} crop Dice")
     title = f"Dice vs clicks - {model} ({which}, {summary['data'].get('name', '')})"
-    return plot_dice_vs_clicks(series, path, title, emphasis=emphasis, dashed=dashed)
+    return plot_dice_vs_clicks(series, path, title, emphasis=emphasis, dashed=dashed, dotted=dotted)
 
 
 # ------------------------------------------------------------------------------------- writing

@@ -2,8 +2,8 @@
 
 The engine speaks numpy only: a backend turns a normalised 128^3 region into an opaque embedding once,
 and each click (points + previous low-res logits) into new low-res logits. ``LocalBackend`` runs our
-torch model on CPU/CUDA/MPS; tests use stubs; a remote backend can implement the same two calls.
-:func:`make_backend` picks the backend of a loaded model's family (the 3DSAM-adapter's is
+torch model on CPU/CUDA/MPS; tests use stubs; ``remote.client.RemoteBackend`` implements the same two calls
+over HTTP. :func:`make_backend` picks the backend of a loaded model's family (the 3DSAM-adapter's is
 :class:`~SAM3DSegmentLib.inference.backends_sam3d_adapter.Sam3DAdapterBackend`); :func:`load_backend` resolves,
 loads and wraps a checkpoint of either family.
 
@@ -88,9 +88,15 @@ class LocalBackend:
             emb = self.model.image_encoder(x[None, None])
         return emb.float()
 
+    def encode_numpy(self, image: np.ndarray) -> np.ndarray:
+        """:meth:`encode` as a float32 numpy array (1, C, g, g, g) — what the remote server sends."""
+        return self.encode(image).cpu().numpy()
+
     def decode(self, embedding, points, labels, mask_logits):
         import torch
 
+        if isinstance(embedding, np.ndarray):  # an embedding received from a remote server
+            embedding = torch.tensor(embedding, dtype=torch.float32, device=self.device)  # a copy: may be read-only
         s = self.low_res_size
         pts = torch.as_tensor(np.asarray(points, dtype=np.float32).reshape(1, -1, 3), device=self.device)
         lab = torch.as_tensor(np.asarray(labels, dtype=np.int64).reshape(1, -1), device=self.device)
@@ -115,14 +121,31 @@ class BackendError(RuntimeError):
 
 
 def load_backend(model: Optional[str] = None, checkpoint: Optional[str] = None, device: str = "auto",
-                 threads: Optional[int] = None, dtype: str = "float32"):
+                 threads: Optional[int] = None, dtype: str = "float32", remote=None):
     """Resolve the checkpoint, load it (either family) and wrap it (:func:`make_backend`); ``(backend, info)``.
 
     ``model``: a registered name (downloaded into the cache on first use); ``checkpoint``: a file path
     (always a path, never a name); neither: the default model. ``threads``: torch CPU threads (None: torch's
     choice). ``info``: model label, checkpoint path, backend name, device, architecture, family, image size
-    (and a 3DSAM-adapter's ``intensity`` settings). Raises :class:`BackendError`.
+    (and a 3DSAM-adapter's ``intensity`` settings).
+
+    ``remote`` (a :class:`~SAM3DSegmentLib.remote.options.RemoteOptions`, from ``--server``): the model runs on
+    those servers instead, behind a :class:`~SAM3DSegmentLib.remote.client.RemoteBackend`; ``model`` then names
+    a model they offer, and ``checkpoint`` (split mode) is the same file loaded here to decode clicks with torch.
+    ``info`` then also holds the served file's sha256, the servers and the mode.
+    Raises :class:`BackendError`.
     """
+    if remote is not None:
+        from ..remote.errors import RemoteError
+        from ..remote.options import load_remote_backend
+
+        try:
+            return load_remote_backend(remote, model, checkpoint,
+                                       lambda: load_backend(None, checkpoint, device, threads, dtype)[0])
+        except BackendError:
+            raise
+        except (RemoteError, ValueError) as err:  # refused key, unreachable server, bad URL: one line, the fix
+            raise BackendError(f"--server: {err}") from err
     import os
     from pathlib import Path
 

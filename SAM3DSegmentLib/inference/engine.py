@@ -2,8 +2,9 @@
 and the caller's objects, behind job bodies (:class:`Engine`); and how a session is brought to the GUI's click
 list with the least work (:func:`plan_click_update`).
 
-Pure Python + numpy; torch is imported only when a model is loaded (through
-:mod:`~SAM3DSegmentLib.inference.backends` and :mod:`~SAM3DSegmentLib.models`).
+Pure Python + numpy; torch is imported only when a local model is loaded (through
+:mod:`~SAM3DSegmentLib.inference.backends` and :mod:`~SAM3DSegmentLib.models`), never for remote servers
+(:meth:`Engine.load_remote`, :mod:`SAM3DSegmentLib.remote`).
 """
 from __future__ import annotations
 
@@ -48,38 +49,68 @@ class Engine:
         self._objects: Dict[str, str] = {}
 
     # ------------------------------------------------------------------ model
-    def load(self, checkpoint: str, device: str = "cpu", dtype: str = "float32",
-             progress: Optional[Callable[[int, Optional[int]], None]] = None) -> str:
-        """Resolve (download if needed) and load a checkpoint on ``device``; returns the backend's name."""
+    def load(self, checkpoint: str, device: str = "auto", dtype: str = "float32",
+             progress: Optional[Callable[[int, Optional[int]], None]] = None) -> Dict[str, Any]:
+        """Resolve (download if needed) and load a checkpoint of either model family on ``device`` ("auto": CUDA,
+        else Apple MPS, else the CPU, chosen HERE, so the caller's process need not import torch). Returns
+        ``{"name": the backend's name, "device": the device used, "warning": the CPU warning when it is the CPU,
+        else None}`` and the model's limits (:meth:`model_limits`)."""
         from .backends import make_backend, require_torch
 
         require_torch()   # a clear message before anything is downloaded or the model code is imported
+        from ..models.device import device_warning, resolve_device
         from ..models.families import load_model
         from ..weights import get_weights, resolve_checkpoint
         from ..weights.registry import is_registered_name
 
+        dev = resolve_device(device)   # a clear error when the device asked for is not there
         path = resolve_checkpoint(checkpoint, progress=progress if progress is not None else "auto")
         model = load_model(str(path), map_location="cpu")
         entry = get_weights(checkpoint) if is_registered_name(checkpoint) else None
-        return self.set_backend(make_backend(model, device=device, dtype=dtype,
+        name = self.set_backend(make_backend(model, device=str(dev), dtype=dtype,
                                              intensity=getattr(entry, "intensity", None)))
+        return {"name": name, "device": str(dev), "warning": device_warning(dev), **self.model_limits()}
 
-    def model_info(self) -> Optional[Dict[str, Any]]:
-        """What the GUI shows about the loaded model: ``name``, ``family``, ``supports_exclude``,
-        ``supports_mask_prompt`` and ``notice`` (one line on what the model cannot do, or None); None when no
-        model is loaded (a failed load already said why)."""
-        if self.backend is None:
-            return None
+    def model_limits(self) -> Dict[str, Any]:
+        """What the GUI says about the loaded model: ``family``, ``supports_exclude``, ``supports_mask_prompt``
+        and ``notice`` (one line on what the model cannot do, or None: the 3DSAM-adapter has no exclude clicks
+        and no previous-mask refinement)."""
         b = self.backend
-        return {"name": str(getattr(b, "name", type(b).__name__)), "family": getattr(b, "family", "sam_med3d"),
+        return {"family": getattr(b, "family", "sam_med3d"),
                 "supports_exclude": bool(getattr(b, "supports_exclude", True)),
                 "supports_mask_prompt": bool(getattr(b, "supports_mask_prompt", True)),
                 "notice": getattr(b, "limits_notice", None)}
+
+    def load_remote(self, settings: Dict[str, Any], key: Optional[str] = None,
+                    model: Optional[str] = None) -> Dict[str, Any]:
+        """Use the remote servers that ``settings`` (the fields of
+        :class:`~SAM3DSegmentLib.remote.settings.RemoteSettings`) describe, with bearer ``key``, instead of a
+        local model; ``model``: a model name the servers offer (None: their first). Needs no torch. The result
+        has :meth:`load`'s keys (``device``: the server's)."""
+        from ..remote.settings import RemoteSettings, backend_from_settings
+
+        backend = backend_from_settings(RemoteSettings(**settings), key, model)
+        name = self.set_backend(backend)
+        return {"name": name, "device": str(backend.caps.get("device") or "?"), "warning": None,
+                **self.model_limits()}
+
+    def check_servers(self, servers: Sequence[str], key: Optional[str] = None, timeout_s: float = 5.0,
+                      ca_file: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The connection test of :func:`~SAM3DSegmentLib.remote.settings.check_connection`, one dict per server
+        (its fields and ``line``, the text to show); runs here so that a slow server never blocks the GUI."""
+        import dataclasses
+
+        from ..remote.settings import check_connection
+
+        return [dict(dataclasses.asdict(r), line=r.line())
+                for r in check_connection(list(servers), key, timeout_s=timeout_s, ca_file=ca_file or None)]
 
     def set_backend(self, backend) -> str:
         from .session import Session, SessionOptions
 
         options = self.session_options or SessionOptions(region_size=int(getattr(backend, "image_size", 128)))
+        if self.backend is not None and self.backend is not backend and hasattr(self.backend, "close"):
+            self.backend.close()   # a remote backend's connections
         self.backend = backend
         self.session = Session(backend, options)
         self.volume_key = self.volume_token = None

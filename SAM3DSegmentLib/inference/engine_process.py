@@ -11,7 +11,8 @@ and torch, CUDA and out-of-memory crashes stay out of Slicer's process.
   or ``$SAM3DSEGMENT_PYTHON``) runs a ``ThreadEngine``. It listens on a private loopback port
   (127.0.0.1, port chosen by the OS) with a random 32-byte key (``multiprocessing.connection``: HMAC
   challenge, so no other program can talk to it), tells the parent the port on its stdout, and accepts one
-  connection. The key travels on the child's stdin, never on the command line.
+  connection. The key travels on the child's stdin, never on the command line; a remote server's key travels
+  inside the ``load_remote`` request on the authenticated connection, never on a command line either.
 * The child exits when the parent goes away: its stdin (kept open by the parent) reaches end of file, or the
   connection closes. Its stderr goes to a log file (``ProcessEngine.log_path``).
 * If the child dies (out of memory, segfault, killed), every job in flight fails with :class:`EngineCrashed`
@@ -35,7 +36,7 @@ from multiprocessing.connection import Client, Listener
 from typing import Any, Dict, List, Optional
 
 from .protocol import PROTOCOL, EngineError, decode, encode, no_delay, serve
-from .worker import CANCELLED, DONE, FAILED, PENDING, RUNNING, OPS, Job, _job_result
+from .worker import CANCELLED, DONE, FAILED, LOAD_OPS, PENDING, RUNNING, OPS, Job, _job_result
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -227,14 +228,14 @@ class ProcessEngine:
         if op not in OPS:
             raise ValueError(f"unknown engine operation {op!r}; known: {', '.join(OPS)}")
         if not self.running:
-            self._restart(replay=op != "load")
+            self._restart(replay=op not in LOAD_OPS)
         return self._send(op, args, kwargs, tag, supersede, context, cancellable)
 
     def _send(self, op, args, kwargs, tag, supersede, context, cancellable) -> Job:
         self._ids += 1
         job = Job(op, args, kwargs, tag, False, context, cancellable)
         job.remote_id = self._ids
-        if op == "load":
+        if op in LOAD_OPS:
             self.download = None
         if supersede and tag is not None:
             for old in self._inflight.values():
@@ -260,7 +261,7 @@ class ProcessEngine:
             return
         load, volume, clicks = self._load, self._volume, dict(self._clicks)
         restore = {"kind": "restore"}
-        self._send("load", load[0], load[1], None, False, restore, False)
+        self._send(load[0], load[1], load[2], None, False, restore, False)
         if volume is not None:
             self._send("set_volume", volume, {}, None, False, restore, False)
             for key, cl in clicks.items():
@@ -318,8 +319,8 @@ class ProcessEngine:
     def _remember(self, job: Job) -> None:
         """Keep what a restart must re-send, from the results (they arrive in the order the engine ran them)."""
         op, args = job.fn, job.args
-        if op == "load":
-            self._load, self._volume, self._clicks = (args, dict(job.kwargs)), None, {}
+        if op in LOAD_OPS:   # (a remote load's key stays in this process's memory, for the replay only)
+            self._load, self._volume, self._clicks = (op, args, dict(job.kwargs)), None, {}
         elif op == "set_volume":
             self._volume, self._clicks = (args[0], args[1] if len(args) > 1 else job.kwargs.get("token")), {}
         elif op == "forget_volume":

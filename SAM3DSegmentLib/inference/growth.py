@@ -1,7 +1,7 @@
 """Growing an object beyond one region: the 50 %-overlap extension (``SessionOptions.extend``).
 
-SAM-Med3D sees a 128^3 region (192 mm at 1.5 mm); larger objects are cut at its faces (docs/reference/
-SAM_MED3D.md, section 5 item 7: the paper describes a 50 %-overlap sliding-window extension). After a decode,
+SAM-Med3D sees a 128^3 region (192 mm at 1.5 mm); larger objects are cut at its faces
+(docs/reference/SAM_MED3D.md, section 5 item 7: the paper describes a 50 %-overlap sliding-window extension). After a decode,
 if the object's mask in the region touches one of its faces (any positive voxel of the 128^3 upsampled logits
 in the two outermost voxel layers of the face, lying inside the volume and belonging to the object: the
 positive low-res cells connected to a positive click or seed of the object in that region; speckles elsewhere

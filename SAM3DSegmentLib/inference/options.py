@@ -6,30 +6,35 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.click_protocols import CLICK_PROTOCOLS, click_protocol
+
 __all__ = ["SessionOptions", "PROMPT_MODES", "DEFAULT_SPACING_MM", "model_options", "refuse_exclude"]
 
 #: Region voxel size when neither the options nor the backend give one (SAM-Med3D's).
 DEFAULT_SPACING_MM = 1.5
 
-#: ``"newest"``: each decode sees only the newest click (+ the region's previous logits), as the model was
-#: trained; ``"all"``: every point of the object inside the region so far.
-PROMPT_MODES = ("newest", "all")
+#: The click protocols (:mod:`SAM3DSegmentLib.core.click_protocols`): ``"newest-click"``: each decode sees
+#: only the newest click (+ the region's previous logits), as the model was trained and published tables were
+#: evaluated; ``"all-clicks"``: every point of the object inside the region so far (+ the previous logits), as
+#: the reference's inference code feeds them. The older spellings ``"newest"`` / ``"all"`` are accepted.
+PROMPT_MODES = tuple(CLICK_PROTOCOLS)
 
 
 @dataclass
 class SessionOptions:
-    """``prompt_mode``: one of :data:`PROMPT_MODES` (a model without previous-mask input, such as the
-    3DSAM-adapter, always gets ``"all"``). ``region_size``, ``spacing_mm``: side (voxels) and voxel size (mm) of
-    the model-input regions; ``spacing_mm`` None: the model's own (``backend.spacing_mm``: 1.0 mm for the
-    3DSAM-adapter; 1.5 mm, SAM-Med3D's, when the backend does not say). ``extend``: add neighbouring regions
-    while the object's mask touches a region face (:mod:`~SAM3DSegmentLib.inference.growth`), up to
-    ``max_regions`` per object. ``clamp_hu``: (low, high) clip of the original voxels before normalising (None:
-    no clip; for a model with its own HU window, ``backend.intensity``, it replaces that window).
-    ``cache_size``: embeddings kept (:class:`~SAM3DSegmentLib.inference.cache.EmbeddingCache`), and at most
-    ``cache_mb`` MiB of them (at least one is always kept; a 3DSAM-adapter region's features take 264 MB).
+    """``prompt_mode``: one of :data:`PROMPT_MODES` (an older spelling is stored under its new name; a model
+    without previous-mask input, such as the 3DSAM-adapter, always gets ``"all-clicks"``). ``region_size``,
+    ``spacing_mm``: side (voxels) and voxel size (mm) of the model-input regions; ``spacing_mm`` None: the
+    model's own (``backend.spacing_mm``: 1.0 mm for the 3DSAM-adapter; 1.5 mm, SAM-Med3D's, when the backend
+    does not say). ``extend``: add neighbouring regions while the object's mask touches a region face
+    (:mod:`~SAM3DSegmentLib.inference.growth`), up to ``max_regions`` per object. ``clamp_hu``: (low, high) clip
+    of the original voxels before normalising (None: no clip; for a model with its own HU window,
+    ``backend.intensity``, it replaces that window). ``cache_size``: embeddings kept
+    (:class:`~SAM3DSegmentLib.inference.cache.EmbeddingCache`), and at most ``cache_mb`` MiB of them (at least
+    one is always kept; a 3DSAM-adapter region's features take 264 MB).
     ``threshold``: the logit above which a voxel is in the mask (0: sigmoid > 0.5)."""
 
-    prompt_mode: str = "newest"
+    prompt_mode: str = "newest-click"
     region_size: int = 128
     spacing_mm: Optional[float] = None
     extend: bool = True
@@ -58,8 +63,10 @@ class SessionOptions:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.prompt_mode not in PROMPT_MODES:
-            problems.append(f"prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+        try:
+            self.prompt_mode = click_protocol(self.prompt_mode, "prompt_mode")
+        except ValueError as err:
+            problems.append(str(err))
         if int(self.region_size) < 8 or int(self.region_size) % 4:
             problems.append(f"region_size must be a multiple of 4 and >= 8, got {self.region_size}")
         if self.spacing_mm is not None and not (float(self.spacing_mm) > 0 and np.isfinite(float(self.spacing_mm))):
@@ -91,11 +98,11 @@ class SessionOptions:
 def model_options(backend, options: SessionOptions) -> SessionOptions:
     """``options`` resolved for ``backend``: ``spacing_mm`` None becomes the model's own (``backend.spacing_mm``,
     else :data:`DEFAULT_SPACING_MM`); a model without previous-mask input (``backend.supports_mask_prompt``
-    False) gets ``prompt_mode="all"`` (the newest click alone would forget the earlier ones)."""
+    False) gets ``prompt_mode="all-clicks"`` (the newest click alone would forget the earlier ones)."""
     spacing = options.spacing_mm
     if spacing is None:
         spacing = float(getattr(backend, "spacing_mm", None) or DEFAULT_SPACING_MM)
-    mode = options.prompt_mode if getattr(backend, "supports_mask_prompt", True) else "all"
+    mode = options.prompt_mode if getattr(backend, "supports_mask_prompt", True) else "all-clicks"
     if spacing == options.spacing_mm and mode == options.prompt_mode:
         return options
     return replace(options, spacing_mm=spacing, prompt_mode=mode)

@@ -6,9 +6,10 @@ its own HU window and statistics, the 3DSAM-adapter). Each decode takes prompt p
 region's continuous (a, b, c) indices) with their labels and the region's previous low-res logits (zeros at
 its first step, never None: the reference's first step), and returns the region's next state.
 
-Which points prompt a click (``SessionOptions.prompt_mode``): ``"newest"`` (default, what the model was
-trained with) ONLY the newest click; ``"all"`` every point of the object inside the region so far (extension
-seed points first, then the clicks, in order).
+Which points prompt a click (``SessionOptions.prompt_mode``, a click protocol of
+:mod:`SAM3DSegmentLib.core.click_protocols`): ``"newest-click"`` (default, what the model was trained with)
+ONLY the newest click; ``"all-clicks"`` every point of the object inside the region so far (extension seed
+points first, then the clicks, in order).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 from . import regions as _regions
 from .cache import region_key
 from ..core.boxes import Box, normalise_box
+from ..core.click_protocols import NEWEST_CLICK
 from ..core.geometry import GeometryError
 from ..core.types import Click
 
@@ -153,7 +155,7 @@ class RegionPredictor:
 
     def prompt(self, rs: RegionState, clicks: List[Click]) -> Tuple[np.ndarray, np.ndarray]:
         """``(points_ras, labels)`` prompting the LAST of ``clicks`` in region ``rs`` (see the module docstring)."""
-        if self.options.prompt_mode == "newest":
+        if self.options.prompt_mode == NEWEST_CLICK:
             click = clicks[-1]
             return np.asarray(click.ras, dtype=np.float64)[None], np.array([1 if click.positive else 0])
         pts, labels = [], []

@@ -14,7 +14,9 @@ the region choice, extension, merging and click honouring are this engine's), ea
    when none contains it (or it is the object's first click) a new region centred on the click
    (:mod:`~SAM3DSegmentLib.inference.predictor`).
 2. Embedding: from the LRU cache (:mod:`~SAM3DSegmentLib.inference.cache`), else ``backend.encode`` once.
-3. Prompt: the points ``SessionOptions.prompt_mode`` selects, plus the region's previous low-res logits.
+3. Prompt: the points ``SessionOptions.prompt_mode`` selects (``newest-click``, the default: the newest
+   click only, as SAM-Med3D's training and published evaluation; ``all-clicks``: every click in the region
+   so far, as its inference code), plus the region's previous low-res logits.
 4. Decode -> the region's new low-res logits (:mod:`~SAM3DSegmentLib.inference.predictor`).
 5. Extension (``extend=True``): neighbouring regions while the object's mask touches a region face
    (:mod:`~SAM3DSegmentLib.inference.growth`).

@@ -3,6 +3,16 @@ from __future__ import annotations
 
 from typing import Optional
 
+#: Measured CPU speed of the full-size model (2 torch threads): the "Summary" table of docs/benchmarks.md
+#: holds the measurements; Testing/test_first_hour_docs.py checks that these quote it exactly.
+CPU_ENCODE_SECONDS = "0.76 s"
+CPU_LATER_CLICK = "21–38 ms"
+CPU_WARNING = ("No CUDA or Apple MPS GPU is available to torch: the model runs on the CPU. Measured with the "
+               f"full SAM-Med3D model on 2 CPU threads: {CPU_ENCODE_SECONDS} to encode each new 128^3 region, "
+               f"{CPU_LATER_CLICK} per later click inside it (docs/benchmarks.md); objects spanning several "
+               "regions and slower or busy CPUs take a multiple of that. Install a CUDA build of torch "
+               "(Slicer: PyTorch extension) on a machine with an NVIDIA GPU for interactive speed.")
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 
@@ -24,22 +34,34 @@ def default_device() -> str:
     return available_devices()[0]
 
 
-def resolve_device(name: Optional[str] = None):
-    """A ``torch.device`` for "auto"/None, "cpu", "cuda[:N]" or "mps", with a clear error if unavailable."""
+def resolve_device(name: Optional[str] = None, local_rank: Optional[int] = None, auto_mps: bool = True):
+    """The one device resolver: a ``torch.device`` for "auto"/None, "cpu", "cuda[:N]" or "mps", with a clear
+    error if unavailable. ``local_rank`` (distributed training): "auto" and an index-less "cuda" mean that
+    process's GPU. ``auto_mps=False``: "auto" never picks Apple MPS (training: no AMP/DDP there)."""
     import torch
 
     if name in (None, "", "auto"):
-        return torch.device(default_device())
+        auto = default_device()
+        if auto == "mps" and not auto_mps:
+            auto = "cuda" if torch.cuda.is_available() else "cpu"
+        name = auto
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"device {name!r} was requested but this torch ({torch.__version__}) sees no CUDA GPU. "
             "Use --device cpu, or install a CUDA build of torch (in 3D Slicer: the PyTorch extension).")
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:
+        dev = torch.device("cuda", local_rank)
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
         if mps is None or not mps.is_available():
             raise RuntimeError(f"device {name!r} was requested but Apple MPS is not available here; use --device cpu")
     return dev
+
+
+def device_warning(device) -> Optional[str]:
+    """:data:`CPU_WARNING` for a CPU device (a string or ``torch.device``), else None (no torch import)."""
+    return CPU_WARNING if str(device).split(":")[0] == "cpu" else None
 
 
 def resolve_dtype(name: str, device) -> "object":
@@ -91,6 +113,19 @@ def tune_cpu_allocator(mmap_threshold_mb: int = 64, trim_threshold_mb: int = 256
         ok = False
     _allocator_tuned = ok
     return ok
+
+
+def describe_device(device) -> str:
+    """"cuda:0 (NVIDIA H200)", "cpu (16 threads)" or "mps": what a server reports as its device."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if dev.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(dev)
 
 
 def set_threads(n: Optional[int]) -> None:

@@ -7,6 +7,7 @@
 * :mod:`.labelmap`: writing masks into segments and reading segments;
 * :mod:`.history`: undo/redo of the voxels in step with the engine, the write-back of engine results;
 * :mod:`.engine_link`: the module's link to the engine (jobs queued and polled on the GUI thread);
+* :mod:`.remote_link`: the Local / Remote panel (remote settings in Slicer's settings, connection test, messages);
 * :mod:`.export`: ``.seg.nrrd``, NIfTI and DICOM SEG export;
 * :mod:`.dependencies`: installing torch and slicerio inside Slicer.
 
@@ -40,13 +41,15 @@ from .layers import check_segmentation_geometry, volume_lattice_in_segmentation
 from .markups import (ORDER_ATTRIBUTE, UNUSED_POINT_COLOR, MarkupsObserver, PlaceModeObserver, clicks_from_markups,
                       defined_point_ids, place_buttons_state, prompt_nodes, record_placement, reject_points_outside,
                       show_clicks)
+from .remote_link import RemotePanel, failure_text
 from .target import (LOCK_TAG, TargetSegment, editor_settings, ensure_segment, is_segment_locked, prepare_target,
                      segmentations_logic, set_segment_locked)
 from .volumes import (numpy_to_vtk_matrix, parent_to_world, scalars_view, volume_from_node, volume_geometry,
                       volume_token, vtk_matrix_to_numpy)
 
 __all__ = [
-    "ensure_dependencies", "EngineLink", "export_dicom_seg", "export_nifti", "export_seg_nrrd", "export_segmentation",
+    "ensure_dependencies", "EngineLink", "RemotePanel", "failure_text", "export_dicom_seg", "export_nifti",
+    "export_seg_nrrd", "export_segmentation",
     "SegmentHistory", "apply_engine_result", "write_job_result", "MASK_MODES", "OVERWRITE_MODES", "read_segment",
     "remove_temporary_node", "write_mask_to_segment", "check_segmentation_geometry",
     "volume_lattice_in_segmentation", "ORDER_ATTRIBUTE", "UNUSED_POINT_COLOR", "MarkupsObserver",

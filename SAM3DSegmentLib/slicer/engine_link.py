@@ -31,27 +31,38 @@ class EngineLink:
             engine = ProcessEngine()
         self.engine = engine
         self.model_name: Optional[str] = None  #: the loaded model's name; None until a load succeeds
-        #: :meth:`~SAM3DSegmentLib.inference.engine.Engine.model_info` of the loaded model (None: not known yet)
+        #: the last successful load's result (its ``supports_exclude``, ``notice``...: what the model cannot do)
         self.model_info: Optional[dict] = None
         self.volume_token: Optional[tuple] = None  #: :func:`~.volumes.volume_token` of the volume sent last
 
     def load_model(self, name_or_path: str, device: str):
-        """Queue loading a model (a registry name or a checkpoint path) on ``device`` ("auto": the recommended
-        device, which imports torch here to look). A new model starts without a volume."""
-        from ..cli.diagnose import recommended_device
-
-        device = recommended_device() if device == "auto" else device
+        """Queue loading a model (a registry name or a checkpoint path) on ``device``; the engine process picks
+        the device for "auto" (this process never imports torch). The result is ``{"name", "device",
+        "warning"}`` and the model's limits (:meth:`~SAM3DSegmentLib.inference.engine.Engine.load`). A new model
+        starts without a volume."""
         self.volume_token = None
-        self.model_info = None
-        job = self.engine.submit("load", name_or_path, str(device),
-                                 context={"kind": "load", "name": name_or_path, "device": device})
-        self.engine.submit("model_info", context={"kind": "model_info"})   # what the model cannot do, for the UI
-        return job
+        return self.engine.submit("load", name_or_path, str(device),
+                                  context={"kind": "load", "name": name_or_path, "device": device})
 
     @property
     def exclude_allowed(self) -> bool:
         """False when the loaded model has no exclude clicks (the 3DSAM-adapter family)."""
         return bool((self.model_info or {}).get("supports_exclude", True))
+
+    def load_remote(self, settings: dict, key: Optional[str], model: Optional[str] = None):
+        """Queue using the remote servers ``settings`` describe (the fields of
+        :class:`~SAM3DSegmentLib.remote.settings.RemoteSettings`) instead of a local model; the key travels to
+        the engine process over its private connection. Same result as :meth:`load_model`."""
+        self.volume_token = None
+        return self.engine.submit("load_remote", dict(settings), key, model,
+                                  context={"kind": "load", "name": model, "device": "remote"})
+
+    def check_servers(self, servers, key: Optional[str], timeout_s: float, ca_file: Optional[str] = None):
+        """Queue the connection test of each server (in the engine process: a dead server never blocks the
+        GUI); the result is one dict per server (``ok``, ``version``, ``models``, ``device``, ``rtt_ms``,
+        ``line``)."""
+        return self.engine.submit("check_servers", list(servers), key, float(timeout_s), ca_file,
+                                  context={"kind": "servers"})
 
     def sync_clicks(self, volume_node, segmentation_node, segment_id: str, clicks):
         """Queue: (re)send the volume if it changed (:func:`~.volumes.volume_token`), then bring the segment's
@@ -84,8 +95,7 @@ class EngineLink:
         for job in jobs:
             kind = (job.context or {}).get("kind")
             if kind == "load":
-                self.model_name = job.result if job.state == "done" else None
-            elif kind == "model_info":
+                self.model_name = job.result["name"] if job.state == "done" else None
                 self.model_info = job.result if job.state == "done" else None
             elif kind == "volume" and job.state != "done" and self.volume_token == job.context["token"]:
                 self.volume_token = None

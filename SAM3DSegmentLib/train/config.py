@@ -20,6 +20,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Tupl
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator
 
+from ..core.click_protocols import new_spelling
 from .adapter_config import Sam3DAdapterTrainConfig
 from .config_types import Flag, Floats, Int, Ints, Names, Section as _Section, switch as _switch
 
@@ -167,8 +168,8 @@ class LoopConfig(_Section):
     #: Training click sampler: "random" (reference: uniform in the error region) or "deepest"
     #: (RITM: deepest point of the larger error region).
     click_mode: Literal["random", "deepest"] = "random"
-    #: Which clicks the decoder sees: "newest" (reference training) or "all" clicks so far.
-    feed: Literal["newest", "all"] = "newest"
+    #: The click protocol (core/click_protocols.py): "newest-click" (reference training) or "all-clicks".
+    feed: Annotated[Literal["newest-click", "all-clicks"], BeforeValidator(new_spelling)] = "newest-click"
     #: Detach the fed-back low-res logits (reference: not detached).
     detach_feedback: Flag = False
     #: Stop after this many optimiser steps in total (0 = no limit); used by quick runs and tests.

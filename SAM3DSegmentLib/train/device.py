@@ -12,21 +12,12 @@ __all__ = ["resolve_device", "resolve_amp", "autocast", "seed_everything", "memo
 
 
 def resolve_device(name: str, info: Optional[DistInfo] = None):
-    """``device`` of the config: "auto" = CUDA when available (this process's local rank), else the CPU; a
+    """``device`` of the config through the one resolver (:func:`SAM3DSegmentLib.models.device.resolve_device`):
+    "auto" = this process's GPU (local rank) when CUDA is available, else the CPU (never MPS for training); a
     "cuda" without index is the local rank's GPU."""
-    import torch
+    from ..models.device import resolve_device as resolve
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", info.local_rank if info else 0)
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", info.local_rank if info else 0)
-    return dev
+    return resolve(name, local_rank=info.local_rank if info else 0, auto_mps=False)
 
 
 def resolve_amp(amp: str, device) -> Optional[Any]:

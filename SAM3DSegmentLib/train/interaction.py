@@ -3,8 +3,9 @@
 Per micro-batch (:func:`InteractiveLoss`): the image encoder runs once; then ``num_click_steps`` decoder
 steps. Step 0 clicks inside the object (the error region of an empty prediction); every later step samples
 one click from the error region of the CURRENT prediction (``logits > 0`` on the upsampled logits), except
-one random step in ``mask_only_range`` and the last step, which run with no points (mask only). The previous
-low-res logits are fed back (not detached, as the reference, unless ``loop.detach_feedback``). Loss = sum
+one random step in ``mask_only_range`` and the last step, which run with no points (mask only). The decoder
+sees the newest click only (``loop.feed = "newest-click"``, the reference's training) or every click so far
+(``"all-clicks"``). The previous low-res logits are fed back (not detached, as the reference, unless ``loop.detach_feedback``). Loss = sum
 over steps of Dice (sigmoid, squared denominators) + BCE-with-logits on the upsampled logits.
 
 Determinism: a sample's clicks are keyed by ``(seed, epoch, dataset index)``, the mask-only step by
@@ -17,6 +18,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
+from ..core.click_protocols import ALL_CLICKS, click_protocol
 from .config import TrainConfig
 from .device import autocast
 
@@ -34,7 +36,7 @@ def mask_only_steps(n_steps: int, lo_hi: Sequence[int], rng: np.random.Generator
     return out
 
 
-def interact(model, emb, label, n_steps: int, mask_only: set, click_mode: str, rngs, feed: str = "newest",
+def interact(model, emb, label, n_steps: int, mask_only: set, click_mode: str, rngs, feed: str = "newest-click",
              detach_feedback: bool = False, compute_loss: bool = True):
     """Run the click loop on one batch. ``emb`` from ``model.image_encoder``; ``label`` (B,1,S,S,S) 0/1.
 
@@ -63,7 +65,7 @@ def interact(model, emb, label, n_steps: int, mask_only: set, click_mode: str, r
             p, l = sample_clicks(gt, pred, click_mode, rngs)
             hist_p.append(p)
             hist_l.append(l)
-            if feed == "all":
+            if click_protocol(feed, "feed") == ALL_CLICKS:
                 p, l = np.stack(hist_p, 1), np.stack(hist_l, 1)
             else:
                 p, l = p[:, None], l[:, None]
@@ -118,7 +120,7 @@ def InteractiveLoss(model, cfg: TrainConfig, encoder_frozen: bool):
 
 
 def evaluate(model, loader, n_steps: int, click_mode: str, seed: int, device, amp_dtype=None,
-             feed: str = "newest") -> Dict[str, float]:
+             feed: str = "newest-click") -> Dict[str, float]:
     """Mean Dice (inside the crop) after the first click and after ``n_steps`` click steps (clicks at
     every step, no mask-only steps)."""
     import torch
