@@ -45,7 +45,7 @@ def test_segment_runs_at_1_mm_and_says_the_limits_once(model_file, tmp_path, cap
     assert rc == 0 and out.is_file()
     assert printed.count("no exclude clicks") == 1 and "foreground mean 50, std 80" in printed
     report = json.loads(timings.read_text())
-    assert report["family"] == "3dsam_adapter" and report["spacing_mm"] == 1.0 and report["prompt_mode"] == "all"
+    assert report["family"] == "3dsam_adapter" and report["spacing_mm"] == 1.0 and report["prompt_mode"] == "all-clicks"
     assert report["intensity"] == {"window": [-200.0, 300.0], "mean": 50.0, "std": 80.0}
     assert report["cache"]["bytes"] > 0 and report["regions"] == 1
 

@@ -83,7 +83,7 @@ def test_backend_refuses_exclude_points_and_empty_prompts(backend):
 # ---------------------------------------------------------------------------------------------- session
 def test_session_takes_spacing_prompt_mode_and_region_from_the_backend(backend):
     s = Session(backend, SessionOptions(region_size=32, extend=False))
-    assert s.options.spacing_mm == 1.0 and s.options.prompt_mode == "all" and s.low_res_size == 32
+    assert s.options.spacing_mm == 1.0 and s.options.prompt_mode == "all-clicks" and s.low_res_size == 32
     vol = ct_volume()
     s.set_volume(vol)
     s.new_object()

@@ -28,13 +28,13 @@ def test_the_link_learns_the_model_has_no_exclude_clicks(scene, tmp_path):
     link = sb.EngineLink(engine)
     try:
         assert link.exclude_allowed  # nothing loaded yet: the button stays as it is
-        link.load_model(str(tmp_path / "missing.pth"), "cpu")   # a failed load is said once, by the load job
+        link.load_model(str(tmp_path / "missing.pth"), "cpu")   # a failed load: nothing known about a model
         jobs = finish(link)
-        assert kinds(jobs) == [("load", "failed"), ("model_info", "done")] and link.model_info is None
+        assert kinds(jobs) == [("load", "failed")] and link.model_info is None and link.exclude_allowed
         link.load_model(str(path), "cpu")
         jobs = finish(link)
-        assert kinds(jobs) == [("load", "done"), ("model_info", "done")]
-        info = link.model_info
+        assert kinds(jobs) == [("load", "done")]
+        info = link.model_info   # the load result: name, device, warning and the model's limits
         assert info["family"] == "3dsam_adapter" and info["supports_exclude"] is False
         assert info["supports_mask_prompt"] is False and "no exclude clicks" in info["notice"]
         assert not link.exclude_allowed
