@@ -13,7 +13,6 @@ torch = pytest.importorskip("torch")
 from _sam3d_adapter_fixtures import randomize_  # noqa: E402
 from SAM3DSegmentLib import slicer as sb  # noqa: E402
 from SAM3DSegmentLib.core.intensity import WindowZNorm  # noqa: E402
-from SAM3DSegmentLib.inference.session import SessionOptions  # noqa: E402
 from SAM3DSegmentLib.inference.worker import ThreadEngine  # noqa: E402
 from SAM3DSegmentLib.models.sam3d_adapter import Sam3DAdapter, Sam3DAdapterConfig  # noqa: E402
 from SAM3DSegmentLib.models.sam3d_adapter.files import save_model_file  # noqa: E402
@@ -24,7 +23,7 @@ from test_slicer_engine_link import finish, kinds, world_ras  # noqa: E402
 def test_the_link_learns_the_model_has_no_exclude_clicks(scene, tmp_path):
     model = randomize_(Sam3DAdapter(Sam3DAdapterConfig.tiny()), seed=5, std=0.1)
     path = save_model_file(model, tmp_path / "tiny3dsam.pth", intensity=WindowZNorm((-200, 300), 40.0, 90.0))
-    engine = ThreadEngine(SessionOptions(region_size=32, extend=False))
+    engine = ThreadEngine()   # each model with its own region size
     link = sb.EngineLink(engine)
     try:
         assert link.exclude_allowed  # nothing loaded yet: the button stays as it is
