@@ -1,7 +1,6 @@
-"""SAM3DSegment: interactive click-based 3D segmentation of CT (Slicer glue: UI, observers, engine pump).
-The work lives in SAM3DSegmentLib (slicer: MRML, the link to the engine, the Local/Remote panel;
-inference.engine_process: the model in a child process, which also picks the device for "auto" and talks to remote
-servers). Slicer's own process imports torch only for Diagnose."""
+"""SAM3DSegment: click-based 3D segmentation of CT (Slicer glue: UI, observers, engine pump). The work lives in
+SAM3DSegmentLib (slicer: MRML, engine link, Local/Remote panel; inference.engine_process: the model in a child
+process, which picks the device for "auto" and talks to remote servers). Slicer imports torch only for Diagnose."""
 import logging
 import os
 import sys
@@ -41,8 +40,8 @@ class SAM3DSegment(ScriptedLoadableModule):
 
 
 class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
-    """``link`` (SAM3DSegmentLib.slicer.engine_link.EngineLink) queues the engine's jobs (the model runs in a child
-    process, docs/slicer.md "How the engine runs") and writes their results; only the GUI thread uses it."""
+    """``link`` (SAM3DSegmentLib.slicer.engine_link.EngineLink, GUI thread only) queues the engine's jobs and writes
+    their results; the model runs in a child process (docs/slicer.md "How the engine runs")."""
 
     def __init__(self, engine=None):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -96,7 +95,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              (ui.resetButton, lambda: self.onEdit("reset")), (ui.loadModelButton, self.onLoadModel),
                              (ui.installDependenciesButton, self.onInstallDependencies), (ui.diagnoseButton, self.onDiagnose),
                              (ui.exportSegNrrdButton, lambda: self.onExport("seg.nrrd")),
-                             (ui.exportNiftiButton, lambda: self.onExport("nifti")),
+                             (ui.exportNiftiButton, lambda: self.onExport("nifti")), (ui.refineButton, self.onRefine),
                              (ui.exportDicomSegButton, lambda: self.onExport("dicom"))):
             button.connect("clicked()", slot)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -228,6 +227,17 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.link.edit(kind, seg, segId, volume)
             self.startPump()
 
+    def onRefine(self):
+        """Refine selected segment: the engine's object starts from the segment's voxels; clicks then edit it."""
+        with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not refine the segment", waitCursor=False):
+            if not all(self.currentNodes()[::2]):  # the volume and a segment
+                raise ValueError("select a volume and the segment to refine")
+            if self.link.model_name is None and not self.link.engine.busy:
+                self.onLoadModel()
+            self.link.refine(*self.ensureSegment())
+            self.rewritePoints([])  # the object starts over: no clicks
+            self.startPump()
+
     def onNextObject(self):
         if self.ui.volumeSelector.currentNode() is not None:
             with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not start a new object", waitCursor=False):
@@ -239,8 +249,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onSegmentChanged(self, segId):
-        """The USER chose another target segment (SAM3DSegmentLib.slicer.TargetSegment): show its clicks; the history
-        restarts."""
+        """The USER chose another target segment (SAM3DSegmentLib.slicer.TargetSegment): show its clicks, new history."""
         if self._markupsObserver is None or not self._target.selector_changed(segId or None):
             return
         if self.history is not None:
@@ -287,14 +296,17 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind == "load":
             self.ui.modelStatusLabel.text = f"Loaded: {job.result['name']}"
             self.showDeviceWarning(None, job.result["warning"])
-            # said once per load: what this model cannot do (a 3DSAM-adapter has no exclude clicks)
-            self.ui.statusLabel.text = job.result.get("notice") or self.ui.statusLabel.text
+            self.ui.statusLabel.text = job.result.get("notice") or self.ui.statusLabel.text  # its limits, said once
             self.ui.excludeButton.setChecked(self.ui.excludeButton.checked and self.link.exclude_allowed)
             self.updateButtons()
         elif kind == "servers":
             self.remote.show_reports(job.result)
         elif kind == "points" and ctx["segment"] == self._target.segment_id:
             self.rewritePoints(job.result)
+        elif kind == "refine" and ctx["segment"] == self._target.segment_id:
+            if self.history is not None:  # the segment's undo restarts here, as the engine's
+                self.history.clear()
+            self.ui.statusLabel.text = f"Refining the segment ({ctx['voxels']} voxels): click Include / Exclude."
         elif kind in ("clicks", "reset", "undo", "redo"):
             with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not write the segment", waitCursor=False):
                 # undo/redo restore every segment exactly from the history when it holds that step

@@ -77,6 +77,13 @@ def configure(p) -> None:
                         "negative; repeat for more clicks (applied in order)")
     p.add_argument("--voxel", action="store_true",
                    help="clicks are voxel indices i,j,k (0-based, as in Slicer's data probe) instead of RAS mm")
+    p.add_argument("--init-mask", default=None, metavar="FILE",
+                   help="refine an existing segmentation: start from this mask (a label file or .seg.nrrd on any "
+                        "grid, placed in physical space) and let the clicks edit it; voxels outside the regions "
+                        "around the clicks keep it exactly (such an object does not grow into neighbouring regions)")
+    p.add_argument("--init-segment", default=None, metavar="NAME|VALUE",
+                   help="with --init-mask: the segment of a .seg.nrrd (name or id), or the label value of a label "
+                        "map; needed when the file holds several")
     O.add_model_options(p)
     O.add_device_options(p)
     O.add_engine_options(p)
@@ -183,6 +190,24 @@ def _dicom_series(volume, args) -> Optional[dict]:
     return series
 
 
+def _read_init_mask(args, volume):
+    """The ``--init-mask`` on the image's grid (nearest neighbour in physical space), or None."""
+    if args.init_mask is None:
+        return None
+    from ..io import AmbiguousMaskError, read_mask, resample_like
+
+    try:
+        mask = resample_like(read_mask(args.init_mask, args.init_segment), volume, "nearest")
+    except AmbiguousMaskError as err:
+        raise CliError(f"--init-mask: {err} with --init-segment NAME|VALUE") from err
+    except (ValueError, OSError) as err:
+        raise CliError(f"--init-mask: {err}") from err
+    if not mask.array.any():
+        raise CliError(f"--init-mask {args.init_mask}: no voxel of the mask lies inside the image (a mask of another "
+                       "image, or placed elsewhere in space?); give a mask of this image")
+    return mask
+
+
 def _check_clicks(clicks, volume, voxel: bool) -> None:
     """Every click lies inside the volume (checked before the model is loaded)."""
     import numpy as np
@@ -214,6 +239,8 @@ def run(args) -> int:
         raise UsageError("--series chooses a series in a DICOM folder; it does not apply to --sample")
     if not args.click:
         raise UsageError("no clicks: give at least one --click R,A,S (RAS mm) or --click i,j,k with --voxel")
+    if args.init_segment is not None and args.init_mask is None:
+        raise UsageError("--init-segment chooses a segment of --init-mask; give --init-mask FILE too")
     clicks = [parse_click(c) for c in args.click]
     color = parse_color(args.color) if args.color is not None else None
     inputs = [args.image] if args.image and os.path.isfile(args.image) else []
@@ -238,6 +265,7 @@ def run(args) -> int:
                 raise CliError(f"{flag} {path} is the sample image {source}; choose another output file")
     series = _dicom_series(volume, args)
     _check_clicks(clicks, volume, args.voxel)
+    init = _read_init_mask(args, volume)
 
     from ..inference.backends import load_backend
 
@@ -264,6 +292,8 @@ def run(args) -> int:
     except GeometryError as err:
         raise CliError(f"{args.image or 'sample ' + args.sample}: {err}") from err
     session.new_object(args.name)
+    if init is not None:
+        session.set_initial_mask(init)
     per_click = []
     truncated = False
     for xyz, positive in clicks:
@@ -289,6 +319,9 @@ def run(args) -> int:
                       "spacing_mm": session.options.spacing_mm, "clamp_hu": args.clamp_hu,
                       "znorm": args.znorm, "extend": not args.no_extend,
                       "max_regions": args.max_regions,
+                      "init_mask": None if init is None else {
+                          "path": os.path.abspath(args.init_mask), "segment": args.init_segment,
+                          "voxels_on_image_grid": int(init.array.sum()), "extend": opts.init_extend},
                       "regions": session.region_count(), "max_regions_reached": truncated,
                       "mask_voxels": voxels, "mask_ml": vol_ml,
                       "timings": {"read_s": read_s, "load_model_s": load_s, "write_s": write_s,

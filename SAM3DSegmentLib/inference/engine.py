@@ -176,6 +176,18 @@ class Engine:
             return self.session.add_clicks(as_clicks, check=check)
         return self.session.set_clicks(as_clicks, check=check)
 
+    def set_initial_mask(self, key: str, mask, box=None, volume_token: Any = None):
+        """Start object ``key`` over from ``mask`` (its clicks and undo history are cleared; undo and reset return
+        to it): ``Session.set_initial_mask``'s mask (a ``Volume`` on any grid, or an array on the volume's grid
+        or on its (k, j, i) ``box``, a list of ``(start, stop)`` pairs or slices). ``volume_token`` as in
+        :meth:`sync_clicks`. Returns the MaskUpdate."""
+        self._require_volume()
+        if volume_token is not None and volume_token != self.volume_token:
+            raise RuntimeError("the engine holds another volume than the segment's; try again (the volume is re-sent)")
+        if box is not None:
+            box = tuple(b if isinstance(b, slice) else slice(int(b[0]), int(b[1])) for b in box)
+        return self.session.set_initial_mask(mask, self._object(key), box=box)
+
     def edit(self, kind: str, key: str):
         """``kind`` in undo / redo / reset. Returns ``(MaskUpdate or None, clicks after, changed)``;
         ``changed`` is False (and the update None) when there was nothing to undo/redo or no session yet."""

@@ -17,7 +17,7 @@ and torch, CUDA and out-of-memory crashes stay out of Slicer's process.
   connection closes. Its stderr goes to a log file (``ProcessEngine.log_path``).
 * If the child dies (out of memory, segfault, killed), every job in flight fails with :class:`EngineCrashed`
   (exit code and the end of the log) and the next ``submit`` starts a new child and re-sends, in order, the
-  model load, the volume and each object's clicks, so nothing is lost; undo history inside the engine restarts.
+  model load, the volume and each object's initial mask and clicks (nothing is lost; undo history restarts).
 
 The messages and the child's request loop: :mod:`~SAM3DSegmentLib.inference.protocol`.
 """
@@ -127,10 +127,11 @@ class ProcessEngine:
         self._ids = 0
         self._inflight: Dict[int, Job] = {}
         self._ready: List[Job] = []
-        # what a restart re-sends: the last load, the volume (and its token), each object's clicks
+        # what a restart re-sends: the last load, the volume (and its token), each object's initial mask and clicks
         self._load: Optional[tuple] = None
         self._volume: Optional[tuple] = None
         self._clicks: Dict[str, list] = {}
+        self._init: Dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -259,11 +260,13 @@ class ProcessEngine:
             self.restarts += 1
         if not replay or self._load is None:
             return
-        load, volume, clicks = self._load, self._volume, dict(self._clicks)
+        load, volume, clicks, inits = self._load, self._volume, dict(self._clicks), dict(self._init)
         restore = {"kind": "restore"}
         self._send(load[0], load[1], load[2], None, False, restore, False)
         if volume is not None:
             self._send("set_volume", volume, {}, None, False, restore, False)
+            for key, (args, kwargs) in inits.items():
+                self._send("set_initial_mask", (key,) + tuple(args), kwargs, None, False, restore, False)
             for key, cl in clicks.items():
                 if cl:
                     self._send("sync_clicks", (key, cl, volume[1]), {}, None, False, restore, False)
@@ -319,12 +322,14 @@ class ProcessEngine:
     def _remember(self, job: Job) -> None:
         """Keep what a restart must re-send, from the results (they arrive in the order the engine ran them)."""
         op, args = job.fn, job.args
+        if op in LOAD_OPS + ("set_volume", "forget_volume"):
+            self._clicks, self._init, self._volume = {}, {}, None
         if op in LOAD_OPS:   # (a remote load's key stays in this process's memory, for the replay only)
-            self._load, self._volume, self._clicks = (op, args, dict(job.kwargs)), None, {}
+            self._load = (op, args, dict(job.kwargs))
         elif op == "set_volume":
-            self._volume, self._clicks = (args[0], args[1] if len(args) > 1 else job.kwargs.get("token")), {}
-        elif op == "forget_volume":
-            self._volume, self._clicks = None, {}
+            self._volume = (args[0], args[1] if len(args) > 1 else job.kwargs.get("token"))
+        elif op == "set_initial_mask":
+            self._init[args[0]], self._clicks[args[0]] = (args[1:], dict(job.kwargs)), []
         elif op == "sync_clicks":
             self._clicks[args[0]] = [tuple(c) for c in args[1]]
         elif op == "edit":
@@ -333,6 +338,7 @@ class ProcessEngine:
             self._clicks[args[0]] = list(job.result)
         elif op == "forget_object":
             self._clicks.pop(args[0], None)
+            self._init.pop(args[0], None)
 
     def _finish(self, job: Job, state: str) -> None:
         self._inflight.pop(getattr(job, "remote_id", None), None)

@@ -11,9 +11,10 @@ is added (unless the object already has a region within a quarter region of that
 ONE positive point, the face pixel with the largest upsampled logit (the most confident point of the mask's
 cross-section, two voxels inside the old region, i.e. near the centre plane of the new region), and, as mask
 input, the old region's logits resampled into the new region's low-res grid (the overlapping half; zeros
-elsewhere). The new region is then checked in turn, breadth-first, until no mask touches a new face or the
-object has ``max_regions`` regions; ``MaskUpdate.truncated`` (and ``timings["max_regions_reached"]``) says
-when the limit cut the object. ``max_regions`` bounds extension only: a user click outside every region of
+elsewhere, or the prompt of the object's initial mask there, :mod:`~SAM3DSegmentLib.inference.prior`). The new
+region is then checked in turn, breadth-first, until no mask touches a new face or the object has
+``max_regions`` regions; ``MaskUpdate.truncated`` (and ``timings["max_regions_reached"]``) says when the limit
+cut the object. ``max_regions`` bounds extension only: a user click outside every region of
 the object always gets its own region.
 """
 from __future__ import annotations
@@ -131,19 +132,21 @@ class RegionGrowth:
                 return True
         return False
 
-    def resample_logits(self, src: RegionState, dst_region) -> np.ndarray:
-        """``src`` low-res logits sampled at ``dst_region``'s low-res cell centres (0 where src has none)."""
+    def resample_logits(self, src: RegionState, dst_region, fill: Optional[np.ndarray] = None) -> np.ndarray:
+        """``src`` low-res logits sampled at ``dst_region``'s low-res cell centres; where src has none, ``fill``
+        (low-res logits of ``dst_region``), or 0 when it is None."""
         s = self.low_res_size
         lr = rescale_index(np.arange(s, dtype=np.float64), self.size / s)   # cell centres, region indices
         grid = np.stack(np.meshgrid(lr, lr, lr, indexing="ij"), axis=-1).reshape(-1, 3)
         ras = np.asarray(dst_region.index_to_ras(grid))
         src_lo = rescale_index(np.asarray(src.region.ras_to_index(ras)), s / self.size)
-        vals = trilinear(src.logits, src_lo.T, extend=0.5, outside=0.0, dtype=np.float64)
-        return vals.reshape(s, s, s).astype(np.float32)
+        vals = trilinear(src.logits, src_lo.T, extend=0.5, outside=np.nan, dtype=np.float64).reshape(s, s, s)
+        return np.where(np.isnan(vals), 0.0 if fill is None else fill, vals).astype(np.float32)
 
     def extend(self, regions: List[RegionState], start: int, stats: Stats,
-               clicks: Sequence[Click] = ()) -> Optional[Box]:
-        """Grow from ``regions[start]`` (``regions`` is extended in place); returns the box that changed."""
+               clicks: Sequence[Click] = (), init=None) -> Optional[Box]:
+        """Grow from ``regions[start]`` (``regions`` is extended in place); returns the box that changed.
+        ``init``: the object's ``prior.InitialMask`` (or None)."""
         half = self.size // 2
         dirty = None
         queue = deque([start])
@@ -168,7 +171,7 @@ class RegionGrowth:
                         stats.truncated = True
                         continue
                     new = replace(self.predictor.new_region(cand), seeds=((tuple(float(v) for v in seed), True),))
-                    mask_in = self.resample_logits(rs, cand)
+                    mask_in = self.resample_logits(rs, cand, None if init is None else init.region_prompt(cand))
                     new = self.predictor.decode(new, seed[None], np.array([1]), mask_in, stats)
                     regions.append(new)
                     dirty = box_union(dirty, self.composer.changed_box(regions, len(regions) - 1, None))

@@ -20,7 +20,7 @@ import numpy as np
 from ..core.boxes import Box, absolute, box_contains, box_intersect, box_shape, box_union, mask_bounds, relative
 from ..core.types import Click
 
-__all__ = ["Patch", "Edit", "CroppedMask", "History", "unique_bytes"]
+__all__ = ["Patch", "Edit", "CroppedMask", "History", "ObjectRecord", "unique_bytes", "memory_report"]
 
 
 def unique_bytes(arrays: Iterable[np.ndarray], seen: set) -> int:
@@ -177,3 +177,51 @@ class History:
     def clear(self) -> None:
         self.undo.clear()
         self.redo.clear()
+
+
+@dataclass
+class ObjectRecord:
+    """One object of a session: its clicks, region states (``inference.predictor.RegionState``), model mask,
+    click-honouring state (``inference.honour.Honour``), history and initial mask (``inference.prior.InitialMask``,
+    set by ``Session.set_initial_mask``)."""
+
+    oid: str
+    name: str
+    clicks: List[Click] = field(default_factory=list)
+    regions: list = field(default_factory=list)
+    #: the model mask (merged, thresholded logits; the initial mask where no region looks), cropped
+    raw: CroppedMask = field(default_factory=CroppedMask)
+    honour: object = None
+    history: History = field(default_factory=History)
+    init: object = None
+
+    def clear(self) -> None:
+        self.clicks.clear()
+        self.regions.clear()
+        self.raw.clear()
+        self.honour = self.init = None
+        self.history.clear()
+
+    def live_arrays(self) -> List[np.ndarray]:
+        """The arrays of the live mask and the initial mask (the history may share them)."""
+        return [a for a in (self.raw.array, None if self.honour is None else self.honour.drop,
+                            None if self.init is None else self.init.array) if a is not None]
+
+
+def memory_report(objects, volume_shape) -> dict:
+    """What ``Session.memory_bytes`` reports for ``objects`` (the session's object records: ``live_arrays()``,
+    ``history``, ``regions``) on a volume of ``volume_shape`` (None: no volume)."""
+    masks = history = logits = 0
+    seen: set = set()
+    for obj in objects:
+        masks += unique_bytes(obj.live_arrays(), seen)
+        history += obj.history.nbytes(obj.live_arrays())
+        states = list(obj.regions)
+        for e in obj.history.undo + obj.history.redo:
+            states += list(e.regions_before) + list(e.regions_after)
+        logits += unique_bytes([r.logits for r in states if r.logits is not None], seen)
+        if obj.init is not None:
+            logits += unique_bytes(obj.init.prompt_arrays(), seen)
+    full = int(np.prod(volume_shape)) if volume_shape is not None else 0
+    return {"masks": masks, "history": history, "logits": logits, "total": masks + history + logits,
+            "objects": len(objects), "full_grid_mask_bytes": full}

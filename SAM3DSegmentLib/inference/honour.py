@@ -5,11 +5,13 @@ says (the later click wins where two share a voxel); mask parts that an exclude 
 include click, or the model's island an exclude click lies on, are dropped (6-connected components,
 ``scipy.ndimage.label``). Off, the mask is the merged model output alone (what the reference pipeline pastes
 back). The state (:class:`Honour`) is applied on top of the stored model mask whenever the mask is read.
+An object started from an initial mask (:mod:`~SAM3DSegmentLib.inference.prior`) also keeps every component that
+holds a voxel of it the model does not see (``keep``): only parts the model sees can be dropped.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -75,9 +77,11 @@ def click_voxels(volume, clicks: Sequence) -> List[Voxel]:
     return [(int(i[2]), int(i[1]), int(i[0])) for i in ijk]
 
 
-def honour_clicks(volume, mask, clicks: Sequence) -> Optional[Honour]:
+def honour_clicks(volume, mask, clicks: Sequence, keep: Optional[Callable[[], Tuple[Box, np.ndarray]]] = None
+                  ) -> Optional[Honour]:
     """The honouring state for ``clicks`` on the model mask ``mask`` (a ``history.CroppedMask`` of ``volume``'s
-    grid); None without clicks."""
+    grid); None without clicks. ``keep`` (optional) returns ``(box, bool array)``: voxels whose components are
+    never dropped, as if they held an include click (called only when the cleanup labels components)."""
     if not clicks:
         return None
     sign: Dict[Voxel, bool] = {}
@@ -86,7 +90,7 @@ def honour_clicks(volume, mask, clicks: Sequence) -> Optional[Honour]:
         sign[v] = bool(c.positive)
     on = frozenset(v for v, p in sign.items() if p)
     off = frozenset(v for v, p in sign.items() if not p)
-    drop_box, drop = _dropped(volume.array.shape, mask, on, off)
+    drop_box, drop = _dropped(volume.array.shape, mask, on, off, keep)
     return Honour(on, off, drop_box, drop)
 
 
@@ -122,10 +126,10 @@ def _nothing_cut_off(shape, mask, box: Box, cut, on, off) -> bool:
     return True
 
 
-def _dropped(shape, mask, on: frozenset, off: frozenset) -> Tuple[Optional[Box], Optional[np.ndarray]]:
+def _dropped(shape, mask, on: frozenset, off: frozenset, keep=None) -> Tuple[Optional[Box], Optional[np.ndarray]]:
     """The cleanup: the 6-connected components of the mask (model mask, include voxels on, exclude voxels off)
-    that touch an exclude voxel the model had in its mask and hold no include voxel. Returns
-    ``(box, bool array)`` or ``(None, None)``."""
+    that touch an exclude voxel the model had in its mask and hold no include voxel (nor a ``keep`` voxel, see
+    :func:`honour_clicks`). Returns ``(box, bool array)`` or ``(None, None)``."""
     if mask.box is None or not off:
         return None, None
     rb = mask.box
@@ -151,8 +155,13 @@ def _dropped(shape, mask, on: frozenset, off: frozenset) -> Tuple[Optional[Box],
     touching = set()
     for e in rel(cut):
         touching |= _neighbour_labels(labels, e)
-    keep = {int(labels[v]) for v in rel(on)}
-    gone = sorted(touching - keep - {0})
+    kept = {int(labels[v]) for v in rel(on)}
+    if keep is not None:
+        kbox, karr = keep()
+        inter = box_intersect(kbox, work)
+        if inter is not None:
+            kept |= {int(v) for v in np.unique(labels[relative(inter, work)][karr[relative(inter, kbox)]])}
+    gone = sorted(touching - kept - {0})
     if not gone:
         return None, None
     drop = np.isin(labels, gone)

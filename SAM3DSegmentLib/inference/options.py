@@ -8,7 +8,8 @@ import numpy as np
 
 from ..core.click_protocols import CLICK_PROTOCOLS, click_protocol
 
-__all__ = ["SessionOptions", "PROMPT_MODES", "DEFAULT_SPACING_MM", "model_options", "refuse_exclude"]
+__all__ = ["SessionOptions", "PROMPT_MODES", "INIT_PROMPTS", "DEFAULT_SPACING_MM", "model_options",
+           "refuse_exclude"]
 
 #: Region voxel size when neither the options nor the backend give one (SAM-Med3D's).
 DEFAULT_SPACING_MM = 1.5
@@ -18,6 +19,8 @@ DEFAULT_SPACING_MM = 1.5
 #: evaluated; ``"all-clicks"``: every point of the object inside the region so far (+ the previous logits), as
 #: the reference's inference code feeds them. The older spellings ``"newest"`` / ``"all"`` are accepted.
 PROMPT_MODES = tuple(CLICK_PROTOCOLS)
+#: How an initial mask (``Session.set_initial_mask``) prompts the model: :mod:`~SAM3DSegmentLib.inference.prior`.
+INIT_PROMPTS = ("binary", "occupancy", "distance", "zeros")
 
 
 @dataclass
@@ -60,6 +63,15 @@ class SessionOptions:
     #: 6-connected (face neighbours), on the volume grid. False is the reference mode: the mask is the
     #: merged, thresholded model output and nothing else, as the reference pipeline produces it.
     honour_clicks: bool = True
+    #: An initial mask's previous-mask prompt (:data:`INIT_PROMPTS`, :mod:`~SAM3DSegmentLib.inference.prior`):
+    #: the encoding, its logit magnitude and (``"distance"``) the signed distance in mm that reaches it.
+    init_prompt: str = "binary"
+    init_logit: float = 8.0
+    init_width_mm: float = 6.0
+    #: Region extension (``extend``) for objects started from an initial mask. Off by default: the mask already
+    #: holds the object beyond the clicked region, and re-predicting the neighbouring regions lowered the Dice
+    #: of refined masks (docs/refine.md).
+    init_extend: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,6 +93,10 @@ class SessionOptions:
             problems.append(f"cache_size must be >= 1, got {self.cache_size}")
         if not float(self.cache_mb) > 0:
             problems.append(f"cache_mb must be > 0, got {self.cache_mb}")
+        if self.init_prompt not in INIT_PROMPTS:
+            problems.append(f"init_prompt must be one of {INIT_PROMPTS}, got {self.init_prompt!r}")
+        if not (float(self.init_logit) > 0 and float(self.init_width_mm) > 0):
+            problems.append("init_logit and init_width_mm must be > 0")
         if self.clamp_hu is not None:
             lo, hi = (float(v) for v in self.clamp_hu)
             if not lo < hi:
@@ -93,6 +109,7 @@ class SessionOptions:
         self.max_regions = int(self.max_regions)
         self.cache_size = int(self.cache_size)
         self.honour_clicks = bool(self.honour_clicks)
+        self.init_extend = bool(self.init_extend)
 
 
 def model_options(backend, options: SessionOptions) -> SessionOptions:

@@ -21,19 +21,21 @@ the region choice, extension, merging and click honouring are this engine's), ea
 5. Extension (``extend=True``): neighbouring regions while the object's mask touches a region face
    (:mod:`~SAM3DSegmentLib.inference.growth`).
 6. Paste back and merge the regions' logits over the changed box only
-   (:mod:`~SAM3DSegmentLib.inference.compose`); the mask is a pure function of the regions' logits.
+   (:mod:`~SAM3DSegmentLib.inference.compose`); the mask is a pure function of the regions' logits (and of
+   the initial mask where no region looks).
 7. Honour the clicks (:mod:`~SAM3DSegmentLib.inference.honour`).
 
 Undo/redo: every mutating call (``add_click``, ``add_clicks``, ``set_clicks``, ``reset``) pushes one history
-entry; ``undo`` restores the exact previous mask and logits, ``redo`` re-applies. Masks are stored cropped to
-their objects' boxes (:mod:`~SAM3DSegmentLib.inference.history`); :meth:`Session.mask` assembles the full-grid
-array on request and :meth:`Session.memory_bytes` reports what masks, history and logits take.
+entry; ``undo`` restores the exact previous mask and logits, ``redo`` re-applies. ``set_initial_mask`` starts
+an object over from an existing mask that clicks then edit (:mod:`~SAM3DSegmentLib.inference.prior`). Masks
+are stored cropped to their objects' boxes (:mod:`~SAM3DSegmentLib.inference.history`); :meth:`Session.mask`
+assembles the full-grid array on request and :meth:`Session.memory_bytes` reports what masks, history and
+logits take.
 """
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -41,38 +43,16 @@ import numpy as np
 from .cache import EmbeddingCache, volume_content_key
 from .compose import MaskComposer
 from .growth import RegionGrowth
-from .history import CroppedMask, Edit, History, Patch, unique_bytes
-from .honour import Honour, honour_changes, honour_clicks
+from .history import Edit, ObjectRecord as _Object, Patch, memory_report
+from .honour import honour_changes, honour_clicks
 from .options import PROMPT_MODES, SessionOptions, model_options, refuse_exclude
 from .predictor import RegionPredictor, RegionState, Stats, normalise_click
+from .prior import InitialMask
 from ..core.boxes import EMPTY_BOX, Box, absolute, box_intersect, box_union, mask_bounds, points_box
 from ..core.geometry import GeometryError, Volume
 from ..core.types import Click, MaskUpdate
 
 __all__ = ["Click", "SessionOptions", "MaskUpdate", "Session", "PROMPT_MODES"]
-
-
-@dataclass
-class _Object:
-    oid: str
-    name: str
-    clicks: List[Click] = field(default_factory=list)
-    regions: List[RegionState] = field(default_factory=list)
-    #: the model mask (merged, thresholded logits), cropped
-    raw: CroppedMask = field(default_factory=CroppedMask)
-    honour: Optional[Honour] = None
-    history: History = field(default_factory=History)
-
-    def clear(self) -> None:
-        self.clicks.clear()
-        self.regions.clear()
-        self.raw.clear()
-        self.honour = None
-        self.history.clear()
-
-    def live_arrays(self) -> List[np.ndarray]:
-        """The arrays of the live mask (the history may share them)."""
-        return [a for a in (self.raw.array, None if self.honour is None else self.honour.drop) if a is not None]
 
 
 class Session:
@@ -178,25 +158,14 @@ class Session:
         return box, out
 
     def memory_bytes(self, oid: Optional[str] = None) -> Dict[str, int]:
-        """Memory held for one object (``oid``) or for all (None), in bytes: ``masks`` (the cropped masks and
-        the click-honouring state), ``history`` (undo/redo mask patches beyond those shared with the live
-        masks; each array counted once), ``logits`` (the regions' low-res logits, current and in the history,
-        each array counted once), their ``total``, the ``objects`` counted and ``full_grid_mask_bytes`` (what
-        one uncropped uint8 mask would take, for comparison). Embeddings are in :attr:`cache`
-        (``cache.stats()``), bounded by ``SessionOptions.cache_size``."""
+        """Memory held for one object (``oid``) or for all (None), in bytes: ``masks`` (the cropped masks, the
+        click-honouring state and the initial mask), ``history`` (undo/redo mask patches beyond those shared with
+        the live masks; each array counted once), ``logits`` (the regions' low-res logits, current and in the
+        history, and the initial mask's prompts; each array counted once), their ``total``, the ``objects``
+        counted and ``full_grid_mask_bytes`` (what one uncropped uint8 mask would take, for comparison).
+        Embeddings are in :attr:`cache` (``cache.stats()``), bounded by ``SessionOptions.cache_size``."""
         objs = [self._object(oid)] if oid is not None else list(self._objects.values())
-        masks = history = logits = 0
-        seen: set = set()
-        for obj in objs:
-            masks += unique_bytes(obj.live_arrays(), seen)
-            history += obj.history.nbytes(obj.live_arrays())
-            states = list(obj.regions)
-            for e in obj.history.undo + obj.history.redo:
-                states += list(e.regions_before) + list(e.regions_after)
-            logits += unique_bytes([r.logits for r in states if r.logits is not None], seen)
-        full = int(np.prod(self.volume.array.shape)) if self.volume is not None else 0
-        return {"masks": masks, "history": history, "logits": logits, "total": masks + history + logits,
-                "objects": len(objs), "full_grid_mask_bytes": full}
+        return memory_report(objs, None if self.volume is None else self.volume.array.shape)
 
     def clicks(self, oid: Optional[str] = None) -> List[Click]:
         return list(self._object(oid).clicks)
@@ -215,6 +184,22 @@ class Session:
         return bool(self._object(oid).history.redo)
 
     # ------------------------------------------------------------------ clicks
+    def set_initial_mask(self, mask, oid: Optional[str] = None, box: Optional[Box] = None) -> MaskUpdate:
+        """Start the object (``oid``; else the current one, created when there is none) over from ``mask``: a
+        ``Volume`` on any grid (resampled by nearest neighbour in physical space), a (k, j, i) array on the
+        volume's grid, or one on ``box`` of it; non-zero voxels are in the mask. Clicks, regions and undo history
+        are cleared: the mask is the object's mask, then its previous-mask prompt in every region it touches
+        (:mod:`~SAM3DSegmentLib.inference.prior`). Undo returns to it and no further; ``reset`` returns to it."""
+        t0 = time.perf_counter()
+        vol = self._require_volume()
+        obj = self._current_or_new() if oid is None else self._object(oid)
+        init = InitialMask.of(mask, vol, self.options, self.low_res_size, box=box)   # checked before any change
+        before = self._mask_extent(obj)
+        obj.clear()
+        obj.init = init
+        obj.raw.set(Patch(init.box, init.box, init.array))
+        return self._plain_update(obj, box_union(before, init.box), t0)
+
     def add_click(self, ras: Optional[Sequence[float]] = None, positive: bool = True,
                   ijk: Optional[Sequence[float]] = None) -> MaskUpdate:
         """Add a click (RAS mm or voxel ijk) to the current object and update its mask."""
@@ -237,7 +222,7 @@ class Session:
         dirty = None
         for click in normalised:
             all_clicks.append(click)
-            dirty = box_union(dirty, self._apply_click(regions, list(all_clicks), stats))
+            dirty = box_union(dirty, self._apply_click(regions, list(all_clicks), stats, obj.init))
             if check is not None:
                 check()
         return self._commit(obj, all_clicks, regions, dirty, stats, t0)
@@ -255,13 +240,13 @@ class Session:
             dirty = box_union(dirty, r.pos_box)
         regions: List[RegionState] = []
         for n in range(1, len(normalised) + 1):
-            dirty = box_union(dirty, self._apply_click(regions, normalised[:n], stats))
+            dirty = box_union(dirty, self._apply_click(regions, normalised[:n], stats, obj.init))
             if check is not None:
                 check()
         return self._commit(obj, normalised, regions, dirty, stats, t0)
 
     def reset(self, oid: Optional[str] = None) -> MaskUpdate:
-        """Clear the object's clicks, regions and mask (undoable)."""
+        """Clear the object's clicks, regions and mask (undoable); an object with an initial mask returns to it."""
         t0 = time.perf_counter()
         obj = self._object(oid)
         dirty = None
@@ -273,7 +258,7 @@ class Session:
         """Restore the object's state before its last edit (mask and logits exactly)."""
         obj = self._object(oid)
         if not obj.history.undo:
-            return self._empty_update(obj)
+            return self._plain_update(obj, None, time.perf_counter())
         e = obj.history.undo.pop()
         obj.history.redo.append(e)
         return self._restore(obj, e, forward=False)
@@ -282,7 +267,7 @@ class Session:
         """Re-apply the last undone edit."""
         obj = self._object(oid)
         if not obj.history.redo:
-            return self._empty_update(obj)
+            return self._plain_update(obj, None, time.perf_counter())
         e = obj.history.redo.pop()
         obj.history.undo.append(e)
         return self._restore(obj, e, forward=True)
@@ -318,8 +303,11 @@ class Session:
             obj.honour.apply(out, box)
         return out
 
-    def _apply_click(self, regions: List[RegionState], clicks: List[Click], stats: Stats) -> Optional[Box]:
-        """Apply the LAST of ``clicks`` to ``regions`` (modified in place). Returns the box that changed."""
+    def _apply_click(self, regions: List[RegionState], clicks: List[Click], stats: Stats,
+                     init: Optional[InitialMask] = None) -> Optional[Box]:
+        """Apply the LAST of ``clicks`` to ``regions`` (modified in place); a new region's first prompt comes
+        from the object's initial mask ``init`` when it has one (such an object grows into neighbouring regions
+        only with ``SessionOptions.init_extend``). Returns the box that changed."""
         ras = np.asarray(clicks[-1].ras, dtype=np.float64)
         n = self._predictor.choose_region(regions, ras)
         if n is None:
@@ -329,27 +317,33 @@ class Session:
             old = regions[n]
         rs = regions[n]
         pts, labels = self._predictor.prompt(rs, clicks)
-        regions[n] = self._predictor.decode(rs, pts, labels, rs.logits, stats)
+        prev = rs.logits if rs.logits is not None or init is None else init.region_prompt(rs.region)
+        regions[n] = self._predictor.decode(rs, pts, labels, prev, stats)
         dirty = self._composer.changed_box(regions, n, old)
-        if self.options.extend:
-            dirty = box_union(dirty, self._growth.extend(regions, n, stats, clicks))
+        if self.options.extend and (init is None or self.options.init_extend):
+            dirty = box_union(dirty, self._growth.extend(regions, n, stats, clicks, init))
         return dirty
 
     def _commit(self, obj: _Object, clicks: List[Click], regions: List[RegionState], dirty: Optional[Box],
                 stats: Stats, t0: float) -> MaskUpdate:
         t = time.perf_counter()
         vol_box = tuple(slice(0, n) for n in self._require_volume().array.shape)
+        if obj.init is not None:   # regions added or removed: the initial mask in their footprints changes
+            dirty = box_union(dirty, obj.init.changed_box(obj.regions, regions))
         if dirty is not None:
             dirty = box_intersect(dirty, vol_box)
         after = None
         if dirty is not None:
             after = self._composer.render(regions, dirty)
+            if obj.init is not None:
+                after = obj.init.compose(after, regions, dirty)
             patch_before, patch_after = obj.raw.patch(dirty), Patch.of(after, dirty)
             obj.raw.set(patch_after)
         else:
             patch_before = patch_after = Patch(EMPTY_BOX)
         honour_before = obj.honour
-        obj.honour = honour_clicks(self.volume, obj.raw, clicks) if self.options.honour_clicks else None
+        keep = None if obj.init is None else (lambda: obj.init.anchors(regions))
+        obj.honour = honour_clicks(self.volume, obj.raw, clicks, keep) if self.options.honour_clicks else None
         box = box_intersect(box_union(dirty, honour_changes(honour_before, obj.honour)), vol_box)
         box = EMPTY_BOX if box is None else box
         if after is not None and box == dirty:
@@ -378,19 +372,18 @@ class Session:
             obj.raw.set(patch)
         box = box_union(edit.box, honour_changes(obj.honour, honour))
         obj.honour = honour
+        obj.clicks = list(edit.clicks_after if forward else edit.clicks_before)
+        obj.regions = list(edit.regions_after if forward else edit.regions_before)
+        return self._plain_update(obj, box, t0)
+
+    def _plain_update(self, obj: _Object, box: Optional[Box], t0: float) -> MaskUpdate:
+        """An update that ran no model: the object's mask on ``box`` (None: nothing changed)."""
+        if box is not None:
+            box = box_intersect(box, tuple(slice(0, n) for n in self.volume.array.shape))
         box = EMPTY_BOX if box is None else box
         mask_box = self._view(obj, box)
         mask_box.flags.writeable = False
-        obj.clicks = list(edit.clicks_after if forward else edit.clicks_before)
-        obj.regions = list(edit.regions_after if forward else edit.regions_before)
         dt = time.perf_counter() - t0
         return MaskUpdate(obj.oid, box, mask_box, 0,
                           {"encode_s": 0.0, "decode_s": 0.0, "paste_s": dt, "total_s": dt,
                            "regions": len(obj.regions), "max_regions_reached": False}, len(obj.regions), False)
-
-    def _empty_update(self, obj: _Object) -> MaskUpdate:
-        empty = np.zeros((0, 0, 0), dtype=np.uint8)
-        empty.flags.writeable = False
-        return MaskUpdate(obj.oid, EMPTY_BOX, empty, 0,
-                          {"encode_s": 0.0, "decode_s": 0.0, "paste_s": 0.0, "total_s": 0.0,
-                           "regions": len(obj.regions), "max_regions_reached": False}, len(obj.regions))

@@ -222,7 +222,7 @@ def describe_update(update, wall_s: Optional[float]) -> str:
 # ------------------------------------------------------------------------------------------- job API
 #: What the GUI may ask of an engine (Engine method names); ``sync_clicks`` also gets its Job (cancellation).
 OPS = ("load", "load_remote", "check_servers", "set_volume", "forget_volume", "sync_clicks", "edit", "clicks", "mask",
-       "forget_object")
+       "forget_object", "set_initial_mask")
 #: The ops that choose the model (a restarted engine process replays the last one).
 LOAD_OPS = ("load", "load_remote")
 

@@ -12,10 +12,10 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from ..core.geometry import LPS_TO_RAS, RAS_TO_LPS, Volume
-from .errors import VolumeReadError, VolumeWriteError
-from .volumes import atomic_write, file_extension, resample_like, write_volume
+from .errors import AmbiguousMaskError, VolumeReadError, VolumeWriteError
+from .volumes import atomic_write, file_extension, read_volume, resample_like, write_volume
 
-__all__ = ["write_mask", "read_segmentation", "write_segmentation"]
+__all__ = ["write_mask", "read_segmentation", "write_segmentation", "read_mask"]
 
 
 def write_mask(mask: Volume, path: str, compress: bool = True, label_value: int = 1, group=None) -> str:
@@ -98,3 +98,50 @@ def write_segmentation(path: str, masks: Dict[str, Volume], reference: Volume,
         slicerio.write_segmentation(tmp, seg)
 
     return atomic_write(path, write, group=group)
+
+
+def read_mask(path: str, segment: Optional[str] = None) -> Volume:
+    """One binary mask (uint8 0/1 ``Volume`` on the file's own grid) from a label file or a ``.seg.nrrd``.
+
+    ``.seg.nrrd``: the segment named ``segment`` (or with that id); it may be omitted when the file holds one
+    segment. Any other file (NIfTI, NRRD, MHA, a DICOM folder): its non-zero voxels, or with ``segment`` the
+    voxels of that label value; a file with several non-zero labels needs ``segment``. A missing or empty
+    choice raises :class:`~SAM3DSegmentLib.io.errors.VolumeReadError` naming what the file holds
+    (:class:`~SAM3DSegmentLib.io.errors.AmbiguousMaskError` when a choice was needed and none given).
+    """
+    path = os.fspath(path)
+    if file_extension(path) == ".seg.nrrd":
+        masks = read_segmentation(path)
+        if segment is None and len(masks) != 1:
+            raise AmbiguousMaskError(f"{path} holds {len(masks)} segments ({', '.join(masks) or 'none'}); choose "
+                                     "one by name")
+        if segment is not None:
+            named = [v for n, v in masks.items() if segment in (n, v.meta.get("name"), v.meta.get("id"))]
+            if not named:
+                raise VolumeReadError(f"{path} has no segment {segment!r}; it holds: {', '.join(masks)}")
+            masks = {segment: named[0]}
+        (name, mask), = masks.items()
+        arr = (np.asarray(mask.array) != 0).astype(np.uint8)
+    else:
+        vol = read_volume(path)
+        labels = np.unique(vol.array)
+        labels = labels[labels != 0]
+        if segment is None and labels.size > 1:
+            shown = ", ".join(f"{v:g}" for v in labels[:12]) + (", ..." if labels.size > 12 else "")
+            raise AmbiguousMaskError(f"{path} holds {labels.size} labels ({shown}); choose one label value")
+        if segment is not None:
+            try:
+                value = float(segment)
+            except ValueError:
+                raise VolumeReadError(f"{path} is a label map: choose a label value (a number), not "
+                                      f"{segment!r}") from None
+            if value not in labels:
+                raise VolumeReadError(f"{path} has no voxel of label {segment}; it holds labels "
+                                      f"{', '.join(f'{v:g}' for v in labels[:12]) or 'none'}")
+            arr = (vol.array == value).astype(np.uint8)
+        else:
+            arr = (vol.array != 0).astype(np.uint8)
+        mask, name = vol, segment
+    if not arr.any():
+        raise VolumeReadError(f"{path}: the mask is empty; give a mask of the object to refine")
+    return Volume(arr, mask.ijk_to_ras.copy(), {"source": path, "segment": name})

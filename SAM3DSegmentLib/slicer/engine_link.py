@@ -4,14 +4,18 @@ The engine runs the model in a child process (:class:`SAM3DSegmentLib.inference.
 docs/slicer.md "How the engine runs"); :class:`SAM3DSegmentLib.inference.worker.ThreadEngine` has the same API
 and runs it on a thread (tests). Each job's ``context`` says what it was for; finished jobs come back through
 :meth:`EngineLink.poll`, and :meth:`EngineLink.write_result` writes an edit's mask into the segment. Cancel
-(``engine.cancel_all``) never drops a queued volume, so engine and GUI agree on it.
+(``engine.cancel_all``) never drops a queued volume, so engine and GUI agree on it. :meth:`EngineLink.refine`
+("Refine selected segment") starts a segment's object from the segment's own voxels.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable, Optional
 
+from ..core.boxes import mask_bounds
 from .history import SegmentHistory, write_job_result
+from .labelmap import read_segment
+from .layers import check_segmentation_geometry
 from .volumes import volume_from_node, volume_token
 
 #: Jobs whose result is a segment edit (written back by :meth:`EngineLink.write_result`).
@@ -34,6 +38,7 @@ class EngineLink:
         #: the last successful load's result (its ``supports_exclude``, ``notice``...: what the model cannot do)
         self.model_info: Optional[dict] = None
         self.volume_token: Optional[tuple] = None  #: :func:`~.volumes.volume_token` of the volume sent last
+        self._edits: list = []  #: edit jobs (:data:`EDIT_KINDS`) not yet collected by :meth:`poll`
 
     def load_model(self, name_or_path: str, device: str):
         """Queue loading a model (a registry name or a checkpoint path) on ``device``; the engine process picks
@@ -64,22 +69,55 @@ class EngineLink:
         return self.engine.submit("check_servers", list(servers), key, float(timeout_s), ca_file,
                                   context={"kind": "servers"})
 
-    def sync_clicks(self, volume_node, segmentation_node, segment_id: str, clicks):
-        """Queue: (re)send the volume if it changed (:func:`~.volumes.volume_token`), then bring the segment's
-        object to ``clicks``; a newer sync supersedes a queued one."""
+    def _send_volume(self, volume_node):
+        """Queue the volume when the engine does not have it (:func:`~.volumes.volume_token`); its token."""
         token = volume_token(volume_node)
         if token != self.volume_token:  # never cancelled: engine and GUI must agree on the volume
             self.engine.submit("set_volume", volume_from_node(volume_node), token, cancellable=False,
                                context={"kind": "volume", "token": token})
             self.volume_token = token
-        return self.engine.submit("sync_clicks", segment_id, clicks, token, tag="clicks", supersede=True,
-                                  context={"kind": "clicks", "segmentation": segmentation_node, "segment": segment_id,
-                                           "volume": volume_node})
+        return token
+
+    def sync_clicks(self, volume_node, segmentation_node, segment_id: str, clicks):
+        """Queue: (re)send the volume if it changed (:func:`~.volumes.volume_token`), then bring the segment's
+        object to ``clicks``; a newer sync supersedes a queued one."""
+        token = self._send_volume(volume_node)
+        return self._edit_job(self.engine.submit(
+            "sync_clicks", segment_id, clicks, token, tag="clicks", supersede=True,
+            context={"kind": "clicks", "segmentation": segmentation_node, "segment": segment_id,
+                     "volume": volume_node}))
+
+    def refine(self, volume_node, segmentation_node, segment_id: str):
+        """Queue "Refine selected segment": the segment's object starts over from the segment's voxels (read here
+        on the volume's grid in world space, :func:`~.labelmap.read_segment`; the engine's
+        ``set_initial_mask``): its clicks and undo history are cleared, later clicks edit the segment and undo
+        or reset return to these voxels. Nothing is written into the scene. Raises ValueError (nothing queued)
+        when the segment is empty or an edit of this segmentation is still being computed, and GeometryError when
+        the segmentation lies on another voxel grid (clicks could not be written into it)."""
+        name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+        if any(j.context["segmentation"] is segmentation_node for j in self._edits):
+            raise ValueError("a click on this segmentation is still being computed; press 'Refine selected segment' "
+                             "again when it is done")
+        check_segmentation_geometry(segmentation_node, volume_node)
+        mask = read_segment(segmentation_node, segment_id, volume_node)
+        box = mask_bounds(mask)
+        if box is None:
+            raise ValueError(f"segment '{name}' is empty: paint or import it first (or click Include to segment it "
+                             "from scratch)")
+        token = self._send_volume(volume_node)
+        return self.engine.submit("set_initial_mask", segment_id, mask[box].copy(), [[b.start, b.stop] for b in box],
+                                  token, context={"kind": "refine", "segmentation": segmentation_node,
+                                                  "segment": segment_id, "volume": volume_node,
+                                                  "voxels": int(mask.sum())})
 
     def edit(self, kind: str, segmentation_node, segment_id: str, volume_node):
         """Queue undo / redo / reset of a segment's object; the result is (update, clicks, changed)."""
-        return self.engine.submit("edit", kind, segment_id, context={
-            "kind": kind, "segmentation": segmentation_node, "segment": segment_id, "volume": volume_node})
+        return self._edit_job(self.engine.submit("edit", kind, segment_id, context={
+            "kind": kind, "segmentation": segmentation_node, "segment": segment_id, "volume": volume_node}))
+
+    def _edit_job(self, job):
+        self._edits.append(job)
+        return job
 
     def request_clicks(self, segment_id: str):
         """Queue reading the clicks of a segment's object (to show them when the user selects that segment);
@@ -92,6 +130,7 @@ class EngineLink:
         """Finished jobs (after noting the model's name; a volume the engine did not take is sent again next
         time)."""
         jobs = self.engine.poll(self.PUMP_WAIT_S if wait is None else wait)
+        self._edits = [j for j in self._edits if j not in jobs]
         for job in jobs:
             kind = (job.context or {}).get("kind")
             if kind == "load":
