@@ -168,6 +168,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume, seg, segId = self.currentNodes()
         self.ui.includeButton.enabled = volume is not None
         self.ui.excludeButton.enabled = volume is not None and self.link.exclude_allowed  # not with a 3DSAM-adapter
+        self.ui.refineButton.enabled = volume is not None and self.link.refine_allowed  # nor refinement
         self.ui.exportSegNrrdButton.enabled = self.ui.exportNiftiButton.enabled = bool(seg and volume)
         self.ui.exportDicomSegButton.enabled = bool(volume and seg and volume.GetAttribute("DICOM.instanceUIDs"))
 
@@ -304,8 +305,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind == "points" and ctx["segment"] == self._target.segment_id:
             self.rewritePoints(job.result)
         elif kind == "refine" and ctx["segment"] == self._target.segment_id:
-            if self.history is not None:  # the segment's undo restarts here, as the engine's
-                self.history.clear()
+            self.history is None or self.history.clear()  # the segment's undo restarts here, as the engine's
             self.ui.statusLabel.text = f"Refining the segment ({ctx['voxels']} voxels): click Include / Exclude."
         elif kind in ("clicks", "reset", "undo", "redo"):
             with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not write the segment", waitCursor=False):

@@ -36,6 +36,27 @@ def test_segment_refuses_exclude_clicks_before_the_model_runs(model_file, tmp_pa
     assert not out.exists()
 
 
+def test_segment_refuses_an_initial_mask_plainly(model_file, tmp_path, capsys):
+    """--init-mask needs a previous-mask input: refused with the reason and the way out, nothing written."""
+    from SAM3DSegmentLib.core.geometry import Volume
+    from SAM3DSegmentLib.io import write_volume
+
+    m = np.diag([-1.0, -1.0, 1.0, 1.0])
+    ct = np.random.default_rng(0).integers(-100, 100, (40, 44, 48)).astype(np.int16)
+    mask = np.zeros(ct.shape, dtype=np.uint8)
+    mask[15:25, 17:27, 19:29] = 1
+    image, init, out = tmp_path / "ct.nii.gz", tmp_path / "init.nii.gz", tmp_path / "m.nii.gz"
+    write_volume(Volume(ct, m), str(image))
+    write_volume(Volume(mask, m), str(init))
+    args = ["segment", str(image), "--checkpoint", model_file, "--voxel", "--click", "24,22,20", "--out", str(out),
+            "--device", "cpu", "--no-extend"]
+    rc = cli.main(args + ["--init-mask", str(init)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no previous-mask input" in err and "Leave out --init-mask" in err
+    assert not out.exists()
+    assert cli.main(args) == 0 and out.is_file()     # the same call without --init-mask runs
+
+
 def test_segment_runs_at_1_mm_and_says_the_limits_once(model_file, tmp_path, capsys):
     out, timings = tmp_path / "m.nii.gz", tmp_path / "t.json"
     rc = cli.main(["segment", "--sample", "chest", "--checkpoint", model_file, "--voxel", "--click", "60,60,17",

@@ -132,6 +132,21 @@ def test_exclude_clicks_are_refused_and_nothing_changes(backend):
     assert len(s.clicks()) == 1 and np.array_equal(s.mask(), before) and len(s._object().history.undo) == 1
 
 
+def test_refining_an_existing_mask_is_refused_and_nothing_changes(backend):
+    """No previous-mask input: set_initial_mask says so plainly and leaves the object as it was."""
+    s = Session(backend, SessionOptions(region_size=32, extend=False))
+    s.set_volume(ct_volume())
+    s.new_object()
+    s.add_click(ijk=(24, 22, 20))
+    before = s.mask().copy()
+    init = np.zeros(s.volume.array.shape, dtype=np.uint8)
+    init[15:25, 17:27, 19:29] = 1
+    with pytest.raises(ValueError, match="has no previous-mask input.*cannot refine.*SAM-Med3D"):
+        s.set_initial_mask(init)
+    assert len(s.clicks()) == 1 and np.array_equal(s.mask(), before) and len(s._object().history.undo) == 1
+    assert s._object().init is None
+
+
 def test_cache_is_sized_by_the_features_and_bounded_in_bytes():
     be = Sam3DAdapterBackend(tiny_model(), intensity=STATS)
     emb = be.encode(np.zeros((32, 32, 32), np.float32))

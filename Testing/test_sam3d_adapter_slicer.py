@@ -1,7 +1,7 @@
 """The module's engine link with a 3DSAM-adapter model (real MRML via slicer-core, the in-process ThreadEngine):
-after loading, the link learns once that the model has no exclude clicks (the module then disables Exclude and
-says why); an exclude click that still reaches the engine is refused and the segment is unchanged; a SAM-Med3D
-model allows exclude clicks again."""
+after loading, the link learns once that the model has no exclude clicks and no previous-mask refinement (the
+module then disables Exclude and Refine and says why); an exclude click that still reaches the engine is refused
+and the segment is unchanged, and so is a refine request; a SAM-Med3D model allows both again."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +26,7 @@ def test_the_link_learns_the_model_has_no_exclude_clicks(scene, tmp_path):
     engine = ThreadEngine()   # each model with its own region size
     link = sb.EngineLink(engine)
     try:
-        assert link.exclude_allowed  # nothing loaded yet: the button stays as it is
+        assert link.exclude_allowed and link.refine_allowed  # nothing loaded yet: the buttons stay as they are
         link.load_model(str(tmp_path / "missing.pth"), "cpu")   # a failed load: nothing known about a model
         jobs = finish(link)
         assert kinds(jobs) == [("load", "failed")] and link.model_info is None and link.exclude_allowed
@@ -36,7 +36,7 @@ def test_the_link_learns_the_model_has_no_exclude_clicks(scene, tmp_path):
         info = link.model_info   # the load result: name, device, warning and the model's limits
         assert info["family"] == "3dsam_adapter" and info["supports_exclude"] is False
         assert info["supports_mask_prompt"] is False and "no exclude clicks" in info["notice"]
-        assert not link.exclude_allowed
+        assert not link.exclude_allowed and not link.refine_allowed
 
         volume = add_volume(scene, name="ct3dsam", oblique=False)
         seg, sid = sb.prepare_target(scene, volume)
@@ -51,9 +51,13 @@ def test_the_link_learns_the_model_has_no_exclude_clicks(scene, tmp_path):
         assert kinds(jobs) == [("clicks", "failed")] and "has no exclude clicks" in str(jobs[0].error)
         assert np.array_equal(sb.read_segment(seg, sid, volume), before)
         assert len(engine.call("clicks", sid)) == 1
+        with pytest.raises(ValueError, match="has no previous-mask input.*SAM-Med3D"):   # refused before queueing
+            link.refine(volume, seg, sid)
+        assert finish(link) == [] and np.array_equal(sb.read_segment(seg, sid, volume), before)
+        assert len(engine.call("clicks", sid)) == 1   # the object keeps its click
 
         link.load_model("SAM3DSegmentLib/resources/demo_model.pt", "cpu")   # a SAM-Med3D model: exclude again
         finish(link)
-        assert link.exclude_allowed and link.model_info["notice"] is None
+        assert link.exclude_allowed and link.refine_allowed and link.model_info["notice"] is None
     finally:
         engine.shutdown()

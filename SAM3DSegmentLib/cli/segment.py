@@ -80,7 +80,8 @@ def configure(p) -> None:
     p.add_argument("--init-mask", default=None, metavar="FILE",
                    help="refine an existing segmentation: start from this mask (a label file or .seg.nrrd on any "
                         "grid, placed in physical space) and let the clicks edit it; voxels outside the regions "
-                        "around the clicks keep it exactly (such an object does not grow into neighbouring regions)")
+                        "around the clicks keep it exactly (such an object does not grow into neighbouring regions); "
+                        "SAM-Med3D models only (a 3DSAM-adapter model has no previous-mask input)")
     p.add_argument("--init-segment", default=None, metavar="NAME|VALUE",
                    help="with --init-mask: the segment of a .seg.nrrd (name or id), or the label value of a label "
                         "map; needed when the file holds several")
@@ -281,6 +282,10 @@ def run(args) -> int:
         raise UsageError(f"{sum(1 for _, p in clicks if not p)} exclude click(s) (:-) given, but this model "
                          "(3DSAM-adapter family) has no exclude clicks: its points carry no include/exclude label. "
                          "Give include clicks only, or use a SAM-Med3D model")
+    if init is not None and not getattr(backend, "supports_mask_prompt", True):
+        raise UsageError(f"--init-mask {args.init_mask} given, but this model (3DSAM-adapter family) has no "
+                         "previous-mask input: it cannot refine an existing mask. Leave out --init-mask to segment "
+                         "from the clicks alone, or use a SAM-Med3D model to refine the mask")
 
     from ..inference.session import Session, SessionOptions
 

@@ -9,7 +9,7 @@ import numpy as np
 from ..core.click_protocols import CLICK_PROTOCOLS, click_protocol
 
 __all__ = ["SessionOptions", "PROMPT_MODES", "INIT_PROMPTS", "DEFAULT_SPACING_MM", "model_options",
-           "refuse_exclude"]
+           "refuse_exclude", "refuse_mask_prompt"]
 
 #: Region voxel size when neither the options nor the backend give one (SAM-Med3D's).
 DEFAULT_SPACING_MM = 1.5
@@ -134,3 +134,13 @@ def refuse_exclude(backend, clicks: Sequence) -> None:
     raise ValueError(f"{n} exclude click(s) refused: the model {getattr(backend, 'name', '')!s} has no exclude "
                      "clicks (its points carry no include/exclude label); use include clicks only, or a SAM-Med3D "
                      "model for exclude clicks")
+
+
+def refuse_mask_prompt(backend) -> None:
+    """ValueError (nothing changes) when the model has no previous-mask input (``backend.supports_mask_prompt``
+    False): it cannot refine an existing mask (``Session.set_initial_mask``)."""
+    if getattr(backend, "supports_mask_prompt", True):
+        return
+    raise ValueError(f"the model {getattr(backend, 'name', '')!s} has no previous-mask input, so it cannot refine an "
+                     "existing mask (no previous-mask refinement in this model family); segment with include clicks "
+                     "from scratch, or load a SAM-Med3D model to refine the mask")

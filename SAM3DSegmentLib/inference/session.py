@@ -45,7 +45,7 @@ from .compose import MaskComposer
 from .growth import RegionGrowth
 from .history import Edit, ObjectRecord as _Object, Patch, memory_report
 from .honour import honour_changes, honour_clicks
-from .options import PROMPT_MODES, SessionOptions, model_options, refuse_exclude
+from .options import PROMPT_MODES, SessionOptions, model_options, refuse_exclude, refuse_mask_prompt
 from .predictor import RegionPredictor, RegionState, Stats, normalise_click
 from .prior import InitialMask
 from ..core.boxes import EMPTY_BOX, Box, absolute, box_intersect, box_union, mask_bounds, points_box
@@ -189,8 +189,10 @@ class Session:
         ``Volume`` on any grid (resampled by nearest neighbour in physical space), a (k, j, i) array on the
         volume's grid, or one on ``box`` of it; non-zero voxels are in the mask. Clicks, regions and undo history
         are cleared: the mask is the object's mask, then its previous-mask prompt in every region it touches
-        (:mod:`~SAM3DSegmentLib.inference.prior`). Undo returns to it and no further; ``reset`` returns to it."""
+        (:mod:`~SAM3DSegmentLib.inference.prior`). Undo returns to it and no further; ``reset`` returns to it.
+        ValueError (nothing changes) for a model without previous-mask input (the 3DSAM-adapter family)."""
         t0 = time.perf_counter()
+        refuse_mask_prompt(self.backend)
         vol = self._require_volume()
         obj = self._current_or_new() if oid is None else self._object(oid)
         init = InitialMask.of(mask, vol, self.options, self.low_res_size, box=box)   # checked before any change

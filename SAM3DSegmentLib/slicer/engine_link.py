@@ -54,6 +54,12 @@ class EngineLink:
         """False when the loaded model has no exclude clicks (the 3DSAM-adapter family)."""
         return bool((self.model_info or {}).get("supports_exclude", True))
 
+    @property
+    def refine_allowed(self) -> bool:
+        """False when the loaded model has no previous-mask input, so cannot refine a segment (the 3DSAM-adapter
+        family)."""
+        return bool((self.model_info or {}).get("supports_mask_prompt", True))
+
     def load_remote(self, settings: dict, key: Optional[str], model: Optional[str] = None):
         """Queue using the remote servers ``settings`` describe (the fields of
         :class:`~SAM3DSegmentLib.remote.settings.RemoteSettings`) instead of a local model; the key travels to
@@ -93,8 +99,13 @@ class EngineLink:
         ``set_initial_mask``): its clicks and undo history are cleared, later clicks edit the segment and undo
         or reset return to these voxels. Nothing is written into the scene. Raises ValueError (nothing queued)
         when the segment is empty or an edit of this segmentation is still being computed, and GeometryError when
-        the segmentation lies on another voxel grid (clicks could not be written into it)."""
+        the segmentation lies on another voxel grid (clicks could not be written into it). ValueError too when the
+        loaded model cannot refine (:attr:`refine_allowed`)."""
         name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+        if not self.refine_allowed:
+            raise ValueError(f"the loaded model ({self.model_name}) has no previous-mask input, so it cannot refine "
+                             f"segment '{name}' (no previous-mask refinement in the 3DSAM-adapter family): load a "
+                             "SAM-Med3D model to refine it, or segment with include clicks from scratch")
         if any(j.context["segmentation"] is segmentation_node for j in self._edits):
             raise ValueError("a click on this segmentation is still being computed; press 'Refine selected segment' "
                              "again when it is done")
