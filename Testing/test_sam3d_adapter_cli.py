@@ -71,6 +71,14 @@ def test_segment_runs_at_1_mm_and_says_the_limits_once(model_file, tmp_path, cap
     assert report["cache"]["bytes"] > 0 and report["regions"] == 1
 
 
+def test_serve_refuses_the_family_in_one_line(model_file, capsys):
+    """The remote protocol carries SAM-Med3D embeddings: a 3DSAM-adapter file is refused before serving."""
+    assert cli.main(["serve", "--checkpoint", f"mine={model_file}", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sam3d serve: error: model mine:") and err.count("\n") == 1
+    assert "3dsam_adapter model" in err and "SAM-Med3D models only" in err and "locally" in err
+
+
 def test_znorm_is_refused_for_sam_med3d(tmp_path, capsys):
     rc = cli.main(["segment", "--sample", "chest", "--checkpoint", DEMO, "--voxel", "--click", "60,60,17",
                    "--out", str(tmp_path / "m.nii.gz"), "--device", "cpu", "--znorm=50,80"])
