@@ -79,6 +79,19 @@ def test_serve_refuses_the_family_in_one_line(model_file, capsys):
     assert "3dsam_adapter model" in err and "SAM-Med3D models only" in err and "locally" in err
 
 
+def test_evaluate_refuses_the_segfm_protocol_before_any_case_runs(model_file, tmp_path, capsys):
+    """SegFM clicks exclude points on false positives, which this family has not: refused plainly, no results."""
+    from SAM3DSegmentLib.data.segfm_synthetic import write_synthetic_segfm_set
+
+    write_synthetic_segfm_set(str(tmp_path / "cases"), n_cases=1, seed=3, shape_ijk=(40, 40, 24), n_classes=1)
+    out = tmp_path / "out"
+    rc = cli.main(["evaluate", "--protocol", "segfm", "--data", str(tmp_path / "cases"), "--checkpoint", model_file,
+                   "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no exclude clicks" in err and "use --protocol engine, 3dsam, both or all" in err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_znorm_is_refused_for_sam_med3d(tmp_path, capsys):
     rc = cli.main(["segment", "--sample", "chest", "--checkpoint", DEMO, "--voxel", "--click", "60,60,17",
                    "--out", str(tmp_path / "m.nii.gz"), "--device", "cpu", "--znorm=50,80"])

@@ -159,6 +159,7 @@ def _run_segfm(args, out: str, log) -> int:
     from ..eval.segfm import SegFMConfig
     from ..eval.segfm_report import CLASS_CSV_NAME, CSV_NAME, JSON_NAME, PNG_NAME
     from ..eval.segfm_run import run_segfm, segfm_data
+    from ..eval.protocols import FAMILY_PROTOCOLS
 
     if args.sample:
         raise O.CliError("--protocol segfm scores a dataset: give --data (a folder of the challenge's .npz cases "
@@ -170,7 +171,12 @@ def _run_segfm(args, out: str, log) -> int:
     config = SegFMConfig(clicks=args.clicks, box=args.box or "auto", prompt_mode=args.prompt_mode,
                          spacing_mm=args.spacing, clamp_hu=args.clamp_hu, extend=not args.no_extend,
                          max_regions=args.max_regions, nsd_tolerance_mm=args.nsd_tolerance, data=data.info)
-    backend, config.model = _backend(args)
+    backend, model_info = _backend(args)
+    if not getattr(backend, "supports_exclude", True):   # before any case runs
+        raise O.UsageError(f"--protocol segfm clicks exclude points on false positives, but this model "
+                           f"({model_info.get('family')} family) has no exclude clicks; use --protocol engine, "
+                           f"{', '.join(FAMILY_PROTOCOLS.get(model_info.get('family'), ()))}, both or all")
+    config.model = model_info
     config.spacing_mm = args.spacing or float(getattr(backend, "spacing_mm", None) or 1.5)   # the model's own
     log(f"sam3d evaluate: {config.model['backend']}; protocol segfm; {len(data.names)} case(s), "
         f"box {config.box}, {config.clicks} clicks per class")
