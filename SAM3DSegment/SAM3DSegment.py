@@ -1,7 +1,6 @@
-"""SAM3DSegment: interactive click-based 3D segmentation of CT (Slicer glue: UI, observers, engine pump).
-The work lives in SAM3DSegmentLib (slicer: MRML, the link to the engine, the Local/Remote panel;
-inference.engine_process: the model in a child process, which also picks the device for "auto" and talks to remote
-servers). Slicer's own process imports torch only for Diagnose."""
+"""SAM3DSegment: click-based 3D segmentation of CT (Slicer glue: UI, observers, engine pump). The work lives in
+SAM3DSegmentLib (slicer: MRML, engine link, Local/Remote panel; inference.engine_process: the model in a child
+process, which picks the device for "auto" and talks to remote servers). Slicer imports torch only for Diagnose."""
 import logging
 import os
 import sys
@@ -41,8 +40,8 @@ class SAM3DSegment(ScriptedLoadableModule):
 
 
 class SAM3DSegmentLogic(ScriptedLoadableModuleLogic):
-    """``link`` (SAM3DSegmentLib.slicer.engine_link.EngineLink) queues the engine's jobs (the model runs in a child
-    process, docs/slicer.md "How the engine runs") and writes their results; only the GUI thread uses it."""
+    """``link`` (SAM3DSegmentLib.slicer.engine_link.EngineLink, GUI thread only) queues the engine's jobs and writes
+    their results; the model runs in a child process (docs/slicer.md "How the engine runs")."""
 
     def __init__(self, engine=None):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -82,8 +81,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.modelComboBox.addItems(names)
         ui.modelComboBox.setCurrentText(weights.DEFAULT_MODEL if weights.DEFAULT_MODEL in names else names[0])
         self.remote = sb.RemotePanel(ui, qt.QSettings(), self.link, self.startPump)  # Local/Remote, kept in QSettings
-        self.findAll = sb.FindAllPanel(ui, self.link, self.startPump, lambda: self.currentNodes()[:2],
-                                       lambda seg: setattr(self, "history", None), self._target)  # history restarts
+        self.findAll = sb.FindAllPanel(ui, self.link, self.startPump, lambda: self.currentNodes()[:2], lambda seg: setattr(self, "history", None), self._target)
         self.timer = qt.QTimer()
         self.timer.setInterval(30)
         self.timer.connect("timeout()", self.pump)
@@ -96,10 +94,9 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button, slot in ((ui.newSegmentButton, self.onNextObject), (ui.nextObjectButton, self.onNextObject),
                              (ui.undoButton, lambda: self.onEdit("undo")), (ui.redoButton, lambda: self.onEdit("redo")),
                              (ui.resetButton, lambda: self.onEdit("reset")), (ui.loadModelButton, self.onLoadModel),
-                             (ui.refineButton, self.onRefine),
                              (ui.installDependenciesButton, self.onInstallDependencies), (ui.diagnoseButton, self.onDiagnose),
                              (ui.exportSegNrrdButton, lambda: self.onExport("seg.nrrd")),
-                             (ui.exportNiftiButton, lambda: self.onExport("nifti")),
+                             (ui.exportNiftiButton, lambda: self.onExport("nifti")), (ui.refineButton, self.onRefine),
                              (ui.exportDicomSegButton, lambda: self.onExport("dicom"))):
             button.connect("clicked()", slot)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -124,7 +121,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         self.initializeParameterNode()
         for key, slot in (("A", lambda: self.ui.includeButton.setChecked(True)),
-                          ("S", lambda: self.ui.excludeButton.setChecked(True)), ("N", self.onNextObject),
+                          ("S", lambda: self.ui.excludeButton.setChecked(self.ui.excludeButton.enabled)), ("N", self.onNextObject),
                           ("Ctrl+Alt+Z", lambda: self.onEdit("undo")), ("Ctrl+Alt+Y", lambda: self.onEdit("redo"))):
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
             shortcut.connect("activated()", slot)
@@ -171,7 +168,9 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateButtons(self):
         volume, seg, segId = self.currentNodes()
-        self.ui.includeButton.enabled = self.ui.excludeButton.enabled = volume is not None
+        self.ui.includeButton.enabled = volume is not None
+        self.ui.excludeButton.enabled = volume is not None and self.link.exclude_allowed  # not with a 3DSAM-adapter
+        self.ui.refineButton.enabled = volume is not None and self.link.refine_allowed  # nor refinement
         self.ui.exportSegNrrdButton.enabled = self.ui.exportNiftiButton.enabled = bool(seg and volume)
         self.ui.exportDicomSegButton.enabled = bool(volume and seg and volume.GetAttribute("DICOM.instanceUIDs"))
 
@@ -253,8 +252,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onSegmentChanged(self, segId):
-        """The USER chose another target segment (SAM3DSegmentLib.slicer.TargetSegment): show its clicks; the history
-        restarts."""
+        """The USER chose another target segment (SAM3DSegmentLib.slicer.TargetSegment): show its clicks, new history."""
         if self._markupsObserver is None or not self._target.selector_changed(segId or None):
             return
         if self.history is not None:
@@ -300,6 +298,9 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind == "load":
             self.ui.modelStatusLabel.text = f"Loaded: {job.result['name']}"
             self.showDeviceWarning(None, job.result["warning"])
+            self.ui.statusLabel.text = job.result.get("notice") or self.ui.statusLabel.text  # its limits, said once
+            self.ui.excludeButton.setChecked(self.ui.excludeButton.checked and self.link.exclude_allowed)
+            self.updateButtons()
         elif kind == "servers":
             self.remote.show_reports(job.result)
         elif kind == "find_all":
@@ -308,8 +309,7 @@ class SAM3DSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind == "points" and ctx["segment"] == self._target.segment_id:
             self.rewritePoints(job.result)
         elif kind == "refine" and ctx["segment"] == self._target.segment_id:
-            if self.history is not None:  # the segment's undo restarts here, as the engine's
-                self.history.clear()
+            self.history is None or self.history.clear()  # the segment's undo restarts here, as the engine's
             self.ui.statusLabel.text = f"Refining the segment ({ctx['voxels']} voxels): click Include / Exclude."
         elif kind in ("clicks", "reset", "undo", "redo"):
             with slicer.util.tryWithErrorDisplay("SAM3DSegment: could not write the segment", waitCursor=False):

@@ -69,7 +69,8 @@ def test_lru_eviction_and_counters():
     assert (value, computed) == (4, True) and "a" not in c
     value, computed = c.get_or_compute("d", lambda: pytest.fail("must not recompute"))
     assert (value, computed) == (4, False)
-    assert c.stats() == {"entries": 2, "max_entries": 2, "hits": 2, "misses": 2, "evictions": 2}
+    assert c.stats() == {"entries": 2, "max_entries": 2, "hits": 2, "misses": 2, "evictions": 2, "bytes": 0,
+                         "max_bytes": None}
     c.clear()
     assert len(c) == 0
 

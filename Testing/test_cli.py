@@ -246,3 +246,26 @@ def test_run_demo_writes_masks_overlay_and_report(inputs, tmp_path):
     assert list(segs) == ["ball"]
     assert Image.open(out / "overlay.png").size[0] > 2 * 40
     assert report["mean_dice"] == saved["mean_dice"]
+
+
+@pytest.mark.parametrize("flag, honoured", [([], True), (["--no-honour-clicks"], False)])
+def test_segment_passes_honour_clicks_to_the_engine(inputs, tmp_path, monkeypatch, flag, honoured):
+    from SAM3DSegmentLib.inference import session as session_module
+
+    seen = []
+    real_init = session_module.Session.__init__
+
+    def spy(self, backend, options=None, *a, **kw):
+        seen.append(options)
+        real_init(self, backend, options, *a, **kw)
+
+    monkeypatch.setattr(session_module.Session, "__init__", spy)
+    c = inputs["centre"]
+    out = tmp_path / "mask.nii.gz"
+    assert cli.main(["segment", str(inputs["image"]), "--click", ras_arg(c), "--click", ras_arg(c + [2.0, 0, 0]) + ":-",
+                     "--checkpoint", str(inputs["ckpt"]), "--device", "cpu", "--out", str(out), "--quiet", *flag]) == 0
+    assert [o.honour_clicks for o in seen] == [honoured]
+    if honoured:   # the include click's voxel is in the written mask and the exclude click's is not
+        mask = read_volume(str(out))
+        inc, exc = (np.rint(mask.ras_to_ijk_points(np.asarray(p, float))).astype(int) for p in (c, c + [2.0, 0, 0]))
+        assert mask.array[inc[2], inc[1], inc[0]] == 1 and mask.array[exc[2], exc[1], exc[0]] == 0

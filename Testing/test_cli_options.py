@@ -92,10 +92,17 @@ def test_each_command_alone_has_the_same_options_as_under_the_root():
         assert alone == {f: _signature(a) for f, a in _options(sub[module.NAME]).items()}, module.NAME
 
 
-@pytest.mark.parametrize("argv", [
+EVERY_COMMAND = [
     ["segment", "--out", "m.nii.gz"], ["demo"], ["evaluate", "--sample", "chest", "--out", "o"],
     ["train", "c.json"], ["train", "merge", "p.pt", "-o", "x.pt"], ["train", "export-encoder", "c.pt", "-o", "x.pt"],
-    ["train", "make-demo-data", "d"], ["download"], ["diagnose"]])
+    ["train", "make-demo-data", "d"], ["download"], ["diagnose"], ["serve"]]
+
+
+def test_the_unknown_argument_test_covers_every_command():
+    assert set(cli.COMMANDS) <= {argv[0] for argv in EVERY_COMMAND}
+
+
+@pytest.mark.parametrize("argv", EVERY_COMMAND)
 def test_unknown_arguments_are_refused_with_status_2_before_anything_runs(argv, capsys, monkeypatch):
     for module in cli.COMMANDS.values():
         monkeypatch.setattr(module, "run", lambda args: pytest.fail("ran despite an unknown argument"))
@@ -235,3 +242,13 @@ def test_quiet_means_nothing_but_errors_in_evaluate_too(tmp_path, capsys, monkey
     assert "Dice@1" in out.out and "stub backend" in out.err
     assert cli.main(argv + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("command", ["segment", "demo", "evaluate"])
+def test_honour_clicks_is_on_unless_the_engine_option_turns_it_off(command):
+    """--no-honour-clicks (issue 8 item 6) is one engine option, spelled the same in every command."""
+    base = {"segment": ["segment", "x.nii.gz", "--click", "1,2,3", "--out", "m.nii.gz"], "demo": ["demo"],
+            "evaluate": ["evaluate", "--sample", "chest", "--out", "o"]}[command]
+    parser = cli.build_parser()
+    assert parser.parse_args(base).honour_clicks is True
+    assert parser.parse_args(base + ["--no-honour-clicks"]).honour_clicks is False

@@ -15,7 +15,7 @@ import pytest
 from SAM3DSegmentLib.inference.engine_process import EngineCrashed, ProcessEngine
 from SAM3DSegmentLib.inference.protocol import decode, encode
 from SAM3DSegmentLib.core.geometry import Volume, make_ijk_to_ras
-from SAM3DSegmentLib.inference.worker import CANCELLED, DONE, FAILED, ThreadEngine
+from SAM3DSegmentLib.inference.worker import CANCELLED, DONE, FAILED, PENDING, RUNNING, ThreadEngine
 
 from test_worker import BallBackend, make_engine
 
@@ -95,6 +95,28 @@ def test_child_errors_come_back_with_their_message(child):
     assert job.state == FAILED and "another volume than the one clicked on" in str(job.error)
     with pytest.raises(ValueError, match="unknown engine operation"):
         child.submit("rm_rf")
+
+
+def test_child_cancel_keeps_the_queued_volume(child):
+    """The module's engine is the child process: Cancel there drops the clicks but never a queued volume, so
+    the engine ends on volume B like the GUI (the ThreadEngine test above holds the same rule in-process)."""
+    vol_a, vol_b = phantom(), phantom()
+    vol_b = Volume(vol_b.array[:, :, ::-1].copy(), vol_b.ijk_to_ras)
+    child.call("set_volume", vol_a, "A", timeout=120)
+    click_a = child.submit("sync_clicks", "C", [(ras(vol_a, (22, 24, 12)), True)], "A", tag="clicks")
+    setv = child.submit("set_volume", vol_b, "B", cancellable=False)
+    click_b = child.submit("sync_clicks", "C", [(ras(vol_b, (25, 24, 12)), True)], "B", tag="clicks")
+    child.cancel_all()
+    t0 = time.time()
+    while any(j.state in (PENDING, RUNNING) for j in (click_a, setv, click_b)) and time.time() - t0 < 60:
+        child.poll(0.05)
+    assert setv.state == DONE
+    assert click_a.state in (DONE, CANCELLED) and click_b.state in (DONE, CANCELLED)
+    # the engine is on B: a click for B is accepted, one for A is refused as another volume
+    child.call("sync_clicks", "D", [(ras(vol_b, (25, 24, 12)), True)], "B", timeout=120)
+    assert child.call("mask", "D").any()
+    with pytest.raises(RuntimeError, match="another volume"):
+        child.call("sync_clicks", "E", [(ras(vol_a, (22, 24, 12)), True)], "A", timeout=120)
 
 
 def test_killed_child_gives_clear_error_then_restarts_with_nothing_lost():

@@ -119,6 +119,40 @@ def test_prompt_encoder_and_decoder_logits(full_pair, case):
     assert (got - expected).abs().max().item() <= DECODER_TOL
 
 
+@pytest.mark.parametrize("case", ["points_and_mask", "points_no_mask", "mask_only"])
+@pytest.mark.parametrize("multimask", [False, True])
+def test_our_submodules_take_the_reference_keyword_calls(full_pair, case, multimask):
+    """A user's SAM-Med3D script calls the sub-modules with the reference's keywords: ours give its outputs."""
+    ref, ours = full_pair
+    g = torch.Generator().manual_seed(23)
+    emb = torch.randn(1, 384, 8, 8, 8, generator=g)
+    prev = torch.randn(1, 1, 32, 32, 32, generator=g) * 3
+    pts = (torch.tensor([[[64.0, 30.0, 90.0], [10.0, 100.0, 3.0]]]), torch.tensor([[1, 0]]))
+    points, masks = {"points_and_mask": (pts, prev), "points_no_mask": (pts, None), "mask_only": (None, prev)}[case]
+    outputs = []
+    with torch.inference_mode():
+        for model in (ref, ours):
+            sparse, dense = model.prompt_encoder(points=points, boxes=None, masks=masks)
+            outputs.append((sparse, dense) + tuple(model.mask_decoder(
+                image_embeddings=emb, image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)))
+    for expected, got in zip(*outputs):
+        assert got.shape == expected.shape
+        assert got.numel() == 0 or (got - expected).abs().max().item() <= DECODER_TOL
+    assert outputs[1][2].shape[1] == (3 if multimask else 1)
+
+
+def test_reference_keyword_call_refuses_boxes_and_doubled_arguments(full_pair):
+    _, ours = full_pair
+    coords, labels = torch.zeros(1, 1, 3), torch.ones(1, 1, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="box prompts"):
+        ours.prompt_encoder(points=(coords, labels), boxes=torch.zeros(1, 6), masks=None)
+    with pytest.raises(TypeError, match="labels"):
+        ours.prompt_encoder(points=(coords, labels), labels=labels)
+    with pytest.raises(TypeError, match="not both"):
+        ours.prompt_encoder(coords, labels, torch.zeros(1, 1, 32, 32, 32), masks=torch.zeros(1, 1, 32, 32, 32))
+
+
 def test_dense_pe_axis_swap_is_reproduced(full_pair):
     """The dense PE of token (i, j, k) equals the point PE of ((j+.5)/8, (i+.5)/8, (k+.5)/8)*128 - 0.5."""
     _, ours = full_pair

@@ -16,7 +16,6 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "SAM3DSegment"
@@ -49,8 +48,8 @@ def tree_files(base: Path, rel_to: Path, python: bool):
 
 
 def packaging_problems(root: Path) -> list:
-    """Files of ``root``/SAM3DSegment and ``root``/SAM3DSegmentLib missing from SAM3DSegment/CMakeLists.txt, and
-    listed files that do not exist (one message per problem)."""
+    """Files of ``root``/SAM3DSegment and ``root``/SAM3DSegmentLib missing from SAM3DSegment/CMakeLists.txt,
+    listed files that do not exist, and files listed twice (one message per problem)."""
     module_dir, lib_dir = root / "SAM3DSegment", root / "SAM3DSegmentLib"
     lists = cmake_lists(module_dir / "CMakeLists.txt")
     problems = []
@@ -63,6 +62,7 @@ def packaging_problems(root: Path) -> list:
     )
     for var, base, present in checks:
         listed = set(lists.get(var, []))
+        problems += [f"{var} lists {p} more than once" for p in sorted(listed) if lists[var].count(p) > 1]
         problems += [f"add {p} to {var} in SAM3DSegment/CMakeLists.txt" for p in sorted(present - listed)]
         problems += [f"{var} lists {p}, which does not exist" for p in sorted(listed) if not (base / p).is_file()]
     return problems

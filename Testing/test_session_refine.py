@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from SAM3DSegmentLib.core.geometry import GeometryError, Volume, make_ijk_to_ras
-from SAM3DSegmentLib.inference.regions import Region
 from SAM3DSegmentLib.inference.session import Click, Session, SessionOptions
 
 from test_session import BlobBackend, centre_ras, make_volume

@@ -262,7 +262,8 @@ def main(argv=None) -> int:
     procs, urls = [s[0] for s in started], [s[1] for s in started]
     try:
         report = {"machine": {"cpus": os.cpu_count(), "device": args.device, "servers": args.servers,
-                              "torch_threads_per_server": args.threads, "model": args.model}}
+                              "torch_threads_per_server": args.threads, "model": args.model,
+                              "load_average_1min_before": os.getloadavg()[0]}}
         report["load"] = run_load(urls, procs, args, volume)
         if not args.no_session:
             report["session"] = [run_session(urls, mode, wd, volume, target, args.later_clicks)
@@ -271,6 +272,7 @@ def main(argv=None) -> int:
         for proc in procs:
             proc.kill()
             proc.wait(10)
+    report["machine"]["load_average_1min_after"] = os.getloadavg()[0]  # other jobs inflate the latencies
     print(json.dumps(report, indent=1))
     return 0 if report["load"]["errors"] == 0 else 1
 

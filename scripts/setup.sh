@@ -35,7 +35,7 @@ else
        "the CUDA build (several GB) - for CPU-only set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
 fi
 "${PIP[@]}" install "${EXTRA[@]}" "${TORCH_EXTRA[@]}" "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import torch" || { echo "torch failed to install ($TORCH_SPEC)" >&2; exit 1; }
+"$VENV/bin/python" -W ignore -c "import torch" || { echo "torch failed to install ($TORCH_SPEC)" >&2; exit 1; }  # numpy comes next: no warning
 "${PIP[@]}" install "${EXTRA[@]}" -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import SAM3DSegmentLib, SimpleITK, slicerio, medim, slicer, matplotlib, torchio" \
   || { echo "dependency installation failed" >&2; exit 1; }

@@ -135,13 +135,16 @@ def normalise_argv(argv: Sequence[str]) -> List[str]:
     return O.join_option_values(argv, ("--roi", "--body-threshold") + O.NEGATIVE_VALUE_OPTIONS)
 
 
-def auto_options(args, region_size: int):
-    """The :class:`~SAM3DSegmentLib.inference.auto_options.AutoOptions` of a command line (preset + changes)."""
+def auto_options(args, region_size: int, backend=None):
+    """The :class:`~SAM3DSegmentLib.inference.auto_options.AutoOptions` of a command line (preset + changes);
+    ``--spacing`` left out is the model's own (``backend``'s; before it is loaded, the SAM-Med3D default)."""
     from ..inference.auto_options import AutoOptions, preset
+    from ..inference.options import model_spacing
 
     changes = {field: getattr(args, dest) for dest, field in _FIELDS.items() if hasattr(args, dest)}
     try:
-        return AutoOptions(region_size=region_size, spacing_mm=args.spacing, clamp_hu=args.clamp_hu,
+        return AutoOptions(region_size=region_size, spacing_mm=model_spacing(backend, args.spacing),
+                           clamp_hu=args.clamp_hu,
                            **preset(args.preset, **changes))
     except ValueError as err:
         raise UsageError(str(err)) from err
@@ -174,7 +177,7 @@ def run(args) -> int:
     from ..inference.backends import load_backend
 
     backend, info = load_backend(args.model, args.checkpoint, args.device, args.threads, args.dtype)
-    opts = auto_options(args, backend.image_size)
+    opts = auto_options(args, backend.image_size, backend)
     if not args.quiet:
         print(f"model: {backend.name}; checkpoint: {info['checkpoint']}")
     from ..inference.automatic import AutomaticMaskGenerator3D

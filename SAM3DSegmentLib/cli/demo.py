@@ -105,10 +105,10 @@ def _model_line(model: Optional[str], info: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ demo run
 def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corrections: int = 2,
-             prompt_mode: str = "newest-click", spacing_mm: float = 1.5, max_regions: int = 8,
+             prompt_mode: str = "newest-click", spacing_mm: Optional[float] = None, max_regions: int = 8,
              log=print, volume=None, references: Optional[Dict[str, object]] = None,
              clamp_hu: Optional[Tuple[float, float]] = None, extend: bool = True,
-             title: Sequence[str] = ()) -> dict:
+             title: Sequence[str] = (), honour_clicks: bool = True) -> dict:
     """Segment ``structures`` of the chest CT (or of ``volume`` with ``references``); write the outputs.
 
     ``title``: lines printed on top of the overlay picture (which model ran, ...)."""
@@ -129,8 +129,9 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
         raise UsageError(f"unknown structure(s) {missing}; the sample segmentation has {sorted(references)}")
     session = Session(backend, SessionOptions(prompt_mode=prompt_mode, region_size=backend.image_size,
                                               spacing_mm=spacing_mm, max_regions=max_regions,
-                                              clamp_hu=clamp_hu, extend=extend))
+                                              clamp_hu=clamp_hu, extend=extend, honour_clicks=honour_clicks))
     session.set_volume(volume)
+    exclude_ok = getattr(backend, "supports_exclude", True)
     spacing_kji = volume.spacing[::-1]
     results = {}
     preds: Dict[str, np.ndarray] = {}
@@ -139,8 +140,10 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
         oid = session.new_object(name)
         steps = []
         for step in range(1 + int(corrections)):
-            click = next_click(gt, None if step == 0 else session.mask(oid), spacing_kji,
-                               avoid_ijk=[st["ijk"] for st in steps])   # never the same voxel twice
+            pred = None if step == 0 else session.mask(oid)
+            if pred is not None and not exclude_ok:
+                pred = pred & gt   # a model without exclude clicks: correct the missed parts only
+            click = next_click(gt, pred, spacing_kji, avoid_ijk=[st["ijk"] for st in steps])   # never twice
             if click is None:
                 break
             t = time.perf_counter()
@@ -181,8 +184,8 @@ def run_demo(backend, info: dict, out_dir: str, structures: Sequence[str], corre
     report = {"model": info, "image": volume.meta.get("name", volume.meta.get("source")),
               "protocol": f"first click at the deepest point of the reference segment, then {corrections} "
                           "click(s) at the deepest point of the larger error region; Dice on the full CT grid",
-              "prompt_mode": session.options.prompt_mode, "spacing_mm": spacing_mm, "clamp_hu": clamp_hu,
-              "extend": extend, "max_regions": max_regions,
+              "prompt_mode": session.options.prompt_mode, "spacing_mm": session.options.spacing_mm,
+              "clamp_hu": clamp_hu, "extend": extend, "max_regions": max_regions,
               "structures": results,
               "mean_dice": mean_dice,
               "timings": {"first_click_median_s": float(np.median(first)) if first else None,
@@ -211,8 +214,10 @@ def run(args) -> int:
     title = [f"model: {_model_line(model, info)}"] + banner
     for line in title:  # first line: which model ran
         log(line)
+    O.apply_model_settings(backend, args, log)
     report = run_demo(backend, info, out, structures, args.corrections, args.prompt_mode, args.spacing,
-                      args.max_regions, log=log, clamp_hu=args.clamp_hu, extend=not args.no_extend, title=title)
+                      args.max_regions, log=log, clamp_hu=args.clamp_hu, extend=not args.no_extend, title=title,
+                      honour_clicks=args.honour_clicks)
     for name, r in report["structures"].items():
         log(f"{name:28s} Dice {r['dice']:.3f} after {len(r['clicks'])} click(s)")
     log(f"mean Dice {report['mean_dice']:.3f}; wrote {', '.join(report['outputs'].values())}")

@@ -12,11 +12,12 @@ from .runner import command_main
 
 NAME = "evaluate"
 HELP = "score a model with simulated clicks (Dice, NSD, HD95)"
-DESCRIPTION = ("Evaluate a SAM-Med3D-family checkpoint and the interactive engine with simulated clicks. "
+DESCRIPTION = ("Evaluate a SAM-Med3D or 3DSAM-adapter checkpoint and the interactive engine with simulated clicks. "
                "Writes per_case.csv, summary.json and dice_vs_clicks.png into --out.")
-#: What ``--protocol`` takes; "both" runs the engine and the legacy protocol, "all" the reference one too;
+#: What ``--protocol`` takes; "both" runs the engine protocol and the model family's own (legacy for SAM-Med3D,
+#: 3dsam for the 3DSAM-adapter), "all" every protocol that applies to the model (SAM-Med3D: the reference one too);
 #: "segfm" the CVPR 2025 challenge's.
-PROTOCOL_CHOICES = ("engine", "legacy", "reference", "both", "all", "segfm")
+PROTOCOL_CHOICES = ("engine", "legacy", "reference", "3dsam", "both", "all", "segfm")
 #: The options only ``--protocol segfm`` takes (their defaults are None so a stray one is refused).
 SEGFM_OPTIONS = ("box", "gts", "spacing_order", "npz_window")
 
@@ -37,8 +38,10 @@ def configure(p) -> None:
                    help="evaluate only the first N cases (by name)")
     p.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="both",
                    help="engine: the interactive engine on the full volume; legacy: SAM-Med3D's crop protocol; "
-                        "reference: SAM-Med3D's inference code (validate_paired_img_gt) reproduced; both: engine "
-                        "and legacy (default); all: the three; segfm: the CVPR 2025 interactive challenge's "
+                        "reference: SAM-Med3D's inference code (validate_paired_img_gt) reproduced; 3dsam: the "
+                        "3DSAM-adapter's (N points in the ground truth, one pass, NSD at 5 mm); both (default): "
+                        "engine and the model family's own (legacy, or 3dsam for a 3DSAM-adapter); all: every "
+                        "protocol that applies to the model; segfm: the CVPR 2025 interactive challenge's "
                         "protocol (DSC_AUC, NSD_AUC)")
     seg = p.add_argument_group("--protocol segfm")
     seg.add_argument("--box", choices=("auto", "none", "gt"), default=None,
@@ -54,6 +57,7 @@ def configure(p) -> None:
                           "the cases were scaled from (--npz-window=-160,240); default: the 0..255 values")
     O.add_device_options(p)
     O.add_engine_options(p)
+    O.add_upsampling_option(p)
     p.add_argument("--nsd-tolerance", type=O.non_negative_float, default=2.0, metavar="MM",
                    help="NSD tolerance in mm (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the legacy protocol's random clicks (default 0)")
@@ -108,7 +112,7 @@ def _backend(args):
 
 def run(args) -> int:
     from ..eval.evaluate import run_evaluation
-    from ..eval.protocols import DEFAULT_PROTOCOLS, PROTOCOLS, EvalConfig
+    from ..eval.protocols import FAMILY_PROTOCOLS, EvalConfig
     from ..eval.report import CSV_NAME, JSON_NAME, PNG_NAME
 
     quiet = args.quiet
@@ -122,13 +126,27 @@ def run(args) -> int:
                            "(see 'sam3d evaluate --help')")
     outputs = [os.path.join(out, n) for n in (CSV_NAME, JSON_NAME, PNG_NAME)]
     O.refuse_existing("--out", outputs, args.overwrite, folder=out)
-    protocols = {"both": DEFAULT_PROTOCOLS, "all": PROTOCOLS}.get(args.protocol, (args.protocol,))
     cases, data_info = _cases(args)
-    config = EvalConfig(clicks=args.clicks, protocols=tuple(protocols), prompt_mode=args.prompt_mode,
+    config = EvalConfig(clicks=args.clicks, prompt_mode=args.prompt_mode,
                         spacing_mm=args.spacing, clamp_hu=args.clamp_hu, extend=not args.no_extend,
-                        max_regions=args.max_regions, nsd_tolerance_mm=args.nsd_tolerance, seed=args.seed,
-                        reference_seed=args.reference_seed, data=data_info)
+                        max_regions=args.max_regions, honour_clicks=args.honour_clicks,
+                        nsd_tolerance_mm=args.nsd_tolerance, seed=args.seed,
+                        reference_seed=args.reference_seed, upsampling=args.upsampling, data=data_info)
     backend, model_info = _backend(args)
+    O.apply_model_settings(backend, args, log)
+    family = model_info.get("family", "sam_med3d")
+    own = FAMILY_PROTOCOLS.get(family, FAMILY_PROTOCOLS["sam_med3d"])
+    protocols = {"both": ("engine", own[0]), "all": ("engine",) + own}.get(args.protocol, (args.protocol,))
+    wrong = [p for p in protocols if p != "engine" and p not in own]
+    if wrong:
+        raise O.UsageError(f"--protocol {wrong[0]} does not apply to this model ({family} family); use engine, "
+                           f"{', '.join(own)}, both or all")
+    config.protocols = protocols
+    if not getattr(backend, "supports_mask_prompt", True):
+        config.prompt_mode = "all-clicks"   # what the session gives a model without previous-mask input
+    config.spacing_mm = args.spacing or float(getattr(backend, "spacing_mm", None) or 1.5)
+    if getattr(backend, "intensity", None) is not None:
+        model_info["intensity"] = backend.intensity.to_dict()
     config.model = model_info
     log(f"sam3d evaluate: {model_info['backend']}; protocols {', '.join(protocols)}; {args.clicks} clicks")
     summary = run_evaluation(cases, backend, config, out, log)
@@ -143,7 +161,11 @@ def _run_segfm(args, out: str, log) -> int:
     from ..eval.segfm import SegFMConfig
     from ..eval.segfm_report import CLASS_CSV_NAME, CSV_NAME, JSON_NAME, PNG_NAME
     from ..eval.segfm_run import run_segfm, segfm_data
+    from ..eval.protocols import FAMILY_PROTOCOLS
 
+    if args.upsampling != "trilinear":
+        raise O.UsageError("--upsampling guided applies to the engine protocol; --protocol segfm runs trilinear only "
+                           "(leave out --upsampling)")
     if args.sample:
         raise O.CliError("--protocol segfm scores a dataset: give --data (a folder of the challenge's .npz cases "
                          "or an nnU-Net dataset) instead of --sample")
@@ -154,7 +176,13 @@ def _run_segfm(args, out: str, log) -> int:
     config = SegFMConfig(clicks=args.clicks, box=args.box or "auto", prompt_mode=args.prompt_mode,
                          spacing_mm=args.spacing, clamp_hu=args.clamp_hu, extend=not args.no_extend,
                          max_regions=args.max_regions, nsd_tolerance_mm=args.nsd_tolerance, data=data.info)
-    backend, config.model = _backend(args)
+    backend, model_info = _backend(args)
+    if not getattr(backend, "supports_exclude", True):   # before any case runs
+        raise O.UsageError(f"--protocol segfm clicks exclude points on false positives, but this model "
+                           f"({model_info.get('family')} family) has no exclude clicks; use --protocol engine, "
+                           f"{', '.join(FAMILY_PROTOCOLS.get(model_info.get('family'), ()))}, both or all")
+    config.model = model_info
+    config.spacing_mm = args.spacing or float(getattr(backend, "spacing_mm", None) or 1.5)   # the model's own
     log(f"sam3d evaluate: {config.model['backend']}; protocol segfm; {len(data.names)} case(s), "
         f"box {config.box}, {config.clicks} clicks per class")
     summary = run_segfm(data, backend, config, out, log)

@@ -49,24 +49,22 @@ class Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------------------ value types
-def positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _whole_number(text, 0)
 
 
 def positive_float(text: str) -> float:
@@ -103,6 +101,17 @@ def clamp_range(text: str) -> Optional[Tuple[float, float]]:
     return (lo, hi)
 
 
+def mean_std(text: str) -> Tuple[float, float]:
+    """``"MEAN,STD"`` -> (mean, std), both finite, std > 0."""
+    try:
+        mean, std = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"malformed value {text!r}: write MEAN,STD, e.g. --znorm=60,55") from None
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: MEAN must be finite and STD positive")
+    return (mean, std)
+
+
 def click_protocol_name(text: str) -> str:
     """A click protocol (``newest-click`` | ``all-clicks``; the older ``newest`` / ``all`` accepted) -> its name."""
     try:
@@ -113,7 +122,7 @@ def click_protocol_name(text: str) -> str:
 
 #: Options whose values may start with '-' (``--clamp-hu -1000,1000``): argparse would read such a value
 #: as an option; :func:`join_option_values` glues it to its flag instead.
-NEGATIVE_VALUE_OPTIONS = ("--clamp-hu",)
+NEGATIVE_VALUE_OPTIONS = ("--clamp-hu", "--znorm")
 
 
 def join_option_values(argv: Sequence[str], flags: Iterable[str] = NEGATIVE_VALUE_OPTIONS,
@@ -140,19 +149,25 @@ DEVICE_HELP = ("where the model runs: auto (default: CUDA if available, else App
                "cuda:N or mps")
 THREADS_HELP = "CPU threads for torch (default: torch's choice)"
 DTYPE_HELP = "compute precision (default float32; float16 needs a GPU; see docs/precision.md)"
-SPACING_HELP = ("model input spacing in mm (default 1.5, the spacing SAM-Med3D was trained at; larger = bigger "
-                "field of view, coarser)")
+SPACING_HELP = ("model input spacing in mm (default: the model's own, 1.5 for SAM-Med3D and 1.0 for the "
+                "3DSAM-adapter, the spacings they were trained at; larger = bigger field of view, coarser)")
 CLAMP_HELP = ("clamp CT values to LO,HI HU before normalising, e.g. --clamp-hu=-1000,1000 as SAM-Med3D's "
               "training did. Default: none, because SAM-Med3D's reference inference (which produced its "
               "published scores) and the Slicer module do not clamp: every command then gives the Slicer "
-              "module's masks for the same model and clicks")
+              "module's masks for the same model and clicks. For a 3DSAM-adapter model this is its HU window "
+              "(default: the model file's or registry entry's, else -1000,1000)")
+ZNORM_HELP = ("3DSAM-adapter models only: the dataset's foreground mean and std (HU, after the window clip) the "
+              "model was trained with, e.g. --znorm=60,55 (default: the model file's or registry entry's, else "
+              "each region's own mean and std)")
 OVERWRITE_HELP = "replace output files that already exist (default: refuse, and change nothing)"
 QUIET_HELP = "print nothing but errors"
 PROMPT_MODE_HELP = ("the click protocol: newest-click: each click alone with the previous mask (SAM-Med3D's training "
                     "and published evaluation; default); all-clicks: every click so far in the click's region with "
                     "the previous mask (SAM-Med3D's inference code). The older spellings newest and all are "
-                    "accepted")
+                    "accepted. A model without previous-mask input (the 3DSAM-adapter) always gets all-clicks")
 NO_EXTEND_HELP = "do not grow beyond the first model region when the mask touches its border"
+NO_HONOUR_HELP = ("show the model's mask as it is: by default an include click's voxel is always in the mask and "
+                  "an exclude click's never (with the connected-component cleanup that implies)")
 MAX_REGIONS_HELP = "most model regions per object (default 8)"
 SAMPLE_HELP = ("use a bundled sample image instead of a file: 'chest' is the chest CT shipped in slicerio "
                "(128x128x34 voxels, 3.05x3.05x10 mm, 7 reference segments)")
@@ -174,18 +189,34 @@ def add_device_options(p: argparse.ArgumentParser, dtype: bool = True) -> None:
 
 
 def add_region_options(p: argparse.ArgumentParser) -> None:
-    """What the model's regions see: ``--spacing`` and ``--clamp-hu``."""
-    p.add_argument("--spacing", type=positive_float, default=1.5, metavar="MM", help=SPACING_HELP)
+    """What the model's regions see: ``--spacing`` (None: the model's own) and ``--clamp-hu``."""
+    p.add_argument("--spacing", type=positive_float, default=None, metavar="MM", help=SPACING_HELP)
     p.add_argument("--clamp-hu", type=clamp_range, default=None, metavar="LO,HI|none", help=CLAMP_HELP)
 
 
+UPSAMPLING_HELP = ("how the model's low-res answer (one logit per 6 mm cell) reaches the image's voxels: trilinear "
+                   "(default: interpolated, as SAM-Med3D's own code does) or guided (refined near the boundary with "
+                   "the CT itself: crisper thin structures; docs/guided_upsampling.md)")
+
+
+def add_upsampling_option(p: argparse.ArgumentParser) -> None:
+    """``--upsampling trilinear|guided`` (``SessionOptions.upsampling``)."""
+    from ..inference.guided import UPSAMPLING_MODES
+
+    p.add_argument("--upsampling", choices=UPSAMPLING_MODES, default="trilinear", help=UPSAMPLING_HELP)
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """How the interactive engine turns clicks into a mask: prompt mode, spacing, clamp, region growth."""
+    """How the interactive engine turns clicks into a mask: prompt mode, spacing, clamp, region growth, click
+    honouring."""
     p.add_argument("--prompt-mode", type=click_protocol_name, choices=tuple(CLICK_PROTOCOLS), default=NEWEST_CLICK,
                    help=PROMPT_MODE_HELP)
-    add_region_options(p)
+    p.add_argument("--spacing", type=positive_float, default=None, metavar="MM", help=SPACING_HELP)
+    p.add_argument("--clamp-hu", type=clamp_range, default=None, metavar="LO,HI|none", help=CLAMP_HELP)
+    p.add_argument("--znorm", type=mean_std, default=None, metavar="MEAN,STD", help=ZNORM_HELP)
     p.add_argument("--no-extend", action="store_true", help=NO_EXTEND_HELP)
     p.add_argument("--max-regions", type=positive_int, default=8, metavar="N", help=MAX_REGIONS_HELP)
+    p.add_argument("--no-honour-clicks", dest="honour_clicks", action="store_false", help=NO_HONOUR_HELP)
 
 
 SERVER_HELP = ("run the model on 'sam3d serve' at URL instead of here (docs/remote.md); repeat (or comma-separate) "
@@ -265,3 +296,23 @@ def output_folder(path: str, flag: str = "--out") -> str:
     if not os.path.isdir(parent):
         raise CliError(f"{flag} {out}: its parent folder {parent} does not exist; create it first")
     return out
+
+
+def apply_model_settings(backend, args, log=print) -> None:
+    """After the model is loaded: ``--znorm`` sets a 3DSAM-adapter's dataset statistics (refused for other
+    models), and a model's limits and input normalisation are said once (``log``, unless ``--quiet``)."""
+    znorm = getattr(args, "znorm", None)
+    intensity = getattr(backend, "intensity", None)
+    if znorm is not None:
+        if intensity is None:
+            raise UsageError("--znorm applies to 3DSAM-adapter models only; this model normalises each region "
+                             "itself (leave --znorm out)")
+        backend.intensity = intensity = intensity.replaced(mean_std=znorm)
+    if getattr(args, "quiet", False):
+        return
+    notice = getattr(backend, "limits_notice", None)
+    if notice:
+        log(f"note: {notice}")
+    if intensity is not None:
+        clamp = getattr(args, "clamp_hu", None)
+        log("input: " + (intensity.replaced(window=clamp) if clamp else intensity).describe())

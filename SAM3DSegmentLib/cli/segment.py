@@ -80,13 +80,15 @@ def configure(p) -> None:
     p.add_argument("--init-mask", default=None, metavar="FILE",
                    help="refine an existing segmentation: start from this mask (a label file or .seg.nrrd on any "
                         "grid, placed in physical space) and let the clicks edit it; voxels outside the regions "
-                        "around the clicks keep it exactly (such an object does not grow into neighbouring regions)")
+                        "around the clicks keep it exactly (such an object does not grow into neighbouring regions); "
+                        "SAM-Med3D models only (a 3DSAM-adapter model has no previous-mask input)")
     p.add_argument("--init-segment", default=None, metavar="NAME|VALUE",
                    help="with --init-mask: the segment of a .seg.nrrd (name or id), or the label value of a label "
                         "map; needed when the file holds several")
     O.add_model_options(p)
     O.add_device_options(p)
     O.add_engine_options(p)
+    O.add_upsampling_option(p)
     p.add_argument("--name", default="Segment_1", help="segment name in a .seg.nrrd output")
     p.add_argument("--color", default=None, metavar="#RRGGBB|R,G,B",
                    help="segment colour in a .seg.nrrd output (default #e64b3c, red; R,G,B in 0..1 also work)")
@@ -274,11 +276,23 @@ def run(args) -> int:
     load_s = time.perf_counter() - t
     if not args.quiet:
         print(f"model: {backend.name}; checkpoint: {info['checkpoint']}")
+    O.apply_model_settings(backend, args)
+    if getattr(backend, "intensity", None) is not None:
+        info["intensity"] = backend.intensity.to_dict()
+    if not getattr(backend, "supports_exclude", True) and not all(positive for _, positive in clicks):
+        raise UsageError(f"{sum(1 for _, p in clicks if not p)} exclude click(s) (:-) given, but this model "
+                         "(3DSAM-adapter family) has no exclude clicks: its points carry no include/exclude label. "
+                         "Give include clicks only, or use a SAM-Med3D model")
+    if init is not None and not getattr(backend, "supports_mask_prompt", True):
+        raise UsageError(f"--init-mask {args.init_mask} given, but this model (3DSAM-adapter family) has no "
+                         "previous-mask input: it cannot refine an existing mask. Leave out --init-mask to segment "
+                         "from the clicks alone, or use a SAM-Med3D model to refine the mask")
 
     from ..inference.session import Session, SessionOptions
 
     opts = SessionOptions(prompt_mode=args.prompt_mode, region_size=backend.image_size, spacing_mm=args.spacing,
-                          extend=not args.no_extend, max_regions=args.max_regions, clamp_hu=args.clamp_hu)
+                          extend=not args.no_extend, max_regions=args.max_regions, clamp_hu=args.clamp_hu,
+                          honour_clicks=args.honour_clicks, upsampling=args.upsampling)
     session = Session(backend, opts)
     try:
         session.set_volume(volume)
@@ -308,9 +322,10 @@ def run(args) -> int:
         if timings_path:
             report = {"image": os.path.abspath(source), "sample": args.sample, "output": written, **info,
                       "dicom_series": series,
-                      "clicks_frame": "ijk" if args.voxel else "RAS", "prompt_mode": args.prompt_mode,
-                      "spacing_mm": args.spacing, "clamp_hu": args.clamp_hu, "extend": not args.no_extend,
-                      "max_regions": args.max_regions,
+                      "clicks_frame": "ijk" if args.voxel else "RAS", "prompt_mode": session.options.prompt_mode,
+                      "spacing_mm": session.options.spacing_mm, "clamp_hu": args.clamp_hu,
+                      "znorm": args.znorm, "extend": not args.no_extend,
+                      "max_regions": args.max_regions, "upsampling": args.upsampling,
                       "init_mask": None if init is None else {
                           "path": os.path.abspath(args.init_mask), "segment": args.init_segment,
                           "voxels_on_image_grid": int(init.array.sum()), "extend": opts.init_extend},

@@ -18,6 +18,7 @@ the target, and the folder entry is synced. On any failure the temporary is remo
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -25,9 +26,11 @@ import tempfile
 import uuid
 from typing import Any, Callable, List, Optional, Tuple
 
+import numpy as np
+
 from .nifti import verify_nifti_written
 
-__all__ = ["atomic_write", "write_json", "path_extension", "resolve_target", "IncompleteWriteError",
+__all__ = ["atomic_write", "write_json", "write_text", "json_safe", "path_extension", "resolve_target", "IncompleteWriteError",
            "AtomicGroup", "StagedFile"]
 
 _umask: Optional[int] = None
@@ -260,12 +263,35 @@ def _backup(target: str) -> str:
     return backup
 
 
-def write_json(path, data: Any, indent: Optional[int] = 2, sort_keys: bool = False,
-               make_dirs: bool = False, group: Optional[AtomicGroup] = None) -> str:
-    """Atomically write ``data`` as JSON (UTF-8, trailing newline; non-JSON values via ``str``)."""
+def json_safe(obj: Any) -> Any:
+    """``obj`` with numpy scalars as Python numbers, tuples as lists, dict keys as strings, and NaN / infinity
+    as None (JSON has no NaN; ``json.dump`` would write the invalid token ``NaN``)."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def write_text(path, text: str, make_dirs: bool = False, group: Optional[AtomicGroup] = None) -> str:
+    """Atomically write ``text`` (UTF-8, line endings as given)."""
     def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=indent, sort_keys=sort_keys, default=str)
-            f.write("\n")
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
 
     return atomic_write(path, write, make_dirs=make_dirs, group=group)
+
+
+def write_json(path, data: Any, indent: Optional[int] = 2, sort_keys: bool = False,
+               make_dirs: bool = False, group: Optional[AtomicGroup] = None) -> str:
+    """Atomically write ``data`` as JSON (UTF-8, trailing newline) after :func:`json_safe` (NaN -> null);
+    other non-JSON values are written as their ``str``."""
+    text = json.dumps(json_safe(data), indent=indent, sort_keys=sort_keys, default=str, allow_nan=False)
+    return write_text(path, text + "\n", make_dirs=make_dirs, group=group)

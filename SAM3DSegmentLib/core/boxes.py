@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["Box", "EMPTY_BOX", "box_union", "box_intersect", "box_shape", "box_size", "box_contains",
-           "relative", "absolute", "normalise_box", "mask_bounds", "points_box"]
+           "relative", "absolute", "read_box", "normalise_box", "mask_bounds", "points_box"]
 
 Box = Tuple[slice, slice, slice]
 #: A box holding no voxel (what an update that changed nothing reports).
@@ -57,6 +57,16 @@ def relative(inner: Box, outer: Box) -> Box:
 def absolute(inner: Box, outer: Box) -> Box:
     """``inner``, given relative to ``outer``, in ``outer``'s frame (the inverse of :func:`relative`)."""
     return tuple(slice(i.start + o.start, i.stop + o.start) for i, o in zip(inner, outer))
+
+
+def read_box(array: Optional[np.ndarray], array_box: Optional[Box], box: Box) -> np.ndarray:
+    """A new array on ``box`` holding ``array`` (which covers ``array_box``) where the two boxes meet and zero
+    elsewhere; all zero when ``array_box`` is None. Keeps ``array``'s dtype (uint8 when there is none)."""
+    out = np.zeros(box_shape(box), dtype=np.uint8 if array is None else array.dtype)
+    inter = box_intersect(array_box, box)
+    if inter is not None:
+        out[relative(inter, box)] = array[relative(inter, array_box)]
+    return out
 
 
 def normalise_box(box: Sequence[slice]) -> Box:

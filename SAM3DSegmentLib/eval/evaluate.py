@@ -2,7 +2,8 @@
 
 :func:`run_evaluation` runs the protocols of :mod:`.protocols` (``engine``: the interactive engine end to
 end on the full volume; ``legacy``: comparable with SAM-Med3D's published tables; ``reference``: SAM-Med3D's
-inference code, ``validate_paired_img_gt``, reproduced) over the cases of
+inference code, ``validate_paired_img_gt``, reproduced) and :mod:`.points_protocol` (``3dsam``: the
+3DSAM-adapter's own) over the cases of
 :mod:`.cases` and writes what :mod:`.report` writes into ``--out`` (``per_case.csv``, ``summary.json``,
 ``dice_vs_clicks.png``), re-written after every case so an interrupted run keeps what it finished.
 See docs/evaluation.md.
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List
 
 import numpy as np
 
-from .cases import Case, EvaluationError, discover_dataset, load_case, sample_cases
+from .cases import Case, EvaluationError
+from .points_protocol import evaluate_points
 from .protocols import EvalConfig, Log, Row, evaluate_engine, evaluate_legacy, evaluate_reference
-from .report import CSV_NAME, JSON_NAME, PNG_NAME, write_outputs
+from .report import write_outputs
 
 __all__ = ["run_evaluation"]
 
@@ -38,7 +40,8 @@ def run_evaluation(cases: Iterable[Case], backend, config: EvalConfig, out_dir: 
             f"i,j,k, spacing {np.round(case.image.spacing, 3).tolist()} mm)")
         for protocol in config.protocols:
             t0 = time.perf_counter()
-            fn = {"engine": evaluate_engine, "legacy": evaluate_legacy, "reference": evaluate_reference}[protocol]
+            fn = {"engine": evaluate_engine, "legacy": evaluate_legacy, "reference": evaluate_reference,
+                  "3dsam": evaluate_points}[protocol]
             rows.extend(fn(backend, case, config, log))
             per_protocol_s[protocol] += time.perf_counter() - t0
         timing = {"total_s": time.perf_counter() - t_start, "per_protocol_s": dict(per_protocol_s),

@@ -1,10 +1,13 @@
-"""The three evaluation protocols (see docs/evaluation.md), each scoring every target of one case.
+"""The engine, legacy and reference evaluation protocols (see docs/evaluation.md), each scoring every target of
+one case (the 3DSAM-adapter's own protocol, ``3dsam``, is in :mod:`.points_protocol`).
 
 ``engine`` (the honest number)
     The interactive engine end to end: :class:`~SAM3DSegmentLib.inference.session.Session` on the FULL volume
     (click-centred regions, region extension, paste-back onto the original grid), N clicks from the
     deterministic RITM-style simulator :func:`~SAM3DSegmentLib.eval.clicker.next_click`, Dice and NSD on the
-    full volume after EACH of clicks 1..N; ``--prompt-mode`` chooses its click protocol.
+    full volume after EACH of clicks 1..N; ``--prompt-mode`` chooses its click protocol. A model without
+    exclude clicks (the 3DSAM-adapter) gets include clicks only: the simulator then corrects the missed parts
+    (false negatives) alone.
 
 ``legacy`` (comparable with SAM-Med3D's published tables)
     :data:`LEGACY_LABEL`: the model alone on a 128^3 crop at 1.5 mm centred on the ground-truth bounding
@@ -45,9 +48,9 @@ from .clicker import next_click, next_click_index, random_error_click
 from .metrics import score
 from ..core.interp import resize
 
-__all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "REFERENCE_LABEL", "PROTOCOLS", "DEFAULT_PROTOCOLS", "CLICK_PROTOCOLS",
-           "PROTOCOL_LABELS", "click_protocol_of", "EvalConfig", "Row", "evaluate_engine", "evaluate_legacy",
-           "evaluate_reference", "upsample_logits"]
+__all__ = ["LEGACY_LABEL", "ENGINE_LABEL", "REFERENCE_LABEL", "POINTS_LABEL", "PROTOCOLS", "DEFAULT_PROTOCOLS",
+           "FAMILY_PROTOCOLS", "CLICK_PROTOCOLS", "PROTOCOL_LABELS", "click_protocol_of", "EvalConfig", "Row",
+           "evaluate_engine", "evaluate_legacy", "evaluate_reference", "upsample_logits"]
 
 LEGACY_LABEL = ("legacy: GT-centred 128³ crop, Dice inside the crop, first click deepest point, later "
                 "clicks random in the error region, newest-click protocol, best Dice over click steps")
@@ -57,10 +60,18 @@ REFERENCE_LABEL = ("reference: SAM-Med3D's validate_paired_img_gt (torchio 0.20 
 ENGINE_LABEL = ("engine: interactive engine end to end on the full volume (click-centred regions, "
                 "extension, paste-back), deterministic deepest-point clicks in the larger error region, "
                 "full-volume Dice/NSD after exactly N clicks")
-PROTOCOLS = ("engine", "legacy", "reference")
-#: What ``--protocol both`` (the default) runs.
+POINTS_LABEL = ("3dsam: the 3DSAM-adapter's protocol: N points uniform in the ground truth at 1 mm, 128³ crop "
+                "at 1 mm centred on their bounding box, one pass with the first n points for n = 1..N, Dice and "
+                "NSD (5 mm) inside the crop")
+#: Every protocol ``--protocol`` names; ``3dsam`` is in :mod:`.points_protocol` (the 3DSAM-adapter's own).
+PROTOCOLS = ("engine", "legacy", "reference", "3dsam")
+#: What ``--protocol both`` (the default) runs for a SAM-Med3D model.
 DEFAULT_PROTOCOLS = ("engine", "legacy")
-PROTOCOL_LABELS = {"engine": ENGINE_LABEL, "legacy": LEGACY_LABEL, "reference": REFERENCE_LABEL}
+#: The protocols besides ``engine`` that apply to each model family: ``both`` runs engine + the first,
+#: ``all`` engine + all of them.
+FAMILY_PROTOCOLS = {"sam_med3d": ("legacy", "reference"), "3dsam_adapter": ("3dsam",)}
+PROTOCOL_LABELS = {"engine": ENGINE_LABEL, "legacy": LEGACY_LABEL, "reference": REFERENCE_LABEL,
+                   "3dsam": POINTS_LABEL}
 
 
 @dataclass
@@ -71,13 +82,16 @@ class EvalConfig:
     clicks: int = 5
     protocols: Tuple[str, ...] = DEFAULT_PROTOCOLS
     prompt_mode: str = NEWEST_CLICK  # the engine's click protocol (CLICK_PROTOCOLS; older spellings accepted)
-    spacing_mm: float = 1.5
+    spacing_mm: Optional[float] = None   # None: the model's own (1.5 mm for SAM-Med3D)
     clamp_hu: Optional[Tuple[float, float]] = None
     extend: bool = True
     max_regions: int = 8
+    honour_clicks: bool = True
     nsd_tolerance_mm: float = 2.0
     seed: int = 0
     reference_seed: int = 233  # validate_paired_img_gt's default seed
+    #: the engine protocol's SessionOptions.upsampling; legacy and reference always interpolate trilinearly
+    upsampling: str = "trilinear"
     model: Dict[str, Any] = field(default_factory=dict)   # name, checkpoint, sha256, device ... for the JSON
     data: Dict[str, Any] = field(default_factory=dict)
 
@@ -93,8 +107,10 @@ class EvalConfig:
             raise EvaluationError(str(err)) from None
         if not self.nsd_tolerance_mm >= 0:
             raise EvaluationError("--nsd-tolerance must be >= 0 mm")
-        if not self.spacing_mm > 0:
+        if self.spacing_mm is not None and not self.spacing_mm > 0:
             raise EvaluationError("--spacing-mm must be > 0")
+        if self.upsampling not in ("trilinear", "guided"):
+            raise EvaluationError(f"--upsampling must be trilinear or guided, got {self.upsampling!r}")
 
 
 Row = Dict[str, Any]
@@ -102,9 +118,9 @@ Log = Callable[[str], None]
 
 
 def click_protocol_of(protocol: str, config: EvalConfig) -> str:
-    """The click protocol an evaluation protocol runs: legacy ``newest-click``, reference ``all-clicks``, the
+    """The click protocol an evaluation protocol runs: legacy ``newest-click``, reference and 3dsam ``all-clicks``, the
     engine ``config.prompt_mode``."""
-    return {"legacy": NEWEST_CLICK, "reference": ALL_CLICKS}.get(protocol, config.prompt_mode)
+    return {"legacy": NEWEST_CLICK, "reference": ALL_CLICKS, "3dsam": ALL_CLICKS}.get(protocol, config.prompt_mode)
 
 
 def _row(protocol: str, case: str, target: str, click: int, positive: Optional[bool], index, s,
@@ -123,9 +139,11 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
     from ..inference.session import Session, SessionOptions
 
     opts = SessionOptions(prompt_mode=config.prompt_mode, region_size=int(backend.image_size),
-                          spacing_mm=float(config.spacing_mm), extend=bool(config.extend),
-                          max_regions=int(config.max_regions), clamp_hu=config.clamp_hu)
+                          spacing_mm=config.spacing_mm, extend=bool(config.extend),
+                          max_regions=int(config.max_regions), clamp_hu=config.clamp_hu,
+                          honour_clicks=bool(config.honour_clicks), upsampling=config.upsampling)
     session = Session(backend, opts)
+    exclude_ok = getattr(backend, "supports_exclude", True)
     session.set_volume(case.image)
     spacing_kji = np.asarray(case.image.spacing, dtype=np.float64)[::-1]
     rows: List[Row] = []
@@ -138,7 +156,8 @@ def evaluate_engine(backend, case: Case, config: EvalConfig, log: Log = lambda m
         pred = np.zeros_like(gt)
         clicked = []
         for n in range(1, config.clicks + 1):
-            click = next_click(gt, pred, spacing_kji, avoid_ijk=clicked)   # never the same voxel twice
+            # a model without exclude clicks (3DSAM-adapter): the clicks correct the missed parts only
+            click = next_click(gt, pred if exclude_ok else pred & gt, spacing_kji, avoid_ijk=clicked)   # never twice
             t0 = time.perf_counter()
             encodes = 0
             if click is not None:  # None: perfect (or every error voxel clicked): the score stays
@@ -190,8 +209,11 @@ def evaluate_legacy(backend, case: Case, config: EvalConfig, log: Log = lambda m
     from ..inference.regions import normalize_like_reference
     from .reference_pipeline import reference_crop_or_pad, torchio_crop_begin
 
+    if not getattr(backend, "supports_mask_prompt", True):
+        raise EvaluationError("--protocol legacy is SAM-Med3D's crop protocol (previous low-res logits, exclude "
+                              "clicks); this model has neither: use --protocol engine or 3dsam")
     size = int(backend.image_size)
-    sp = float(config.spacing_mm)
+    sp = float(config.spacing_mm or 1.5)
     spacing = (sp, sp, sp)
     rows: List[Row] = []
     image_abc: Optional[np.ndarray] = None
@@ -255,7 +277,7 @@ def evaluate_reference(backend, case: Case, config: EvalConfig, log: Log = lambd
     from .reference_pipeline import reference_grid
 
     size = int(backend.image_size)
-    sp = float(config.spacing_mm)
+    sp = float(config.spacing_mm or 1.5)
     spacing_kji = np.asarray(case.image.spacing, dtype=np.float64)[::-1]
     image = case.image
     if config.clamp_hu is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import json
 import math
 import os
 import sys
@@ -17,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.atomic import atomic_write
+from ..core.atomic import atomic_write, write_json, write_text
+from .points_protocol import NSD_TOLERANCE_MM
 from .protocols import CLICK_PROTOCOLS, PROTOCOL_LABELS, EvalConfig, Row, click_protocol_of
 
 __all__ = ["CSV_NAME", "JSON_NAME", "PNG_NAME", "CSV_FIELDS", "summarize", "plot_dice_vs_clicks",
@@ -50,7 +50,9 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
         "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": config.model, "data": config.data,
         "clicks": int(config.clicks), "prompt_mode": config.prompt_mode,
-        "model_grid_spacing_mm": float(config.spacing_mm), "clamp_hu": config.clamp_hu,
+        "engine_upsampling": config.upsampling,
+        "model_grid_spacing_mm": None if config.spacing_mm is None else float(config.spacing_mm),
+        "clamp_hu": config.clamp_hu, "engine_honours_clicks": bool(config.honour_clicks),
         "nsd_tolerance_mm": float(config.nsd_tolerance_mm), "legacy_seed": int(config.seed),
         "reference_seed": int(config.reference_seed), "click_protocols": dict(CLICK_PROTOCOLS),
         "protocols": {}, "timing": timing or {},
@@ -85,6 +87,10 @@ def summarize(rows: List[Row], config: EvalConfig, timing: Optional[dict] = None
                              "validate_paired_img_gt computes with num_clicks = clicks, before it merges them "
                              "into one label map (per_click before that comes from the same run: the targets "
                              "of a case share one random stream)")
+        if protocol == "3dsam":
+            entry["nsd_tolerance_mm"] = NSD_TOLERANCE_MM
+            entry["note"] = ("one pass per row: click n is the model's output for the first n points; Dice, NSD "
+                             "and HD95 inside the 1 mm crop")
         out["protocols"][protocol] = entry
     return out
 
@@ -139,13 +145,14 @@ def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
     series: Dict[str, List[float]] = {}
     emphasis, dashed, dotted = [], [], []
     engine = summary["protocols"].get("engine")
-    legacy = summary["protocols"].get("legacy")
+    crop_name = "legacy" if "legacy" in summary["protocols"] else "3dsam"   # the two crop-Dice protocols
+    legacy = summary["protocols"].get(crop_name)
     reference = summary["protocols"].get("reference")
     main_p = engine or reference or legacy
     if main_p is None:
         return None
     # The mean first in the legend; plot_dice_vs_clicks draws the thinner per-target lines over it.
-    mean_name = "mean (full volume)" if main_p is not legacy else "mean (legacy crop Dice)"
+    mean_name = "mean (full volume)" if main_p is not legacy else f"mean ({crop_name} crop Dice)"
     series[mean_name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan")
                          for p in main_p["per_click"]]
     emphasis.append(mean_name)
@@ -157,24 +164,17 @@ def _plot_from_summary(summary: Dict[str, Any], path: str) -> Optional[str]:
                         for p in reference["per_click"]]
         dotted.append(name)
     if legacy and main_p is not legacy:
-        name = "legacy mean (crop Dice)"
+        name = f"{crop_name} mean (crop Dice)"
         series[name] = [p["dice_mean"] if p["dice_mean"] is not None else float("nan") for p in legacy["per_click"]]
         dashed.append(name)
     model = summary.get("model", {}).get("name") or "model"
     which = ("engine, full-volume Dice" if main_p is engine else
-             "reference, full-volume Dice" if main_p is reference else "legacy crop Dice")
+             "reference, full-volume Dice" if main_p is reference else f"{crop_name} crop Dice")
     title = f"Dice vs clicks - {model} ({which}, {summary['data'].get('name', '')})"
     return plot_dice_vs_clicks(series, path, title, emphasis=emphasis, dashed=dashed, dotted=dotted)
 
 
 # ------------------------------------------------------------------------------------- writing
-def _write_text(path: str, text: str) -> str:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-    return atomic_write(path, write)
-
 
 def _csv_text(rows: List[Row]) -> str:
     buf = _io.StringIO()
@@ -185,26 +185,14 @@ def _csv_text(rows: List[Row]) -> str:
     return buf.getvalue()
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
 
 def write_outputs(out_dir: str, rows: List[Row], config: EvalConfig, timing: dict,
                   plot: bool = True) -> Dict[str, Any]:
     """Write ``per_case.csv`` and ``summary.json`` (and the plot, with ``plot``) into ``out_dir``; returns the
     summary."""
     summary = summarize(rows, config, timing)
-    _write_text(os.path.join(out_dir, CSV_NAME), _csv_text(rows))
-    _write_text(os.path.join(out_dir, JSON_NAME), json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_text(os.path.join(out_dir, CSV_NAME), _csv_text(rows))
+    write_json(os.path.join(out_dir, JSON_NAME), summary)
     if plot and rows:
         try:
             _plot_from_summary(summary, os.path.join(out_dir, PNG_NAME))

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import math
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..core.atomic import atomic_write, write_json
+from ..core.atomic import write_json, write_text
 from .metrics import SEGFM_NSD_DICE_GATE
 from .segfm import TIME_BUDGET_S_PER_CLASS, CaseResult, SegFMConfig
 from .segfm_clicks import PAD_FRACTION
@@ -117,24 +116,6 @@ def _csv_text(rows: List[Dict[str, Any]], fields: List[str]) -> str:
     return buf.getvalue()
 
 
-def _write_text(path: str, text: str) -> str:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-    return atomic_write(path, write)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(float(obj)) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _plot(summary: Dict[str, Any], path: str) -> str:
@@ -155,11 +136,11 @@ def write_outputs(out_dir: str, results: List[CaseResult], config: SegFMConfig,
                   plot: bool = True) -> Dict[str, Any]:
     """Write the CSVs and ``summary.json`` (and the plot, with ``plot``) into ``out_dir``; returns the summary."""
     summary = summarize(results, config, skipped, timing)
-    _write_text(os.path.join(out_dir, CSV_NAME),
+    write_text(os.path.join(out_dir, CSV_NAME),
                 _csv_text([case_row(r) for r in results], _case_fields(int(config.clicks))))
-    _write_text(os.path.join(out_dir, CLASS_CSV_NAME),
+    write_text(os.path.join(out_dir, CLASS_CSV_NAME),
                 _csv_text([c for r in results for c in r.clicks], CLASS_FIELDS))
-    write_json(os.path.join(out_dir, JSON_NAME), _json_safe(summary))
+    write_json(os.path.join(out_dir, JSON_NAME), summary)
     if plot and results:
         _plot(summary, os.path.join(out_dir, PNG_NAME))
     return summary

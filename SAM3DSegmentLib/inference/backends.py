@@ -3,7 +3,15 @@
 The engine speaks numpy only: a backend turns a normalised 128^3 region into an opaque embedding once,
 and each click (points + previous low-res logits) into new low-res logits. ``LocalBackend`` runs our
 torch model on CPU/CUDA/MPS; tests use stubs; ``remote.client.RemoteBackend`` implements the same two calls
-over HTTP.
+over HTTP. :func:`make_backend` picks the backend of a loaded model's family (the 3DSAM-adapter's is
+:class:`~SAM3DSegmentLib.inference.backends_sam3d_adapter.Sam3DAdapterBackend`); :func:`load_backend` resolves,
+loads and wraps a checkpoint of either family.
+
+Optional attributes a backend may declare (the session reads them; absent means SAM-Med3D's behaviour):
+``spacing_mm`` (region voxel size, default 1.5), ``intensity`` (a
+:class:`~SAM3DSegmentLib.core.intensity.WindowZNorm`: the model's own HU window and statistics),
+``supports_exclude`` / ``supports_mask_prompt`` (default True), ``family`` and ``limits_notice`` (one line
+for the user about what the model cannot do).
 
 Axis convention for every array crossing this interface: the region's own (a, b, c) axes, i.e. the
 RAS-canonical (i, j, k) order the reference pipeline feeds the network; points are continuous voxel
@@ -162,11 +170,12 @@ class BackendError(RuntimeError):
 
 def load_backend(model: Optional[str] = None, checkpoint: Optional[str] = None, device: str = "auto",
                  threads: Optional[int] = None, dtype: str = "float32", remote=None):
-    """Resolve the checkpoint, load it and wrap it in a :class:`LocalBackend`. Returns ``(backend, info)``.
+    """Resolve the checkpoint, load it (either family) and wrap it (:func:`make_backend`); ``(backend, info)``.
 
     ``model``: a registered name (downloaded into the cache on first use); ``checkpoint``: a file path
     (always a path, never a name); neither: the default model. ``threads``: torch CPU threads (None: torch's
-    choice). ``info``: model label, checkpoint path, backend name, device, architecture, image size.
+    choice). ``info``: model label, checkpoint path, backend name, device, architecture, family, image size
+    (and a 3DSAM-adapter's ``intensity`` settings).
 
     ``remote`` (a :class:`~SAM3DSegmentLib.remote.options.RemoteOptions`, from ``--server``): the model runs on
     those servers instead, behind a :class:`~SAM3DSegmentLib.remote.client.RemoteBackend`; ``model`` then names
@@ -202,8 +211,8 @@ def load_backend(model: Optional[str] = None, checkpoint: Optional[str] = None, 
     except ImportError as err:
         raise BackendError("torch is not installed: install it (pip install torch; in 3D Slicer: the PyTorch "
                            "extension) to run the model") from err
-    from ..models import load_checkpoint
     from ..models.device import resolve_device, set_threads
+    from ..models.families import load_model
 
     set_threads(threads)
     try:
@@ -211,20 +220,43 @@ def load_backend(model: Optional[str] = None, checkpoint: Optional[str] = None, 
     except Exception as err:
         raise BackendError(f"--device {device}: {err}") from err
     try:
-        net = load_checkpoint(str(path), map_location="cpu")
+        net = load_model(str(path), map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any loader failure is reported with the path
-        hint = "" if "Pass " in str(err) else (" Pass a SAM-Med3D (.pth) checkpoint or one saved by sam3d train "
-                                               "with --checkpoint, or a model name with --model")
+        hint = "" if "Pass " in str(err) or "Load " in str(err) else (
+            " Pass a SAM-Med3D (.pth) checkpoint, a 3DSAM-adapter file or one saved by sam3d train with "
+            "--checkpoint, or a model name with --model")
         raise BackendError(f"could not load checkpoint {path}: {err}{hint}") from err
     label = model or (os.path.basename(str(path)) if checkpoint else name)
+    entry = None if checkpoint else get_weights(name)
     try:
-        backend = LocalBackend(net, device=str(dev), dtype=dtype, name=f"{label} [{getattr(net, 'description', '')}]")
+        backend = make_backend(net, device=str(dev), dtype=dtype, name=f"{label} [{getattr(net, 'description', '')}]",
+                               intensity=getattr(entry, "intensity", None))
     except ValueError as err:  # e.g. float16 on the CPU
         raise BackendError(f"--dtype {dtype}: {err}") from err
     info = {"model": label, "checkpoint": str(path), "backend": backend.name, "device": str(dev),
             "architecture": getattr(getattr(net, "config", None), "name", None),
-            "image_size": int(backend.image_size)}
+            "family": getattr(backend, "family", "sam_med3d"), "image_size": int(backend.image_size)}
+    if getattr(backend, "intensity", None) is not None:
+        info["intensity"] = backend.intensity.to_dict()
     return backend, info
+
+
+def make_backend(net, device: str = "cpu", dtype: str = "float32", name: Optional[str] = None, intensity=None):
+    """The backend for a loaded model of either family (``net.family``, set by
+    :func:`SAM3DSegmentLib.models.families.load_model`): :class:`LocalBackend` for SAM-Med3D, a
+    :class:`~.backends_sam3d_adapter.Sam3DAdapterBackend` for the 3DSAM-adapter, normalised with (in this
+    order) the file's own intensity settings, ``intensity`` (a registry entry's, as a mapping or a
+    :class:`~SAM3DSegmentLib.core.intensity.WindowZNorm`), else the family's default
+    (:data:`~SAM3DSegmentLib.core.intensity.DEFAULT_WINDOW_HU`, each crop's own statistics)."""
+    if getattr(net, "family", "sam_med3d") != "3dsam_adapter":
+        return LocalBackend(net, device=device, dtype=dtype, name=name)
+    from ..core.intensity import WindowZNorm
+    from .backends_sam3d_adapter import Sam3DAdapterBackend
+
+    chosen = getattr(net, "intensity", None) or intensity
+    if chosen is not None and not isinstance(chosen, WindowZNorm):
+        chosen = WindowZNorm.from_dict(chosen)
+    return Sam3DAdapterBackend(net, device=device, dtype=dtype, name=name, intensity=chosen)
 
 
 def _model_missing_error(model: Optional[str], name: str, err: BaseException) -> BackendError:

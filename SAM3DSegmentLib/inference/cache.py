@@ -1,4 +1,4 @@
-"""Bounded LRU cache of image embeddings, keyed by (volume content key, region key).
+"""Bounded LRU cache of image embeddings (bounded in entries and bytes), keyed by (volume content key, region key).
 
 Encoding a 128^3 region is the expensive step of interactive segmentation (about 0.75 s for ViT-B on two
 CPU cores); decoding a click is ~22 ms. The engine therefore encodes each model-input region once and keeps
@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import numpy as np
 
@@ -62,17 +62,32 @@ def region_key(region) -> Tuple:
     return (size, tuple(m.reshape(-1).tolist()))
 
 
+def entry_nbytes(value: Any) -> int:
+    """Memory of a cached embedding: its ``nbytes`` (numpy arrays, torch tensors, the 3DSAM-adapter's
+    features), 0 when it does not say."""
+    try:
+        return max(0, int(getattr(value, "nbytes", 0) or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 class EmbeddingCache:
-    """Least-recently-used cache of at most ``max_entries`` embeddings.
+    """Least-recently-used cache of at most ``max_entries`` embeddings taking at most ``max_bytes``
+    (:func:`entry_nbytes`; None: no byte bound). The newest entry is always kept, whatever its size.
 
     ``hits``/``misses`` count :meth:`get` (and :meth:`get_or_compute`) outcomes; ``evictions`` counts entries
     dropped for space.
     """
 
-    def __init__(self, max_entries: int = 8):
+    def __init__(self, max_entries: int = 8, max_bytes: Optional[int] = None):
         if int(max_entries) < 1:
             raise ValueError(f"cache_size must be >= 1, got {max_entries}")
+        if max_bytes is not None and int(max_bytes) < 1:
+            raise ValueError(f"the cache's byte budget must be positive, got {max_bytes}")
         self.max_entries = int(max_entries)
+        self.max_bytes = None if max_bytes is None else int(max_bytes)
+        self.nbytes = 0
+        self._sizes: Dict[Hashable, int] = {}
         self._data: "OrderedDict[Hashable, Any]" = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -94,10 +109,15 @@ class EmbeddingCache:
         return default
 
     def put(self, key: Hashable, value: Any) -> None:
+        self.nbytes -= self._sizes.pop(key, 0)
         self._data[key] = value
         self._data.move_to_end(key)
-        while len(self._data) > self.max_entries:
-            self._data.popitem(last=False)
+        self._sizes[key] = entry_nbytes(value)
+        self.nbytes += self._sizes[key]
+        while len(self._data) > 1 and (len(self._data) > self.max_entries
+                                       or (self.max_bytes is not None and self.nbytes > self.max_bytes)):
+            old, _ = self._data.popitem(last=False)
+            self.nbytes -= self._sizes.pop(old, 0)
             self.evictions += 1
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Tuple[Any, bool]:
@@ -111,7 +131,10 @@ class EmbeddingCache:
 
     def clear(self) -> None:
         self._data.clear()
+        self._sizes.clear()
+        self.nbytes = 0
 
     def stats(self) -> dict:
         return {"entries": len(self._data), "max_entries": self.max_entries, "hits": self.hits,
-                "misses": self.misses, "evictions": self.evictions}
+                "misses": self.misses, "evictions": self.evictions, "bytes": self.nbytes,
+                "max_bytes": self.max_bytes}

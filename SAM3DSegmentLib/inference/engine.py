@@ -51,21 +51,35 @@ class Engine:
     # ------------------------------------------------------------------ model
     def load(self, checkpoint: str, device: str = "auto", dtype: str = "float32",
              progress: Optional[Callable[[int, Optional[int]], None]] = None) -> Dict[str, Any]:
-        """Resolve (download if needed) and load a checkpoint on ``device`` ("auto": CUDA, else Apple MPS, else
-        the CPU, chosen HERE, so the caller's process need not import torch). Returns ``{"name": the backend's
-        name, "device": the device used, "warning": the CPU warning when it is the CPU, else None}``."""
-        from .backends import LocalBackend, require_torch
+        """Resolve (download if needed) and load a checkpoint of either model family on ``device`` ("auto": CUDA,
+        else Apple MPS, else the CPU, chosen HERE, so the caller's process need not import torch). Returns
+        ``{"name": the backend's name, "device": the device used, "warning": the CPU warning when it is the CPU,
+        else None}`` and the model's limits (:meth:`model_limits`)."""
+        from .backends import make_backend, require_torch
 
         require_torch()   # a clear message before anything is downloaded or the model code is imported
-        from ..models import load_checkpoint
         from ..models.device import device_warning, resolve_device
-        from ..weights import resolve_checkpoint
+        from ..models.families import load_model
+        from ..weights import get_weights, resolve_checkpoint
+        from ..weights.registry import is_registered_name
 
         dev = resolve_device(device)   # a clear error when the device asked for is not there
         path = resolve_checkpoint(checkpoint, progress=progress if progress is not None else "auto")
-        model = load_checkpoint(str(path), map_location="cpu")
-        name = self.set_backend(LocalBackend(model, device=str(dev), dtype=dtype))
-        return {"name": name, "device": str(dev), "warning": device_warning(dev)}
+        model = load_model(str(path), map_location="cpu")
+        entry = get_weights(checkpoint) if is_registered_name(checkpoint) else None
+        name = self.set_backend(make_backend(model, device=str(dev), dtype=dtype,
+                                             intensity=getattr(entry, "intensity", None)))
+        return {"name": name, "device": str(dev), "warning": device_warning(dev), **self.model_limits()}
+
+    def model_limits(self) -> Dict[str, Any]:
+        """What the GUI says about the loaded model: ``family``, ``supports_exclude``, ``supports_mask_prompt``
+        and ``notice`` (one line on what the model cannot do, or None: the 3DSAM-adapter has no exclude clicks
+        and no previous-mask refinement)."""
+        b = self.backend
+        return {"family": getattr(b, "family", "sam_med3d"),
+                "supports_exclude": bool(getattr(b, "supports_exclude", True)),
+                "supports_mask_prompt": bool(getattr(b, "supports_mask_prompt", True)),
+                "notice": getattr(b, "limits_notice", None)}
 
     def load_remote(self, settings: Dict[str, Any], key: Optional[str] = None,
                     model: Optional[str] = None) -> Dict[str, Any]:
@@ -77,7 +91,8 @@ class Engine:
 
         backend = backend_from_settings(RemoteSettings(**settings), key, model)
         name = self.set_backend(backend)
-        return {"name": name, "device": str(backend.caps.get("device") or "?"), "warning": None}
+        return {"name": name, "device": str(backend.caps.get("device") or "?"), "warning": None,
+                **self.model_limits()}
 
     def check_servers(self, servers: Sequence[str], key: Optional[str] = None, timeout_s: float = 5.0,
                       ca_file: Optional[str] = None) -> List[Dict[str, Any]]:

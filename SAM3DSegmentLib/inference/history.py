@@ -17,7 +17,8 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from ..core.boxes import Box, absolute, box_contains, box_intersect, box_shape, box_union, mask_bounds, relative
+from ..core.boxes import (Box, absolute, box_contains, box_intersect, box_shape, box_union, mask_bounds, read_box,
+                          relative)
 from ..core.types import Click
 
 __all__ = ["Patch", "Edit", "CroppedMask", "History", "ObjectRecord", "unique_bytes", "memory_report"]
@@ -105,11 +106,7 @@ class CroppedMask:
 
     def get(self, box: Box) -> np.ndarray:
         """The mask on ``box`` (a new uint8 array)."""
-        out = np.zeros(box_shape(box), dtype=np.uint8)
-        inter = box_intersect(self.box, box)
-        if inter is not None:
-            out[relative(inter, box)] = self.array[relative(inter, self.box)]
-        return out
+        return read_box(self.array, self.box, box)
 
     def patch(self, box: Box) -> Patch:
         """The mask on ``box`` as a patch (shares the stored array when the box holds all of it)."""

@@ -1,14 +1,19 @@
 """Options of an interactive :class:`~SAM3DSegmentLib.inference.session.Session` (validated on creation)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..core.click_protocols import CLICK_PROTOCOLS, click_protocol
+from .guided import UPSAMPLING_MODES
 
-__all__ = ["SessionOptions", "PROMPT_MODES", "INIT_PROMPTS"]
+__all__ = ["SessionOptions", "PROMPT_MODES", "INIT_PROMPTS", "DEFAULT_SPACING_MM", "model_options", "model_spacing",
+           "refuse_exclude", "refuse_mask_prompt"]
+
+#: Region voxel size when neither the options nor the backend give one (SAM-Med3D's).
+DEFAULT_SPACING_MM = 1.5
 
 #: The click protocols (:mod:`SAM3DSegmentLib.core.click_protocols`): ``"newest-click"``: each decode sees
 #: only the newest click (+ the region's previous logits), as the model was trained and published tables were
@@ -21,21 +26,26 @@ INIT_PROMPTS = ("binary", "occupancy", "distance", "zeros")
 
 @dataclass
 class SessionOptions:
-    """``prompt_mode``: one of :data:`PROMPT_MODES` (an older spelling is stored under its new name).
-    ``region_size``, ``spacing_mm``: side (voxels) and voxel
-    size (mm) of the model-input regions. ``extend``: add neighbouring regions while the object's mask touches
-    a region face (:mod:`~SAM3DSegmentLib.inference.growth`), up to ``max_regions`` per object.
-    ``clamp_hu``: (low, high) clip of the original voxels before normalising (None: no clip).
-    ``cache_size``: embeddings kept (:class:`~SAM3DSegmentLib.inference.cache.EmbeddingCache`).
+    """``prompt_mode``: one of :data:`PROMPT_MODES` (an older spelling is stored under its new name; a model
+    without previous-mask input, such as the 3DSAM-adapter, always gets ``"all-clicks"``). ``region_size``,
+    ``spacing_mm``: side (voxels) and voxel size (mm) of the model-input regions; ``spacing_mm`` None: the
+    model's own (``backend.spacing_mm``: 1.0 mm for the 3DSAM-adapter; 1.5 mm, SAM-Med3D's, when the backend
+    does not say). ``extend``: add neighbouring regions while the object's mask touches a region face
+    (:mod:`~SAM3DSegmentLib.inference.growth`), up to ``max_regions`` per object. ``clamp_hu``: (low, high) clip
+    of the original voxels before normalising (None: no clip; for a model with its own HU window,
+    ``backend.intensity``, it replaces that window). ``cache_size``: embeddings kept
+    (:class:`~SAM3DSegmentLib.inference.cache.EmbeddingCache`), and at most ``cache_mb`` MiB of them (at least
+    one is always kept; a 3DSAM-adapter region's features take 264 MB).
     ``threshold``: the logit above which a voxel is in the mask (0: sigmoid > 0.5)."""
 
     prompt_mode: str = "newest-click"
     region_size: int = 128
-    spacing_mm: float = 1.5
+    spacing_mm: Optional[float] = None
     extend: bool = True
     max_regions: int = 8
     clamp_hu: Optional[Tuple[float, float]] = None
     cache_size: int = 8
+    cache_mb: float = 1024.0
     threshold: float = 0.0
     #: Leak guard of the extension: a face whose in-volume part is positive over more than this fraction
     #: is not treated as an object's cross-section (the mask fills the region: a leak), so no neighbour is
@@ -54,6 +64,9 @@ class SessionOptions:
     #: 6-connected (face neighbours), on the volume grid. False is the reference mode: the mask is the
     #: merged, thresholded model output and nothing else, as the reference pipeline produces it.
     honour_clicks: bool = True
+    #: How the low-res logits reach the original voxels (:mod:`~SAM3DSegmentLib.inference.guided`):
+    #: ``"trilinear"`` (the reference's way, the default) or ``"guided"`` (refined near the boundary with the CT).
+    upsampling: str = "trilinear"
     #: An initial mask's previous-mask prompt (:data:`INIT_PROMPTS`, :mod:`~SAM3DSegmentLib.inference.prior`):
     #: the encoding, its logit magnitude and (``"distance"``) the signed distance in mm that reaches it.
     init_prompt: str = "binary"
@@ -72,7 +85,7 @@ class SessionOptions:
             problems.append(str(err))
         if int(self.region_size) < 8 or int(self.region_size) % 4:
             problems.append(f"region_size must be a multiple of 4 and >= 8, got {self.region_size}")
-        if not (float(self.spacing_mm) > 0 and np.isfinite(float(self.spacing_mm))):
+        if self.spacing_mm is not None and not (float(self.spacing_mm) > 0 and np.isfinite(float(self.spacing_mm))):
             problems.append(f"spacing_mm must be a positive number of millimetres, got {self.spacing_mm}")
         if int(self.max_regions) < 1:
             problems.append(f"max_regions must be >= 1, got {self.max_regions}")
@@ -80,8 +93,12 @@ class SessionOptions:
             problems.append(f"extend_max_face_fill must be in (0, 1], got {self.extend_max_face_fill}")
         if int(self.history_limit) < 1 or not float(self.history_mb) > 0:
             problems.append("history_limit must be >= 1 and history_mb > 0")
+        if self.upsampling not in UPSAMPLING_MODES:
+            problems.append(f"upsampling must be one of {UPSAMPLING_MODES}, got {self.upsampling!r}")
         if int(self.cache_size) < 1:
             problems.append(f"cache_size must be >= 1, got {self.cache_size}")
+        if not float(self.cache_mb) > 0:
+            problems.append(f"cache_mb must be > 0, got {self.cache_mb}")
         if self.init_prompt not in INIT_PROMPTS:
             problems.append(f"init_prompt must be one of {INIT_PROMPTS}, got {self.init_prompt!r}")
         if not (float(self.init_logit) > 0 and float(self.init_width_mm) > 0):
@@ -93,8 +110,48 @@ class SessionOptions:
         if problems:
             raise ValueError("invalid SessionOptions: " + "; ".join(problems))
         self.region_size = int(self.region_size)
-        self.spacing_mm = float(self.spacing_mm)
+        self.spacing_mm = None if self.spacing_mm is None else float(self.spacing_mm)
+        self.cache_mb = float(self.cache_mb)
         self.max_regions = int(self.max_regions)
         self.cache_size = int(self.cache_size)
         self.honour_clicks = bool(self.honour_clicks)
         self.init_extend = bool(self.init_extend)
+
+
+def model_spacing(backend, spacing_mm: Optional[float] = None) -> float:
+    """``spacing_mm``, or when None the model's own (``backend.spacing_mm``, else :data:`DEFAULT_SPACING_MM`)."""
+    if spacing_mm is not None:
+        return float(spacing_mm)
+    return float(getattr(backend, "spacing_mm", None) or DEFAULT_SPACING_MM)
+
+
+def model_options(backend, options: SessionOptions) -> SessionOptions:
+    """``options`` resolved for ``backend``: ``spacing_mm`` None becomes the model's own (``backend.spacing_mm``,
+    else :data:`DEFAULT_SPACING_MM`); a model without previous-mask input (``backend.supports_mask_prompt``
+    False) gets ``prompt_mode="all-clicks"`` (the newest click alone would forget the earlier ones)."""
+    spacing = model_spacing(backend, options.spacing_mm)
+    mode = options.prompt_mode if getattr(backend, "supports_mask_prompt", True) else "all-clicks"
+    if spacing == options.spacing_mm and mode == options.prompt_mode:
+        return options
+    return replace(options, spacing_mm=spacing, prompt_mode=mode)
+
+
+def refuse_exclude(backend, clicks: Sequence) -> None:
+    """ValueError (nothing changes) when ``clicks`` hold an exclude click and the model has none
+    (``backend.supports_exclude`` False)."""
+    if getattr(backend, "supports_exclude", True) or all(c.positive for c in clicks):
+        return
+    n = sum(1 for c in clicks if not c.positive)
+    raise ValueError(f"{n} exclude click(s) refused: the model {getattr(backend, 'name', '')!s} has no exclude "
+                     "clicks (its points carry no include/exclude label); use include clicks only, or a SAM-Med3D "
+                     "model for exclude clicks")
+
+
+def refuse_mask_prompt(backend) -> None:
+    """ValueError (nothing changes) when the model has no previous-mask input (``backend.supports_mask_prompt``
+    False): it cannot refine an existing mask (``Session.set_initial_mask``)."""
+    if getattr(backend, "supports_mask_prompt", True):
+        return
+    raise ValueError(f"the model {getattr(backend, 'name', '')!s} has no previous-mask input, so it cannot refine an "
+                     "existing mask (no previous-mask refinement in this model family); segment with include clicks "
+                     "from scratch, or load a SAM-Med3D model to refine the mask")

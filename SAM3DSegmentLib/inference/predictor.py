@@ -1,7 +1,8 @@
 """Prompting the model on one region (the predictor step of SAM: image embedding once, then prompts -> logits).
 
 A region's embedding comes from the LRU cache (:mod:`~SAM3DSegmentLib.inference.cache`), else
-``backend.encode`` of ``regions.model_input`` once. Each decode takes prompt points in RAS mm (turned into the
+``backend.encode`` of ``regions.model_input`` once (normalised with ``backend.intensity`` when the model has
+its own HU window and statistics, the 3DSAM-adapter). Each decode takes prompt points in RAS mm (turned into the
 region's continuous (a, b, c) indices) with their labels and the region's previous low-res logits (zeros at
 its first step, never None: the reference's first step), and returns the region's next state.
 
@@ -107,7 +108,9 @@ class RegionPredictor:
     def embedding(self, rs: RegionState, stats: Stats):
         def encode():
             t = time.perf_counter()
-            image = _regions.model_input(self.volume, rs.region, clamp_hu=self.options.clamp_hu)
+            intensity = getattr(self.backend, "intensity", None)   # the model's own HU window and statistics
+            image = _regions.model_input(self.volume, rs.region, clamp_hu=self.options.clamp_hu,
+                                         **({} if intensity is None else {"intensity": intensity}))
             emb = self.backend.encode(image)
             stats.encode_s += time.perf_counter() - t
             stats.encoded += 1

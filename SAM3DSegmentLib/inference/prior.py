@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from . import regions as _regions
 from .cache import region_key
-from ..core.boxes import Box, absolute, box_intersect, box_shape, mask_bounds, normalise_box, relative
+from ..core.boxes import Box, absolute, box_intersect, box_shape, mask_bounds, normalise_box, read_box, relative
 from ..core.geometry import GeometryError, Volume
 from .options import INIT_PROMPTS
 
@@ -110,11 +110,7 @@ class InitialMask:
     # ------------------------------------------------------------------ the mask
     def get(self, box: Box) -> np.ndarray:
         """The initial mask on ``box`` (a new uint8 array)."""
-        out = np.zeros(box_shape(box), dtype=np.uint8)
-        inter = box_intersect(self.box, box)
-        if inter is not None:
-            out[relative(inter, box)] = self.array[relative(inter, self.box)]
-        return out
+        return read_box(self.array, self.box, box)
 
     def covered(self, regions: Sequence, box: Box) -> np.ndarray:
         """bool on ``box``: voxels whose centres lie inside one of ``regions`` (``RegionState``), the test

@@ -143,13 +143,22 @@ def _matmul_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def sample_volume(volume: Volume, region: Region, clamp: Optional[Tuple[float, float]] = None
-                  ) -> np.ndarray:
+def sample_volume(volume: Volume, region: Region, clamp: Optional[Tuple[float, float]] = None,
+                  outside: float = 0.0) -> np.ndarray:
     """float32 ``[a, b, c]`` trilinear samples of ``volume`` at the region's voxel centres.
 
-    Zero outside the volume (beyond half a voxel from its border voxels); ``clamp`` (lo, hi) is applied
-    to the original voxels before interpolating, as the reference clamps before resampling.
+    ``outside`` (default zero) outside the volume (beyond half a voxel from its border voxels); ``clamp``
+    (lo, hi) is applied to the original voxels before interpolating, as the reference clamps before resampling.
     """
+    out = _sample_shifted(volume, region, clamp, float(outside))
+    if outside:
+        out += np.float32(outside)   # interpolation weights sum to 1 inside: (x - outside) sampled + outside
+    return out
+
+
+def _sample_shifted(volume: Volume, region: Region, clamp: Optional[Tuple[float, float]], shift: float
+                    ) -> np.ndarray:
+    """:func:`sample_volume` of ``clip(volume) - shift`` (zero outside the volume)."""
     size = region.size
     m = region.index_to_volume_ijk(volume)  # (a,b,c) -> (i,j,k)
     nijk = np.asarray(volume.shape_ijk)
@@ -166,6 +175,8 @@ def sample_volume(volume: Volume, region: Region, clamp: Optional[Tuple[float, f
     sub = sub.astype(np.float32, copy=True)
     if clamp is not None:
         np.clip(sub, float(clamp[0]), float(clamp[1]), out=sub)
+    if shift:
+        sub -= np.float32(shift)
     if col is not None:
         # Separable: volume axis v (i=0, j=1, k=2; array axis 2 - v) is fed by region axis col[v].
         out = sub
@@ -207,16 +218,26 @@ def normalize_like_reference(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def model_input(volume: Volume, region: Region, clamp_hu: Optional[Tuple[float, float]] = None
-                ) -> np.ndarray:
+def model_input(volume: Volume, region: Region, clamp_hu: Optional[Tuple[float, float]] = None,
+                intensity=None) -> np.ndarray:
     """The network input: float32 ``(S, S, S)`` in ``(a, b, c)`` order.
 
-    One trilinear interpolation from the original grid (zero outside the volume), optional clamp of the
-    original HU to ``clamp_hu = (lo, hi)`` (training used (-1000, 1000)), then z-normalisation over the
-    voxels > 0 (:func:`normalize_like_reference`).
+    One trilinear interpolation from the original grid, optional clamp of the original HU to
+    ``clamp_hu = (lo, hi)`` (training used (-1000, 1000)), then:
+
+    * ``intensity`` None (SAM-Med3D): zero outside the volume, z-normalisation over the voxels > 0
+      (:func:`normalize_like_reference`);
+    * ``intensity`` a :class:`~SAM3DSegmentLib.core.intensity.WindowZNorm` (3DSAM-adapter): clipped to its
+      HU window (``clamp_hu``, when given, replaces that window), the window's low end outside the volume
+      (as air), then ``(x - mean) / std`` with its dataset statistics.
     """
     if clamp_hu is not None and np.isscalar(clamp_hu):
         raise GeometryError("clamp_hu must be a (low, high) pair, e.g. (-1000, 1000)")
+    if intensity is not None:
+        if clamp_hu is not None:
+            intensity = intensity.replaced(window=clamp_hu)
+        lo, hi = intensity.window
+        return intensity.apply(sample_volume(volume, region, (lo, hi), outside=lo))
     return normalize_like_reference(sample_volume(volume, region, clamp_hu))
 
 

@@ -45,7 +45,7 @@ from .compose import MaskComposer
 from .growth import RegionGrowth
 from .history import Edit, ObjectRecord as _Object, Patch, memory_report
 from .honour import honour_changes, honour_clicks
-from .options import PROMPT_MODES, SessionOptions
+from .options import PROMPT_MODES, SessionOptions, model_options, refuse_exclude, refuse_mask_prompt
 from .predictor import RegionPredictor, RegionState, Stats, normalise_click
 from .prior import InitialMask
 from ..core.boxes import EMPTY_BOX, Box, absolute, box_intersect, box_union, mask_bounds, points_box
@@ -60,14 +60,15 @@ class Session:
 
     def __init__(self, backend, options: Optional[SessionOptions] = None):
         self.backend = backend
-        self.options = options or SessionOptions()
+        #: the options in force: ``spacing_mm`` and ``prompt_mode`` resolved for this backend (:func:`model_options`)
+        self.options = model_options(backend, options or SessionOptions())
         size = int(getattr(backend, "image_size", self.options.region_size))
         if size != self.options.region_size:
             raise ValueError(
                 f"the model takes {size}^3 inputs but SessionOptions.region_size is "
                 f"{self.options.region_size}; set region_size={size}")
         self.low_res_size = int(getattr(backend, "low_res_size", self.options.region_size // 4))
-        self.cache = EmbeddingCache(self.options.cache_size)
+        self.cache = EmbeddingCache(self.options.cache_size, max_bytes=int(self.options.cache_mb * 2 ** 20))
         self.volume: Optional[Volume] = None
         self.volume_key: Optional[str] = None
         self._objects: Dict[str, _Object] = {}
@@ -91,7 +92,7 @@ class Session:
         self.volume = volume
         self.volume_key = volume_content_key(arr, volume.ijk_to_ras)
         o = self.options
-        self._composer = MaskComposer(volume, o.region_size, self.low_res_size, o.threshold)
+        self._composer = MaskComposer(volume, o.region_size, self.low_res_size, o.threshold, o.upsampling, o.spacing_mm)
         self._predictor = RegionPredictor(self.backend, self.cache, volume, self.volume_key, o,
                                           self.low_res_size, self._composer)
         self._growth = RegionGrowth(self._predictor, self._composer, o)
@@ -188,8 +189,10 @@ class Session:
         ``Volume`` on any grid (resampled by nearest neighbour in physical space), a (k, j, i) array on the
         volume's grid, or one on ``box`` of it; non-zero voxels are in the mask. Clicks, regions and undo history
         are cleared: the mask is the object's mask, then its previous-mask prompt in every region it touches
-        (:mod:`~SAM3DSegmentLib.inference.prior`). Undo returns to it and no further; ``reset`` returns to it."""
+        (:mod:`~SAM3DSegmentLib.inference.prior`). Undo returns to it and no further; ``reset`` returns to it.
+        ValueError (nothing changes) for a model without previous-mask input (the 3DSAM-adapter family)."""
         t0 = time.perf_counter()
+        refuse_mask_prompt(self.backend)
         vol = self._require_volume()
         obj = self._current_or_new() if oid is None else self._object(oid)
         init = InitialMask.of(mask, vol, self.options, self.low_res_size, box=box)   # checked before any change
@@ -214,6 +217,7 @@ class Session:
         t0 = time.perf_counter()
         obj = self._current_or_new()
         normalised = [normalise_click(self.volume, c) for c in clicks]   # all validated before anything changes
+        refuse_exclude(self.backend, normalised)
         stats = Stats()
         regions = list(obj.regions)
         all_clicks = list(obj.clicks)
@@ -231,6 +235,7 @@ class Session:
         t0 = time.perf_counter()
         obj = self._current_or_new()
         normalised = [normalise_click(self.volume, c) for c in clicks]   # all validated before anything changes
+        refuse_exclude(self.backend, normalised)
         stats = Stats()
         dirty = None
         for r in obj.regions:
@@ -319,7 +324,7 @@ class Session:
         dirty = self._composer.changed_box(regions, n, old)
         if self.options.extend and (init is None or self.options.init_extend):
             dirty = box_union(dirty, self._growth.extend(regions, n, stats, clicks, init))
-        return dirty
+        return box_union(dirty, self._composer.click_box(ras))   # guided: the voxels its click guard may change
 
     def _commit(self, obj: _Object, clicks: List[Click], regions: List[RegionState], dirty: Optional[Box],
                 stats: Stats, t0: float) -> MaskUpdate:
@@ -331,7 +336,7 @@ class Session:
             dirty = box_intersect(dirty, vol_box)
         after = None
         if dirty is not None:
-            after = self._composer.render(regions, dirty)
+            after = self._composer.render(regions, dirty, clicks)
             if obj.init is not None:
                 after = obj.init.compose(after, regions, dirty)
             patch_before, patch_after = obj.raw.patch(dirty), Patch.of(after, dirty)

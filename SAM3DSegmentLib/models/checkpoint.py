@@ -23,8 +23,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .checkpoint_file import (ENCODER_FORMAT, FULL_FORMAT, PARTIAL_FORMAT, CheckpointError, CheckpointSummary,
-                              inspect_checkpoint)
+from .checkpoint_file import (ENCODER_FORMAT, FULL_FORMAT, PARTIAL_FORMAT, STATE_DICT_KEYS, CheckpointError,
+                              CheckpointSummary, inspect_checkpoint, strip_wrapper_prefixes)
 from .sam_med3d.config import SamMed3DConfig
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 FORMAT = FULL_FORMAT
 #: Python objects the published checkpoints carry besides tensors (needed with weights_only=True).
 SAFE_GLOBALS = (argparse.Namespace, collections.Counter, collections.OrderedDict)
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -85,7 +83,7 @@ def extract_state_dict(obj: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     meta: Dict[str, Any] = {}
     sd = obj
     if isinstance(obj, Mapping):
-        for key in _STATE_DICT_KEYS:
+        for key in STATE_DICT_KEYS:
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(torch.is_tensor(v) for v in inner.values()):
                 sd = inner
@@ -94,16 +92,10 @@ def extract_state_dict(obj: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     if not isinstance(sd, Mapping) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
         top = list(obj.keys())[:10] if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(f"no model weights found in the checkpoint (top-level: {top}); expected a state dict "
-                              f"or one under {list(_STATE_DICT_KEYS)}")
-    sd = dict(sd)
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                meta.setdefault("stripped_prefixes", []).append(prefix)
-                stripped = True
+                              f"or one under {list(STATE_DICT_KEYS)}")
+    sd, removed = strip_wrapper_prefixes(sd)
+    if removed:
+        meta["stripped_prefixes"] = removed
     return sd, meta
 
 

@@ -34,8 +34,8 @@ MAX_PICKLE_BYTES = 64 << 20
 #: Members of a zip checkpoint may expand to at most the file size plus this (directory, alignment).
 ZIP_EXPANSION_SLACK = 1 << 20
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 #: Top-level parts every SAM-Med3D-family state dict has.
 SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 
@@ -157,6 +157,16 @@ class _Unpickler(pickle.Unpickler):
         return previous
 
 
+def strip_wrapper_prefixes(state: Mapping) -> Tuple[dict, List[str]]:
+    """``state`` without the wrapper prefixes all its keys carry (repeatedly: ``module._orig_mod.`` goes too),
+    and the prefixes removed, in order."""
+    out, removed = dict(state), []
+    while out and (prefix := next((p for p in WRAPPER_PREFIXES if all(str(k).startswith(p) for k in out)), None)):
+        out = {str(k)[len(prefix):]: v for k, v in out.items()}
+        removed.append(prefix)
+    return out, removed
+
+
 def _unpickle(data: bytes) -> Tuple[Any, Dict[str, StorageInfo]]:
     up = _Unpickler(io.BytesIO(data))
     obj = up.load()
@@ -208,7 +218,7 @@ class CheckpointSummary:
         ``module.`` / ``_orig_mod.`` prefixes stripped; empty when there is none."""
         sd: Any = self.root
         if isinstance(self.root, Mapping):
-            for key in _STATE_DICT_KEYS:
+            for key in STATE_DICT_KEYS:
                 inner = self.root.get(key)
                 if isinstance(inner, Mapping) and inner and all(_as_tensor(v) for v in inner.values()):
                     sd = inner
@@ -218,14 +228,7 @@ class CheckpointSummary:
         tensors = {str(k): _as_tensor(v) for k, v in sd.items()}
         if not all(tensors.values()):
             return {}
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if all(k.startswith(prefix) for k in tensors):
-                    tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-                    stripped = True
-        return tensors  # type: ignore[return-value]
+        return strip_wrapper_prefixes(tensors)[0]  # type: ignore[return-value]
 
     def config(self) -> Optional[dict]:
         cfg = self.root.get("config") if isinstance(self.root, Mapping) else None
@@ -243,7 +246,7 @@ def sam_state_dict_problem(summary: CheckpointSummary) -> Optional[str]:
     sd = summary.state_dict()
     if not sd:
         return (f"it holds no model weights (top-level: {summary.top_keys[:10] or type(summary.root).__name__}); "
-                f"expected a state dict or one under {list(_STATE_DICT_KEYS)}")
+                f"expected a state dict or one under {list(STATE_DICT_KEYS)}")
     absent = [p.rstrip(".") for p in SAM_PARTS if not any(k.startswith(p) for k in sd)]
     if absent:
         return (f"its {len(sd)} tensors lack the SAM-Med3D parts {absent} (first keys: "

@@ -61,6 +61,11 @@ def load_models(models: Sequence[str] = (), checkpoints: Sequence[Tuple[str, str
             backend, info = load_backend(registered, path, device, threads, dtype)
         except BackendError as err:
             raise ServeError(f"model {name}: {err}") from err
+        if getattr(backend, "family", "sam_med3d") != "sam_med3d":
+            raise ServeError(f"model {name}: {info['checkpoint']} is a {backend.family} model; sam3d serve serves "
+                             "SAM-Med3D models only (its protocol carries SAM-Med3D image embeddings and previous-mask "
+                             "logits). Run this model locally instead (sam3d segment, or the Slicer module with a local "
+                             "model)")
         cfg = backend.model.config
         g = int(cfg.grid_size)
         served.append(ServedModel(

@@ -39,17 +39,30 @@ class EngineLink:
             engine = ProcessEngine()
         self.engine = engine
         self.model_name: Optional[str] = None  #: the loaded model's name; None until a load succeeds
+        #: the last successful load's result (its ``supports_exclude``, ``notice``...: what the model cannot do)
+        self.model_info: Optional[dict] = None
         self.volume_token: Optional[tuple] = None  #: :func:`~.volumes.volume_token` of the volume sent last
         self._edits: list = []  #: edit jobs (:data:`EDIT_KINDS`) not yet collected by :meth:`poll`
 
     def load_model(self, name_or_path: str, device: str):
         """Queue loading a model (a registry name or a checkpoint path) on ``device``; the engine process picks
         the device for "auto" (this process never imports torch). The result is ``{"name", "device",
-        "warning"}`` (:meth:`~SAM3DSegmentLib.inference.engine.Engine.load`). A new model starts without a
-        volume."""
+        "warning"}`` and the model's limits (:meth:`~SAM3DSegmentLib.inference.engine.Engine.load`). A new model
+        starts without a volume."""
         self.volume_token = None
         return self.engine.submit("load", name_or_path, str(device),
                                   context={"kind": "load", "name": name_or_path, "device": device})
+
+    @property
+    def exclude_allowed(self) -> bool:
+        """False when the loaded model has no exclude clicks (the 3DSAM-adapter family)."""
+        return bool((self.model_info or {}).get("supports_exclude", True))
+
+    @property
+    def refine_allowed(self) -> bool:
+        """False when the loaded model has no previous-mask input, so cannot refine a segment (the 3DSAM-adapter
+        family)."""
+        return bool((self.model_info or {}).get("supports_mask_prompt", True))
 
     def load_remote(self, settings: dict, key: Optional[str], model: Optional[str] = None):
         """Queue using the remote servers ``settings`` describe (the fields of
@@ -90,8 +103,13 @@ class EngineLink:
         ``set_initial_mask``): its clicks and undo history are cleared, later clicks edit the segment and undo
         or reset return to these voxels. Nothing is written into the scene. Raises ValueError (nothing queued)
         when the segment is empty or an edit of this segmentation is still being computed, and GeometryError when
-        the segmentation lies on another voxel grid (clicks could not be written into it)."""
+        the segmentation lies on another voxel grid (clicks could not be written into it). ValueError too when the
+        loaded model cannot refine (:attr:`refine_allowed`)."""
         name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+        if not self.refine_allowed:
+            raise ValueError(f"the loaded model ({self.model_name}) has no previous-mask input, so it cannot refine "
+                             f"segment '{name}' (no previous-mask refinement in the 3DSAM-adapter family): load a "
+                             "SAM-Med3D model to refine it, or segment with include clicks from scratch")
         if any(j.context["segmentation"] is segmentation_node for j in self._edits):
             raise ValueError("a click on this segmentation is still being computed; press 'Refine selected segment' "
                              "again when it is done")
@@ -132,6 +150,7 @@ class EngineLink:
             kind = (job.context or {}).get("kind")
             if kind == "load":
                 self.model_name = job.result["name"] if job.state == "done" else None
+                self.model_info = job.result if job.state == "done" else None
             elif kind == "volume" and job.state != "done" and self.volume_token == job.context["token"]:
                 self.volume_token = None
         return jobs

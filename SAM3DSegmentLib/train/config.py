@@ -18,12 +18,16 @@ import json
 import os
 from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Tuple
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator
+
 from ..core.click_protocols import new_spelling
+from .adapter_config import Sam3DAdapterTrainConfig
+from .config_types import Flag, Floats, Int, Ints, Names, Section as _Section, switch as _switch
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "AdapterConfig", "OptimConfig", "ScheduleConfig",
     "LoopConfig", "ValidationConfig", "CheckpointConfig", "LogConfig", "TrainConfig", "MODES",
+    "Sam3DAdapterTrainConfig",
     "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
 ]
 
@@ -33,43 +37,6 @@ MODES = ("full", "decoder", "adapter3d", "dualpath")
 
 class ConfigError(ValueError):
     """A configuration that cannot be used (the message names the key and the fix)."""
-
-
-# ------------------------------------------------------------------ the few conversions files need
-def _integral(v: Any) -> Any:
-    return int(v) if isinstance(v, float) and v.is_integer() else v
-
-
-def _flag(v: Any) -> Any:
-    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return v.lower() in ("true", "1", "yes")
-    return v
-
-
-def _as_list(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _names(v: Any) -> Any:
-    return [v] if isinstance(v, str) else _as_list(v)
-
-
-def _switch(v: Any) -> Any:
-    if isinstance(v, bool):  # e.g. --set log.tensorboard=true
-        return "true" if v else "false"
-    return v.lower() if isinstance(v, str) else v
-
-
-Int = Annotated[int, BeforeValidator(_integral)]
-Flag = Annotated[bool, BeforeValidator(_flag)]
-Floats = Annotated[List[float], BeforeValidator(_as_list)]
-Ints = Annotated[List[Int], BeforeValidator(_as_list)]
-#: a list of names, or one name
-Names = Annotated[List[str], BeforeValidator(_names)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ----------------------------------------------------------------------------------- the schema
@@ -120,8 +87,13 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    #: Model family: "sam_med3d" or "3dsam_adapter" (trained by train/adapter_loop.py with ``recipe``,
+    #: starting from ``init``: segment-anything's sam_vit_b .pth or a 3DSAM-adapter file; "" = random).
+    family: Literal["sam_med3d", "3dsam_adapter"] = "sam_med3d"
+    recipe: Literal["original", "dualpath"] = "original"
+    init: str = ""
     #: Architecture preset of ``SamMed3DConfig``: "vit_b_ori", "small", "tiny" (ignored when a
-    #: checkpoint is given: its architecture is used).
+    #: checkpoint is given: its architecture is used); 3dsam_adapter: "vit_b" (the default) or "tiny".
     arch: str = "vit_b_ori"
     #: Overrides of ``SamMed3DConfig`` fields (e.g. {"encoder_depth": 4}).
     arch_overrides: Dict[str, Any] = {}
@@ -273,6 +245,7 @@ class TrainConfig(_Section):
     val: ValidationConfig = Field(default_factory=ValidationConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    sam3d_adapter: Sam3DAdapterTrainConfig = Field(default_factory=Sam3DAdapterTrainConfig)
 
 
 # ------------------------------------------------------------------------------- clear messages

@@ -323,8 +323,14 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, log=_print) -> Dict[str, Any]:
-    """Train as configured (joins the torchrun process group when launched by torchrun)."""
+    """Train as configured (joins the torchrun process group when launched by torchrun). A 3DSAM-adapter
+    (``model.family: 3dsam_adapter``) is trained by :func:`~SAM3DSegmentLib.train.adapter_loop.train_adapter`."""
     from .distributed import cleanup
+
+    if cfg.model.family == "3dsam_adapter":
+        from .adapter_loop import train_adapter
+
+        return train_adapter(cfg, log=log)
 
     trainer = Trainer(cfg, log=log)
     try:

@@ -40,8 +40,6 @@ Environment:
 """
 from __future__ import annotations
 
-from typing import List, Optional
-
 from .cache import (APP_DIR_NAME, ENV_HOME, cache_dir, cache_state, cached_path, checkpoint_dir, list_cache,
                     offline_help)
 from .errors import ChecksumError, WeightsError

@@ -40,6 +40,10 @@ class ModelWeights:
     size_hint: Optional[str] = None
     checksum_source: Optional[str] = None
     notes: str = ""
+    #: 3DSAM-adapter files only: the HU window and dataset foreground statistics the model was trained with
+    #: (``{"window": [lo, hi], "mean": m, "std": s}``, see :mod:`SAM3DSegmentLib.core.intensity`); published
+    #: files do not carry them.
+    intensity: Optional[dict] = None
 
     def __post_init__(self) -> None:
         check_plain_filename(self.name, self.filename)

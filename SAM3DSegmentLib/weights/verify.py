@@ -76,16 +76,18 @@ def record(path: Path, digest: str, *, source: str, url: Optional[str], name: Op
 
 
 def payload_problem(path: Union[str, Path]) -> Optional[str]:
-    """None when ``path`` is a ``torch.save`` file holding a SAM-Med3D-family state dict, else what is wrong.
+    """None when ``path`` is a ``torch.save`` file holding a model (a SAM-Med3D-family state dict or a
+    3DSAM-adapter file, :func:`SAM3DSegmentLib.models.families.model_file_problem`), else what is wrong.
 
     Checked without torch and without reading the tensor data (:mod:`SAM3DSegmentLib.models.checkpoint_file`).
     Used before a file without a published sha256 is trusted: an HTML page a captive portal answered
     with status 200 must never be pinned as the model.
     """
-    from ..models.checkpoint_file import CheckpointError, inspect_checkpoint, sam_state_dict_problem
+    from ..models.checkpoint_file import CheckpointError, inspect_checkpoint
+    from ..models.families import model_file_problem
 
     try:
-        return sam_state_dict_problem(inspect_checkpoint(path))
+        return model_file_problem(inspect_checkpoint(path))
     except CheckpointError as exc:
         return str(exc)
 

@@ -2,7 +2,7 @@
 to (B, 1, S/4, S/4, S/4) low-res logits. Only mask token 0 was trained by the released recipe."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,9 +104,20 @@ class MaskDecoder3D(nn.Module):
         self.iou_prediction_head = MLP(dim, c.iou_head_hidden_dim, self.num_mask_tokens, c.iou_head_depth)
 
     def forward(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, sparse_prompt_embeddings: torch.Tensor,
-                dense_prompt_embeddings: torch.Tensor, num_masks: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+                dense_prompt_embeddings: torch.Tensor, num_masks: int = 1,
+                multimask_output: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns low-res logits (B, num_masks, s, s, s) of the first ``num_masks`` mask tokens and the IoU
-        predictions (B, num_masks). ``num_masks=1`` is the released models' single-mask output."""
+        predictions (B, num_masks). ``num_masks=1`` is the released models' single-mask output.
+
+        ``multimask_output`` is the reference's switch (for its keyword call): False gives the first mask,
+        True the other mask tokens' masks (the reference's ``slice(1, None)``)."""
+        if multimask_output is not None:
+            if not multimask_output:
+                num_masks = 1
+            else:
+                masks, iou_pred = self.forward(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                               dense_prompt_embeddings, num_masks=self.num_mask_tokens)
+                return masks[:, 1:], iou_pred[:, 1:]
         tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         b = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1)

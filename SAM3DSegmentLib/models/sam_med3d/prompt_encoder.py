@@ -2,7 +2,7 @@
 
 Points are continuous voxel coordinates in the model input (crop) in the tensor's own axis order
 (a, b, c); labels 1 = include, 0 = exclude, -1 = padding. Boxes are not supported (they never worked in
-the reference 3D code).
+the reference 3D code). The reference's keyword call (``points=(coords, labels), boxes=None, masks=...``) works.
 """
 from __future__ import annotations
 
@@ -102,13 +102,29 @@ class PromptEncoder3D(nn.Module):
         h = F.linear(h, conv3.weight.reshape(conv3.out_channels, -1), conv3.bias)
         return h.permute(0, 4, 1, 2, 3)
 
-    def forward(self, points: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                mask_logits: Optional[torch.Tensor], batch_size: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, points=None, labels: Optional[torch.Tensor] = None,
+                mask_logits: Optional[torch.Tensor] = None, batch_size: int = 1, *,
+                boxes: Optional[torch.Tensor] = None,
+                masks: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns sparse (B, N+1 or 0, C) and dense (B, C, g, g, g) embeddings.
 
         ``mask_logits`` (B, 1, S/4, S/4, S/4): previous low-res logits (the reference feeds zeros at the
         first step); None uses ``no_mask_embed`` (unused by the released training).
+
+        The reference's keyword call works too: ``prompt_encoder(points=(coords, labels), boxes=None,
+        masks=prev)`` (``masks`` is ``mask_logits``); a box raises ``NotImplementedError``.
         """
+        if boxes is not None:
+            raise NotImplementedError("box prompts are not supported by SAM-Med3D's 3D prompt encoder here: "
+                                      "pass boxes=None and give points")
+        if masks is not None:
+            if mask_logits is not None:
+                raise TypeError("give the previous logits once: mask_logits or masks, not both")
+            mask_logits = masks
+        if isinstance(points, (tuple, list)):
+            if labels is not None:
+                raise TypeError("points=(coords, labels) already holds the labels: do not pass labels too")
+            points, labels = points
         if points is not None:
             batch_size = points.shape[0]
             sparse = self.embed_points(points, labels)
