@@ -102,3 +102,14 @@ def test_outputs_are_written_all_or_none(image, tmp_path, monkeypatch, capsys):
     assert status == 1 and "No space left" in capsys.readouterr().err
     assert out.read_bytes() == b"earlier result" and not rep.exists() and not table.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz", "i.seg.nrrd"]   # no temporary left
+
+
+def test_spacing_defaults_to_the_model_own_and_the_option_overrides_it(image, tmp_path, monkeypatch):
+    """Without --spacing the regions use the model's own spacing (``backend.spacing_mm``, as sam3d segment)."""
+    path, _, _ = image
+    monkeypatch.setattr(ImageBackend, "spacing_mm", 2.0, raising=False)
+    for extra, expected in (([], 2.0), (["--spacing", "1.5"], 1.5)):
+        rep = tmp_path / f"r{expected}.json"
+        assert cli.main(["auto", str(path), *ARGS, *extra, "--out", str(tmp_path / f"i{expected}.seg.nrrd"),
+                         "--json", str(rep)]) == 0
+        assert json.loads(rep.read_text())["options"]["spacing_mm"] == expected
