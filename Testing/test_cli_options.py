@@ -93,7 +93,8 @@ def test_each_command_alone_has_the_same_options_as_under_the_root():
 
 
 EVERY_COMMAND = [
-    ["segment", "--out", "m.nii.gz"], ["demo"], ["evaluate", "--sample", "chest", "--out", "o"],
+    ["segment", "--out", "m.nii.gz"], ["auto", "--out", "i.seg.nrrd"], ["demo"],
+    ["evaluate", "--sample", "chest", "--out", "o"],
     ["train", "c.json"], ["train", "merge", "p.pt", "-o", "x.pt"], ["train", "export-encoder", "c.pt", "-o", "x.pt"],
     ["train", "make-demo-data", "d"], ["download"], ["diagnose"], ["serve"]]
 
