@@ -91,7 +91,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_process(args: List[str], env_extra: Optional[dict] = None, timeout_s: float = 60.0):
-    """``sam3d serve ARGS`` in a child process on loopback; yields (process, url); killed on exit."""
+    """``sam3d serve ARGS`` in a child process on loopback; yields (process, url); killed on exit. Its output
+    (stdout and stderr) collects in ``process.log_lines``."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
     proc = subprocess.Popen([sys.executable, "-m", "SAM3DSegmentLib", "serve", "--host", "127.0.0.1", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -109,7 +110,9 @@ def serve_process(args: List[str], env_extra: Optional[dict] = None, timeout_s: 
         if url is None:
             proc.kill()
             raise RuntimeError("sam3d serve did not start: " + "".join(lines))
-        threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain its log
+        proc.log_lines = lines   # what it printed so far; the reader below adds the rest
+        proc.log_reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        proc.log_reader.start()
         yield proc, url
     finally:
         if proc.poll() is None:

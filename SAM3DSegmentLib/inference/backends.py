@@ -103,13 +103,9 @@ class LocalBackend:
         self.name = f"{label} on {self.device.type} ({str(self.dtype).replace('torch.', '')})"
 
     def _autocast(self):
-        import contextlib
+        from ..models.device import autocast_for
 
-        import torch
-
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return autocast_for(self.device, self.dtype)
 
     def encode(self, image: np.ndarray):
         import torch

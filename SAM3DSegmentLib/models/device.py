@@ -79,6 +79,17 @@ def resolve_dtype(name: str, device) -> "object":
     return dtype
 
 
+def autocast_for(device, dtype):
+    """The context a model runs in at ``dtype`` on ``device``: nothing for float32, else ``torch.autocast``."""
+    import contextlib
+
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
 #: glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _allocator_tuned: Optional[bool] = None

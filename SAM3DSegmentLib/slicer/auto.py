@@ -17,8 +17,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .labelmap import write_mask_to_segment
-from .layers import check_segmentation_geometry
-from .target import ensure_segment
+from .target import ensure_segment, segmentation_for as target_segmentation
 from .volumes import volume_from_node, volume_token, vtk_matrix_to_numpy
 
 __all__ = ["roi_from_node", "submit_find_all", "segmentation_for", "InstanceBatch", "FindAllPanel", "describe"]
@@ -50,17 +49,7 @@ def submit_find_all(link, volume_node, segmentation_node, roi: Optional[dict], o
 
 def segmentation_for(scene, volume_node, segmentation_node=None):
     """The user's segmentation (its geometry checked against the volume first), or a new one for the volume."""
-    if segmentation_node is None:
-        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} automatic")
-        segmentation_node.CreateDefaultDisplayNodes()
-        if volume_node.GetTransformNodeID():
-            segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
-    else:
-        check_segmentation_geometry(segmentation_node, volume_node)
-    role = segmentation_node.GetReferenceImageGeometryReferenceRole()
-    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0 or not segmentation_node.GetNodeReference(role):
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    return segmentation_node
+    return target_segmentation(scene, volume_node, segmentation_node, name_suffix="automatic")
 
 
 class InstanceBatch:

@@ -105,16 +105,15 @@ def editor_settings(scene, segmentation_node=None) -> Dict[str, object]:
     return out
 
 
-def prepare_target(scene, volume_node, segmentation_node=None, segment_id: Optional[str] = None):
-    """Make sure there is a segmentation for ``volume_node`` and a target segment. Returns (node, id).
+def segmentation_for(scene, volume_node, segmentation_node=None, name_suffix: str = "segmentation"):
+    """The user's ``segmentation_node`` (checked first), or a new one named "<volume> ``name_suffix``".
 
-    A missing segmentation is created under the volume's parent transform with the volume's geometry. A given
-    (the user's) segmentation is never re-parented or resampled: it is checked first
-    (:func:`check_segmentation_geometry`) and refused with :class:`GeometryError` before anything changes when its
-    segments lie on another voxel grid than the volume in world space; its reference geometry is set from the volume
-    only when it has none. Then the target segment is added when ``segment_id`` names no segment."""
+    A new segmentation is created under the volume's parent transform with the volume's geometry. A given (the
+    user's) segmentation is never re-parented or resampled: it is checked (:func:`check_segmentation_geometry`) and
+    refused with :class:`GeometryError` before anything changes when its segments lie on another voxel grid than
+    the volume in world space; its reference geometry is set from the volume only when it has none."""
     if segmentation_node is None:
-        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} segmentation")
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} {name_suffix}")
         segmentation_node.CreateDefaultDisplayNodes()
         if volume_node.GetTransformNodeID():
             segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
@@ -124,6 +123,13 @@ def prepare_target(scene, volume_node, segmentation_node=None, segment_id: Optio
     if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0 or not segmentation_node.GetNodeReference(role):
         # computed through the transforms between the two nodes (the volume's grid as the segmentation sees it)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    return segmentation_node
+
+
+def prepare_target(scene, volume_node, segmentation_node=None, segment_id: Optional[str] = None):
+    """Make sure there is a segmentation for ``volume_node`` (:func:`segmentation_for`) and a target segment,
+    added when ``segment_id`` names no segment. Returns (node, id)."""
+    segmentation_node = segmentation_for(scene, volume_node, segmentation_node)
     if not segment_id or segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
         n = segmentation_node.GetSegmentation().GetNumberOfSegments() + 1
         segment_id = ensure_segment(segmentation_node, name=f"Segment_{n}")

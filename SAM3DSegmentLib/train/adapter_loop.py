@@ -104,13 +104,11 @@ class AdapterTrainer:
         self.schedule = torch.optim.lr_scheduler.LinearLR(self.optimizer, start_factor=1.0, end_factor=s.lr_end_factor,
                                                           total_iters=max(1, cfg.loop.epochs))
         self.state = {"epoch": 0, "step": 0, "best_val_dice_loss": math.inf}
-        resume = cfg.checkpoint.resume
-        if resume:
-            path = os.path.join(cfg.output_dir, "latest.pt") if resume == "auto" else resume
-            if os.path.isfile(path):
-                self._resume(path)
-            elif resume != "auto":
-                raise FileNotFoundError(f"checkpoint.resume: {path} does not exist")
+        from .checkpointing import resume_path
+
+        path = resume_path(cfg.checkpoint.resume, cfg.output_dir)
+        if path is not None:
+            self._resume(path)
 
     # ------------------------------------------------------------------ files
     def save(self, name: str, with_state: bool = False) -> str:

@@ -34,10 +34,11 @@ import numpy as np
 __all__ = [
     "CheckpointWriteError", "CHECKPOINT_NAMES", "remove_stale_temporaries", "FULL_FORMAT", "PARTIAL_FORMAT", "ENCODER_FORMAT", "atomic_save",
     "file_sha256", "rng_state", "set_rng_state", "save_training_checkpoint", "read_training_checkpoint",
-    "merge_checkpoint", "export_image_encoder", "strip_prefixes", "load_for_resume",
+    "merge_checkpoint", "export_image_encoder", "strip_prefixes", "resume_path", "load_for_resume",
 ]
 
-from ..models.checkpoint_file import ENCODER_FORMAT, FULL_FORMAT, PARTIAL_FORMAT  # noqa: E402 (the one definition)
+from ..models.checkpoint_file import (ENCODER_FORMAT, FULL_FORMAT, PARTIAL_FORMAT,  # noqa: E402 (the one definition)
+                                      strip_wrapper_prefixes)
 
 
 class CheckpointWriteError(OSError):
@@ -141,13 +142,21 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
 
 
 def strip_prefixes(sd: Dict[str, Any]) -> Dict[str, Any]:
-    out = {}
-    for k, v in sd.items():
-        for p in ("module.", "_orig_mod."):
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
+    """``sd`` without the DDP / ``torch.compile`` prefixes every key carries (the checkpoint readers' rule)."""
+    return strip_wrapper_prefixes(sd)[0]
+
+
+def resume_path(resume: Optional[str], output_dir: str) -> Optional[str]:
+    """The checkpoint ``checkpoint.resume`` names: ``"auto"`` is ``OUTPUT_DIR/latest.pt`` when it exists (else
+    None: a fresh start); any other value must be an existing file."""
+    if not resume:
+        return None
+    path = os.path.join(output_dir, "latest.pt") if resume == "auto" else resume
+    if os.path.isfile(path):
+        return path
+    if resume != "auto":
+        raise FileNotFoundError(f"checkpoint.resume: {path} does not exist")
+    return None
 
 
 # ------------------------------------------------------------------------------------ RNG states

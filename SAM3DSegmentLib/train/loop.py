@@ -103,13 +103,11 @@ class Trainer:
         self.net = InteractiveLoss(self.model, cfg, encoder_frozen)
         self.state = {"epoch": 0, "micro_in_epoch": 0, "global_step": 0, "global_micro": 0,
                       "best_metric": -math.inf, "bad_validations": 0, "finished": False}
-        resume = cfg.checkpoint.resume
-        if resume:
-            path = os.path.join(cfg.output_dir, "latest.pt") if resume == "auto" else resume
-            if os.path.isfile(path):
-                self._resume(path)
-            elif resume != "auto":
-                raise FileNotFoundError(f"checkpoint.resume: {path} does not exist")
+        from .checkpointing import resume_path
+
+        path = resume_path(cfg.checkpoint.resume, cfg.output_dir)
+        if path is not None:
+            self._resume(path)
         if self.info.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
