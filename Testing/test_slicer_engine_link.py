@@ -233,3 +233,29 @@ def test_ensure_dependencies_installs_torch_through_the_pytorch_extension(monkey
                         types.SimpleNamespace(pip_ensure=lambda *a, **k: pip.append((a, k))))
     sb.ensure_dependencies()
     assert len(calls) == 2 and pip == [(("slicerio>=1.0",), {"requester": "SAM3DSegment"})]
+
+
+def test_the_upsampling_setting_reaches_the_child_engine(caplog):
+    """The module reads EngineLink.UPSAMPLING_SETTING from Slicer's settings: "guided" gives the child engine
+    guided session options, the default none (trilinear), and a typo is logged and ignored (nothing started)."""
+    from SAM3DSegmentLib.inference.engine_process import ProcessEngine
+
+    guided = sb.EngineLink(upsampling="guided")
+    assert isinstance(guided.engine, ProcessEngine) and guided.engine.session_options.upsampling == "guided"
+    assert not guided.engine.running
+    assert sb.EngineLink().engine.session_options is None
+    with caplog.at_level("WARNING"):
+        typo = sb.EngineLink(upsampling="guidedd")
+    assert typo.engine.session_options is None and "SAM3DSegment/Upsampling" in caplog.text
+
+
+def test_without_an_explicit_choice_the_link_reads_slicers_setting(monkeypatch):
+    import slicer
+
+    class Settings:
+        def value(self, key, default):
+            return {"SAM3DSegment/Upsampling": "guided"}.get(key, default)
+
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(settings=Settings), raising=False)
+    assert sb.EngineLink().engine.session_options.upsampling == "guided"
+    assert sb.EngineLink(upsampling="trilinear").engine.session_options is None

@@ -9,6 +9,7 @@ and runs it on a thread (tests). Each job's ``context`` says what it was for; fi
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Optional
 
@@ -22,6 +23,16 @@ from .volumes import volume_from_node, volume_token
 EDIT_KINDS = ("clicks", "reset", "undo", "redo")
 
 
+def _setting(key: str, default: str) -> str:
+    """Slicer's application setting ``key`` (``default`` when unset or outside the Slicer application)."""
+    try:
+        import slicer
+
+        return str(slicer.app.settings().value(key, default))
+    except (ImportError, AttributeError):
+        return default
+
+
 class EngineLink:
     """The engine, the name of the loaded model and the volume the engine has (or will have)."""
 
@@ -32,11 +43,23 @@ class EngineLink:
     #: the pump waits this long for a reply, lock released, while a request is in flight
     PUMP_WAIT_S = 0.025
 
-    def __init__(self, engine=None):
-        if engine is None:
-            from ..inference.engine_process import ProcessEngine
+    #: the Slicer setting that chooses the paste-back (docs/guided_upsampling.md); "trilinear" unless set
+    UPSAMPLING_SETTING = "SAM3DSegment/Upsampling"
 
-            engine = ProcessEngine()
+    def __init__(self, engine=None, upsampling: Optional[str] = None):
+        """``engine``, or a new child-process engine with ``upsampling`` "trilinear" or "guided" (None: Slicer's
+        setting :attr:`UPSAMPLING_SETTING`, else trilinear); an unknown value is logged and ignored, since a typo
+        in a setting must not stop the module."""
+        if engine is None:
+            upsampling = upsampling or _setting(self.UPSAMPLING_SETTING, "trilinear")
+            from ..inference.engine_process import ProcessEngine
+            from ..inference.options import UPSAMPLING_MODES, SessionOptions
+
+            if upsampling not in UPSAMPLING_MODES:
+                logging.warning("SAM3DSegment: setting %s=%r is not one of %s: using trilinear",
+                                self.UPSAMPLING_SETTING, upsampling, UPSAMPLING_MODES)
+                upsampling = "trilinear"
+            engine = ProcessEngine(SessionOptions(upsampling=upsampling) if upsampling != "trilinear" else None)
         self.engine = engine
         self.model_name: Optional[str] = None  #: the loaded model's name; None until a load succeeds
         #: the last successful load's result (its ``supports_exclude``, ``notice``...: what the model cannot do)
