@@ -6,6 +6,8 @@ show up as wrong voxels.
 from __future__ import annotations
 
 import os
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -503,3 +505,17 @@ def test_dicom_seg_export_is_guarded(scene, tmp_path):
     node.SetAttribute("DICOM.instanceUIDs", "1.2.3")
     with pytest.raises(RuntimeError, match="inside 3D Slicer"):
         sb.export_dicom_seg(seg, str(tmp_path), node)
+
+
+def test_dicom_seg_without_the_plugin_names_slicer_5_12_or_quantitative_reporting(scene, tmp_path, monkeypatch):
+    import slicer
+
+    node = add_volume(scene)
+    seg, _ = add_segmentation(scene, node)
+    node.SetAttribute("DICOM.instanceUIDs", "1.2.3")
+    monkeypatch.setattr(slicer, "app", object(), raising=False)
+    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(dicom=object()), raising=False)
+    monkeypatch.setitem(sys.modules, "DICOMSegmentationPlugin", None)   # Slicer < 5.12 without the extension
+    with pytest.raises(RuntimeError, match="Slicer 5.12 or newer .* QuantitativeReporting extension"):
+        sb.export_dicom_seg(seg, str(tmp_path), node)
+    assert not list(tmp_path.iterdir())

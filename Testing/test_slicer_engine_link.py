@@ -235,6 +235,22 @@ def test_ensure_dependencies_installs_torch_through_the_pytorch_extension(monkey
     assert len(calls) == 2 and pip == [(("slicerio>=1.0",), {"requester": "SAM3DSegment"})]
 
 
+@pytest.mark.parametrize("packaging", [None, types.SimpleNamespace()], ids=["no_slicer_packaging", "no_pip_ensure"])
+def test_before_slicer_5_12_slicerio_comes_from_pip_install(monkeypatch, packaging):
+    """Slicer < 5.12 has no slicer.packaging.pip_ensure: slicer.util.pip_install is used instead."""
+    import slicer
+
+    torch_stub = types.ModuleType("torch")
+    torch_stub.__spec__ = importlib.machinery.ModuleSpec("torch", None)
+    monkeypatch.setitem(sys.modules, "torch", torch_stub)                  # installed: PyTorch is not asked
+    monkeypatch.setitem(sys.modules, "slicerio", None)                     # missing
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)        # None: "import slicer.packaging" fails
+    pip = []
+    monkeypatch.setattr(slicer, "util", types.SimpleNamespace(pip_install=pip.append), raising=False)
+    sb.ensure_dependencies()
+    assert pip == ["slicerio>=1.0"]
+
+
 def test_the_upsampling_setting_reaches_the_child_engine(caplog):
     """The module reads EngineLink.UPSAMPLING_SETTING from Slicer's settings: "guided" gives the child engine
     guided session options, the default none (trilinear), and a typo is logged and ignored (nothing started)."""
