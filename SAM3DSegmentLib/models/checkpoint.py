@@ -21,7 +21,7 @@ import re
 import zipfile
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .checkpoint_file import (ENCODER_FORMAT, FULL_FORMAT, PARTIAL_FORMAT, STATE_DICT_KEYS, CheckpointError,
                               CheckpointSummary, inspect_checkpoint, strip_wrapper_prefixes)
@@ -99,26 +99,37 @@ def extract_state_dict(obj: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     return sd, meta
 
 
+def show_keys(items, limit: int = 8) -> str:
+    """At most ``limit`` names, comma-separated, with how many more there are."""
+    items = list(items)
+    return ", ".join(items[:limit]) + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def key_mismatch(expected: Mapping[str, Any], got: Mapping[str, Any], label: str = "",
+                 ignore: Callable[[str], bool] = lambda key: False) -> List[str]:
+    """What keeps the state dict ``got`` from loading strictly where ``expected`` (name -> tensor) is wanted: one
+    phrase each for missing keys, unexpected keys (those ``ignore`` accepts aside) and keys whose value has another
+    shape or is no tensor, naming up to 8 keys and prefixed with ``label``; empty when they match."""
+    import torch
+
+    def shape(value):
+        return tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+
+    missing = [k for k in expected if k not in got]
+    unexpected = [str(k) for k in got if k not in expected and not ignore(k)]
+    misshaped = [f"{k}: file {shape(got[k])} vs model {tuple(v.shape)}" for k, v in expected.items()
+                 if k in got and shape(got[k]) != tuple(v.shape)]
+    prefix = f"{label}: " if label else ""
+    return [f"{prefix}{len(keys)} {what} [{show_keys(keys)}]" for keys, what in
+            ((missing, "missing keys"), (unexpected, "unexpected keys"), (misshaped, "keys with the wrong shape"))
+            if keys]
+
+
 def check_state_dict(model, state_dict: Mapping[str, Any]) -> None:
     """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys (nothing is loaded)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    misshaped = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or misshaped):
+    parts = key_mismatch(model.state_dict(), state_dict)
+    if not parts:
         return
-
-    def show(items):
-        return ", ".join(items[:8]) + (f", ... (+{len(items) - 8} more)" if len(items) > 8 else "")
-
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys [{show(missing)}]")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys [{show(unexpected)}]")
-    if misshaped:
-        parts.append(f"{len(misshaped)} keys with the wrong shape [{show(misshaped)}]")
     name = getattr(getattr(model, "config", None), "name", "?")
     raise CheckpointError(
         f"the checkpoint does not match the {name} SAM-Med3D architecture: " + "; ".join(parts) +

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from ..checkpoint import CheckpointError, atomic_torch_save, read_checkpoint
+from ..checkpoint import CheckpointError, atomic_torch_save, key_mismatch, read_checkpoint, show_keys
 from .config import Sam3DAdapterConfig
 from .model import Sam3DAdapter
 
@@ -30,10 +30,6 @@ NUM_PROMPT_ENCODERS = 4
 USED_PROMPT_ENCODER = 3
 #: encoder parts that do not exist in the 2D SAM (left as initialised by :func:`load_sam_vit_b`)
 NEW_ENCODER_PARTS = ("depth_embed", "slice_embed.", ".adapter.", ".attn.rel_pos_d", ".attn.lr", "neck_3d.")
-
-
-def _show(items: List[str], limit: int = 8) -> str:
-    return ", ".join(items[:limit]) + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _load_obj(source: Any, map_location: Any, trusted: bool) -> Any:
@@ -71,23 +67,14 @@ def load_sam_vit_b(model: Sam3DAdapter, source: Any, map_location: Any = "cpu") 
         sam, others = dict(obj), []
     target = model.image_encoder.state_dict()
     reused = [k for k in target if not _is_new(k)]
-    missing_reused = [k for k in reused if k not in sam]
-    unexpected = sorted(k for k in sam if k not in target and not k.startswith("neck."))
-    misshaped = [f"{k}: file {tuple(sam[k].shape)} vs model {tuple(target[k].shape)}"
-                 for k in reused if k in sam and sam[k].shape != target[k].shape]
-    if missing_reused or unexpected or misshaped:
+    parts = key_mismatch({k: target[k] for k in reused}, dict(sorted(sam.items())),
+                         ignore=lambda k: k in target or k.startswith("neck."))   # SAM's 2D neck is not used
+    if parts:
         width = sam.get("patch_embed.proj.weight")
         hint = ""
         if width is not None and width.shape[0] != model.config.embed_dim:
             hint = (f" Its embedding width is {width.shape[0]} (ViT-L is 1024, ViT-H 1280); the 3DSAM-adapter "
                     f"starts from ViT-B ({model.config.embed_dim}): use sam_vit_b_01ec64.pth.")
-        parts = []
-        if missing_reused:
-            parts.append(f"{len(missing_reused)} missing keys [{_show(missing_reused)}]")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys [{_show(unexpected)}]")
-        if misshaped:
-            parts.append(f"{len(misshaped)} keys with the wrong shape [{_show(misshaped)}]")
         raise CheckpointError("the file is not a segment-anything ViT-B image encoder matching this model: "
                               + "; ".join(parts) + "." + hint)
     with torch.no_grad():
@@ -146,24 +133,13 @@ def _foreign(obj: Any) -> Optional[str]:
                 "(load_sam_vit_b), not a trained 3DSAM-adapter")
     if "blocks.0.attn.qkv.weight" in obj:
         return "it is a bare image-encoder state dict; the published format also has the decoder and prompt encoders"
-    return f"its top-level keys are {_show(keys)}"
+    return f"its top-level keys are {show_keys(keys)}"
 
 
 def _check_part(label: str, expected: Mapping[str, torch.Tensor], got: Any) -> List[str]:
     if not isinstance(got, Mapping):
         return [f"{label} is a {type(got).__name__}, not a dict"]
-    missing = [k for k in expected if k not in got]
-    unexpected = [str(k) for k in got if k not in expected]
-    misshaped = [f"{k}: file {tuple(got[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
-                 if k in got and (not torch.is_tensor(got[k]) or tuple(got[k].shape) != tuple(v.shape))]
-    out = []
-    if missing:
-        out.append(f"{label}: {len(missing)} missing keys [{_show(missing)}]")
-    if unexpected:
-        out.append(f"{label}: {len(unexpected)} unexpected keys [{_show(unexpected)}]")
-    if misshaped:
-        out.append(f"{label}: {len(misshaped)} keys with the wrong shape [{_show(misshaped)}]")
-    return out
+    return key_mismatch(expected, got, label)
 
 
 def _detect_config(encoder_dict: Any) -> Sam3DAdapterConfig:
@@ -213,7 +189,7 @@ def load_published(source: Any, config: Optional[Sam3DAdapterConfig] = None, map
         bad = [k for k in keys if not torch.equal(enc[k].to(mask.dtype).cpu(), mask)]
         if bad:
             raise CheckpointError(
-                f"{_show(bad)} differ from the shifted-window mask of {n}³ windows shifted by {config.shift_size}: "
+                f"{show_keys(bad)} differ from the shifted-window mask of {n}³ windows shifted by {config.shift_size}: "
                 "the checkpoint was made with another window layout and cannot be used with this model")
     model.image_encoder.load_state_dict({k: v for k, v in enc.items() if k not in keys}, strict=True)
     model.mask_decoder.load_state_dict(obj["decoder_dict"], strict=True)
