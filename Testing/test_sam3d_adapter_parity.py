@@ -11,7 +11,7 @@ from _sam3d_adapter_fixtures import randomize_, sam_modeling, tiny_sam_encoder  
 from SAM3DSegmentLib.models.sam3d_adapter import Sam3DAdapter, Sam3DAdapterConfig, load_sam_vit_b  # noqa: E402
 from SAM3DSegmentLib.models.sam3d_adapter.attention import rel_pos_matrix  # noqa: E402
 from SAM3DSegmentLib.models.sam3d_adapter.embedding import add_positions, stream_patch_embed  # noqa: E402
-from SAM3DSegmentLib.models.sam3d_adapter.prompt_encoder import TwoWayBlock  # noqa: E402
+from SAM3DSegmentLib.models.sam_med3d.mask_decoder import TwoWayAttentionBlock3D  # noqa: E402
 
 TOL = 1e-5
 
@@ -108,7 +108,7 @@ def test_pooled_pos_embed_is_the_2x2_mean_of_sams():
 @pytest.mark.parametrize("skip_first_layer_pe", [False, True])
 def test_two_way_layer_matches_sam(skip_first_layer_pe):
     m = sam_modeling()
-    ours = randomize_(TwoWayBlock(32, 4, 64, 2, skip_first_layer_pe), seed=7, std=0.2)
+    ours = randomize_(TwoWayAttentionBlock3D(32, 4, 64, 2, skip_first_layer_pe), seed=7, std=0.2)
     ref = m.transformer.TwoWayAttentionBlock(32, 4, 64, activation=torch.nn.ReLU, attention_downsample_rate=2,
                                             skip_first_layer_pe=skip_first_layer_pe)
     ref.load_state_dict(ours.state_dict(), strict=True)

@@ -26,31 +26,6 @@ from ..sam_med3d.mask_decoder import TwoWayAttentionBlock3D
 from .config import Sam3DAdapterConfig
 
 
-class TwoWayBlock(TwoWayAttentionBlock3D):
-    """SAM's two-way attention block (same parameters, same maths when ``token_to_image`` is True)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample: int, skip_first_layer_pe: bool,
-                 token_to_image: bool = True) -> None:
-        super().__init__(dim, num_heads, mlp_dim, downsample, skip_first_layer_pe)
-        self.token_to_image = token_to_image
-
-    def forward(self, queries, keys, query_pe, key_pe):
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
-        k = keys + key_pe
-        if self.token_to_image:
-            queries = queries + self.cross_attn_token_to_image(queries + query_pe, k, keys)
-        queries = self.norm2(queries)
-        queries = self.norm3(queries + self.mlp(queries))
-        q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
-        return queries, keys
-
-
 class RandomFourierPE3D(nn.Module):
     """coords in [0, 1]³ (x, y, z) -> [sin, cos](2π (2c - 1) @ G), G a (3, C/2) Gaussian (a buffer)."""
 
@@ -91,8 +66,8 @@ class PointPromptEncoder3D(nn.Module):
         nn.init.normal_(self.global_query, std=0.02)
         nn.init.normal_(self.global_query_pe, std=0.02)
         self.layers = nn.ModuleList(
-            TwoWayBlock(dim, c.prompt_heads, c.prompt_mlp_dim, c.prompt_attention_downsample,
-                        skip_first_layer_pe=(i == 0), token_to_image=False)
+            TwoWayAttentionBlock3D(dim, c.prompt_heads, c.prompt_mlp_dim, c.prompt_attention_downsample,
+                                   skip_first_layer_pe=(i == 0), token_to_image=False)
             for i in range(c.prompt_depth))
 
     def forward(self, feature: torch.Tensor, grid_points: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,13 @@ class DownscaleAttention(nn.Module):
 
 
 class TwoWayAttentionBlock3D(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample: int, skip_first_layer_pe: bool):
+    """SAM's two-way attention block. ``token_to_image=False`` skips the tokens' cross-attention to the image
+    (its weights stay, unused: the 3DSAM-adapter's prompt encoder)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample: int, skip_first_layer_pe: bool,
+                 token_to_image: bool = True):
         super().__init__()
+        self.token_to_image = token_to_image
         self.self_attn = DownscaleAttention(dim, num_heads)
         self.norm1 = nn.LayerNorm(dim)
         self.cross_attn_token_to_image = DownscaleAttention(dim, num_heads, downsample)
@@ -56,7 +61,9 @@ class TwoWayAttentionBlock3D(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
+        if self.token_to_image:
+            queries = queries + self.cross_attn_token_to_image(queries + query_pe, k, keys)
+        queries = self.norm2(queries)
         queries = self.norm3(queries + self.mlp(queries))
         q = queries + query_pe
         keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
