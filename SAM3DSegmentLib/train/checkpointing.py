@@ -34,7 +34,7 @@ import numpy as np
 __all__ = [
     "CheckpointWriteError", "CHECKPOINT_NAMES", "remove_stale_temporaries", "FULL_FORMAT", "PARTIAL_FORMAT", "ENCODER_FORMAT", "atomic_save",
     "file_sha256", "rng_state", "set_rng_state", "save_training_checkpoint", "read_training_checkpoint",
-    "merge_checkpoint", "export_image_encoder", "strip_prefixes", "resume_path", "load_for_resume",
+    "merge_checkpoint", "export_image_encoder", "resume_path", "load_for_resume",
 ]
 
 from ..models.checkpoint_file import (ENCODER_FORMAT, FULL_FORMAT, PARTIAL_FORMAT,  # noqa: E402 (the one definition)
@@ -141,11 +141,6 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def strip_prefixes(sd: Dict[str, Any]) -> Dict[str, Any]:
-    """``sd`` without the DDP / ``torch.compile`` prefixes every key carries (the checkpoint readers' rule)."""
-    return strip_wrapper_prefixes(sd)[0]
-
-
 def resume_path(resume: Optional[str], output_dir: str) -> Optional[str]:
     """The checkpoint ``checkpoint.resume`` names: ``"auto"`` is ``OUTPUT_DIR/latest.pt`` when it exists (else
     None: a fresh start); any other value must be an existing file."""
@@ -238,7 +233,7 @@ def load_partial_into(model, payload: Dict[str, Any]) -> None:
 
     from ..models.checkpoint import CheckpointError
 
-    sd = strip_prefixes(payload["trainable_state_dict"])
+    sd = strip_wrapper_prefixes(payload["trainable_state_dict"])[0]
     own = dict(model.named_parameters())
     missing = [k for k in sd if k not in own]
     bad = [k for k in sd if k in own and tuple(own[k].shape) != tuple(sd[k].shape)]
@@ -340,7 +335,7 @@ def load_for_resume(path: str, model, base: Optional[Dict[str, Any]], mode: str)
             raise ValueError(f"{path} was trained on another base checkpoint than model.checkpoint")
         load_partial_into(model, payload)
     elif fmt == FULL_FORMAT:
-        model.load_state_dict(strip_prefixes(payload["model_state_dict"]), strict=True)
+        model.load_state_dict(strip_wrapper_prefixes(payload["model_state_dict"])[0], strict=True)
     else:
         raise ValueError(f"{path}: unknown checkpoint format {fmt!r}")
     return payload["training"]
