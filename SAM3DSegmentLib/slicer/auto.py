@@ -17,10 +17,10 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .labelmap import write_mask_to_segment
-from .target import ensure_segment, segmentation_for as target_segmentation
+from .target import ensure_segment, segmentation_for
 from .volumes import volume_from_node, volume_token, vtk_matrix_to_numpy
 
-__all__ = ["roi_from_node", "submit_find_all", "segmentation_for", "InstanceBatch", "FindAllPanel", "describe"]
+__all__ = ["roi_from_node", "submit_find_all", "InstanceBatch", "FindAllPanel", "describe"]
 
 
 def roi_from_node(roi_node) -> Optional[dict]:
@@ -45,11 +45,6 @@ def submit_find_all(link, volume_node, segmentation_node, roi: Optional[dict], o
         link.volume_token = token
     return link.engine.submit("find_all", dict(options), roi, token, context={
         "kind": "find_all", "segmentation": segmentation_node, "volume": volume_node})
-
-
-def segmentation_for(scene, volume_node, segmentation_node=None):
-    """The user's segmentation (its geometry checked against the volume first), or a new one for the volume."""
-    return target_segmentation(scene, volume_node, segmentation_node, name_suffix="automatic")
 
 
 class InstanceBatch:
@@ -151,7 +146,7 @@ class FindAllPanel:
     def show_result(self, job) -> Optional[InstanceBatch]:
         """A finished ``find_all`` job: its instances become segments (one batch); the list shows their scores."""
         ctx, result = job.context, job.result
-        node = segmentation_for(ctx["volume"].GetScene(), ctx["volume"], ctx["segmentation"])
+        node = segmentation_for(ctx["volume"].GetScene(), ctx["volume"], ctx["segmentation"], name_suffix="automatic")
         batch = InstanceBatch(node, ctx["volume"], result["instances"])
         batch.apply()
         self.batches.append(batch)
