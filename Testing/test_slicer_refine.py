@@ -10,34 +10,10 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (test dependency) is required")
 
 from SAM3DSegmentLib import slicer as sb  # noqa: E402
-from SAM3DSegmentLib.inference.session import SessionOptions  # noqa: E402
-from SAM3DSegmentLib.inference.worker import ThreadEngine  # noqa: E402
 from SAM3DSegmentLib.core.geometry import GeometryError  # noqa: E402
-from test_slicer_bridge import (SHAPE_KJI, _BallBackend, add_parent_transform, add_segmentation,  # noqa: E402,F401
-                                add_volume, box_of, scene)
-
-OPTIONS = SessionOptions(region_size=16, spacing_mm=2.0, extend=False, max_regions=1)
-
-
-@pytest.fixture
-def link():
-    engine = ThreadEngine(OPTIONS, backend=_BallBackend())
-    out = sb.EngineLink(engine)
-    out.model_name = "ball stub"
-    yield out
-    engine.shutdown()
-
-
-def finish(link):
-    jobs = []
-    link.wait_idle(lambda: jobs.extend(link.poll(0.01)), timeout=60)
-    assert not link.engine.busy
-    return jobs
-
-
-def world_ras(volume, ijk):
-    return sb.volume_from_node(volume).ijk_to_ras_points(np.asarray(ijk, dtype=float))
-
+from test_slicer_bridge import (SHAPE_KJI, add_parent_transform, add_segmentation, add_volume,  # noqa: E402,F401
+                                box_of, scene)
+from test_slicer_engine_link import finish, link, world_ras  # noqa: E402,F401 (link: fixture)
 
 def segments(seg, volume):
     ids = [seg.GetSegmentation().GetNthSegmentID(n) for n in range(seg.GetSegmentation().GetNumberOfSegments())]
