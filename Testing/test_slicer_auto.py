@@ -18,6 +18,7 @@ from SAM3DSegmentLib.inference.session import SessionOptions  # noqa: E402
 from SAM3DSegmentLib.inference.worker import ThreadEngine  # noqa: E402
 from test_auto_generator import ImageBackend  # noqa: E402
 from test_slicer_bridge import add_parent_transform, add_segmentation, scene  # noqa: E402,F401 (fixture)
+from _qt_standins import Widget  # noqa: E402
 
 UI_FILE = Path(__file__).resolve().parents[1] / "SAM3DSegment" / "Resources" / "UI" / "SAM3DSegment.ui"
 SHAPE_KJI = (30, 40, 44)
@@ -99,19 +100,6 @@ def test_roi_markup_in_world_space(scene):
 
 
 # ------------------------------------------------------------------------------------------ the panel
-class Widget:
-    def __init__(self, **props):
-        self.__dict__.update(props)
-        self.slots = {}
-
-    def connect(self, signal_name, slot):
-        self.slots.setdefault(signal_name, []).append(slot)
-
-    def click(self):
-        for slot in self.slots.get("clicked()", []):
-            slot()
-
-
 class ListWidget(Widget):
     def __init__(self):
         super().__init__(items=[])

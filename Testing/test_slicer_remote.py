@@ -32,27 +32,13 @@ from SAM3DSegmentLib.slicer.remote_link import FAILURES, LOCAL, REMOTE, RemotePa
 
 from _remote_fixtures import KEY, StubBackend, free_port, serving, stub_model  # noqa: E402
 from test_remote_settings import FakeQSettings  # noqa: E402
+from _qt_standins import Widget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILE = ROOT / "SAM3DSegment" / "Resources" / "UI" / "SAM3DSegment.ui"
 
 
 # ------------------------------------------------------------------------------------------ stand-in widgets
-class Widget:
-    """A Qt widget as PythonQt shows it: properties are attributes; ``connect`` records slots, ``emit`` calls them."""
-
-    def __init__(self, **props):
-        self.__dict__.update(props)
-        self.slots = {}
-
-    def connect(self, signal_name, slot):
-        self.slots.setdefault(signal_name, []).append(slot)
-
-    def emit(self, signal_name, *args):
-        for slot in self.slots.get(signal_name, []):
-            slot(*args)
-
-
 class Combo(Widget):
     """A non-editable QComboBox: setting ``currentText`` to a text that is not an item changes nothing."""
 
