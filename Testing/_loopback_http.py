@@ -6,6 +6,9 @@ closes; ``ignore_range`` — answer every request with the whole file (200); ``d
 ``rate`` — bytes per second for the body (None: at once); ``header_trickle`` — send the status line one byte per
 0.2 s and never finish. ``requests`` records each GET (path, Range, If-Range, status, bytes sent). Use it as a
 context manager: it serves on a daemon thread and is shut down on exit.
+
+``isolated_download_env`` (an autouse fixture where a test module imports it): no proxy, a fresh ``SAM3D_HOME``
+and no ``SAM3D_WEIGHTS_BASE_URL``, so downloads reach the loopback server and the cache starts empty.
 """
 import contextlib
 import hashlib
@@ -13,7 +16,19 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 CHUNK = 256 * 1024
+
+
+@pytest.fixture(autouse=True)
+def isolated_download_env(monkeypatch, tmp_path):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("SAM3D_WEIGHTS_BASE_URL", raising=False)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -21,20 +21,10 @@ from SAM3DSegmentLib.cli.download import main as download_main
 from SAM3DSegmentLib.models.checkpoint_file import CheckpointError, inspect_checkpoint
 
 from _checkpoint_bytes import checkpoint_bytes  # noqa: E402  (Testing/ is on sys.path under pytest)
-from _loopback_http import LoopbackServer as Server  # noqa: E402  (Testing/ is on sys.path under pytest)
+from _loopback_http import LoopbackServer as Server, isolated_download_env  # noqa: E402,F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 HTML = b"<!DOCTYPE html><html><head><title>Hotel Wi-Fi</title></head><body>Log in to continue</body></html>"
-
-
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch, tmp_path):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("SAM3D_WEIGHTS_BASE_URL", raising=False)
 
 
 def _folder(tmp_path) -> Path:

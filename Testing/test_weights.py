@@ -19,23 +19,13 @@ from SAM3DSegmentLib import weights as W
 from SAM3DSegmentLib.cli.download import main as download_main
 
 from _checkpoint_bytes import checkpoint_bytes  # noqa: E402  (Testing/ is on sys.path under pytest)
-from _loopback_http import LoopbackServer  # noqa: E402  (Testing/ is on sys.path under pytest)
+from _loopback_http import LoopbackServer, isolated_download_env  # noqa: E402,F401 (autouse fixture)
 
 SIZE = 3 * 1024 * 1024 + 12345  # a few MB, not a multiple of the chunk size
 
 
 def _payload(size: int = SIZE, seed: int = 0) -> bytes:
     return random.Random(seed).randbytes(size)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch, tmp_path):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    monkeypatch.setenv("SAM3D_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("SAM3D_WEIGHTS_BASE_URL", raising=False)
 
 
 def _free_port() -> int:
